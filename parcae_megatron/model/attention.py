@@ -1,0 +1,152 @@
+"""Parcae self-attention: Megatron `SelfAttention` plus gated value embeddings.
+
+Value embeddings (spec §1.3): some layers own a token-indexed table E ∈ R^{V × n_kv·hd};
+their values become v + g ⊙ E[s] with a per-head gate g = 2·sigmoid(W_g · x[..., :32]) on the
+normed block input x. Recurrent layers reuse their table on every loop iteration because the
+table lives in the (shared) layer. Under tensor parallelism the table and the gate are sharded
+by heads, like the values they are added to, so no communication is needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.utils import get_pg_rank, get_pg_size
+
+from parcae_megatron.model.init import qkv_orthogonal_init
+
+
+class TokenContext:
+    """Token ids of the micro-batch in flight, shared by all value-embedding layers.
+
+    The model sets ``ids`` ([b, s]) once per forward; inside the loop ``batch_index``
+    selects the sequences that are still iterating (compaction).
+    """
+
+    def __init__(self) -> None:
+        self.ids: Optional[torch.Tensor] = None
+        self.batch_index: Optional[torch.Tensor] = None
+
+    def active_ids(self) -> torch.Tensor:
+        """The ids of the sequences currently being processed."""
+        if self.ids is None:
+            raise RuntimeError("value embeddings need token ids: call the model with input_ids")
+        if self.batch_index is None:
+            return self.ids
+        return self.ids.index_select(0, self.batch_index)
+
+
+class HeadRMSNorm(torch.nn.Module):
+    """Parameter-free RMS normalisation over the head dim (the QK-norm of spec §1.3).
+
+    Parcae applies it after RoPE; RoPE is a rotation of each head vector, which preserves
+    its RMS, so normalising before RoPE (where Megatron applies q/k norms) is the same map.
+    """
+
+    def __init__(self, config=None, hidden_size: int = 0, eps: float = 1e-5, **kwargs) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise the last dim to unit RMS (computed in fp32)."""
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+class ValueEmbedding(MegatronModule):
+    """A gated value-embedding table for one attention layer, sharded by heads over TP."""
+
+    def __init__(self, config, vocab_size: int, tp_group=None) -> None:
+        super().__init__(config=config)
+        tp_size = get_pg_size(tp_group)
+        tp_rank = get_pg_rank(tp_group)
+        groups = config.num_query_groups or config.num_attention_heads
+        self.heads = groups // tp_size
+        self.head_dim = config.kv_channels
+        self.gate_channels = config.value_embedding_gate_channels
+        self.tp_group = tp_group
+        dtype = config.params_dtype
+        self.weight = torch.nn.Parameter(torch.empty(vocab_size, self.heads * self.head_dim,
+                                                     dtype=dtype))
+        self.gate_weight = torch.nn.Parameter(torch.empty(self.heads, self.gate_channels,
+                                                          dtype=dtype))
+        set_tensor_model_parallel_attributes(self.weight, True, 1, 1)
+        set_tensor_model_parallel_attributes(self.gate_weight, True, 0, 1)
+        if config.perform_initialization and self.weight.device.type != "meta":
+            # Draw the full tables (PyTorch defaults, spec §1.7) and keep this rank's heads,
+            # so the initial model does not depend on the TP size.
+            with torch.no_grad():
+                full = torch.randn(vocab_size, groups * self.head_dim)
+                cols = slice(tp_rank * self.heads * self.head_dim,
+                             (tp_rank + 1) * self.heads * self.head_dim)
+                self.weight.copy_(full[:, cols])
+                bound = 1.0 / math.sqrt(self.gate_channels)
+                gate = torch.empty(groups, self.gate_channels).uniform_(-bound, bound)
+                self.gate_weight.copy_(gate[tp_rank * self.heads:(tp_rank + 1) * self.heads])
+        self.token_context: Optional[TokenContext] = None
+
+    def forward(self, normed_input: torch.Tensor) -> torch.Tensor:
+        """g ⊙ E[s] shaped like Megatron's value tensor [s, b, heads, head_dim]."""
+        ids = self.token_context.active_ids()  # [b, s]
+        table = F.embedding(ids, self.weight).transpose(0, 1)  # [s, b, heads*hd]
+        table = table.reshape(*table.shape[:2], self.heads, self.head_dim)
+        gate = 2.0 * torch.sigmoid(F.linear(normed_input[..., : self.gate_channels],
+                                            self.gate_weight))
+        return gate.unsqueeze(-1) * table
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """Table sharded along its columns (heads), gate along its rows."""
+        state = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(
+            state, prefix, {"weight": 1, "gate_weight": 0}, sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=(metadata or {}).get("dp_cp_group"),
+        )
+
+
+@dataclass
+class ParcaeSelfAttentionSubmodules(SelfAttentionSubmodules):
+    """`SelfAttentionSubmodules` plus the value-embedding builder."""
+
+    value_embedding: Optional[type] = ValueEmbedding
+
+
+class ParcaeSelfAttention(SelfAttention):
+    """Self-attention with Parcae's QKV init and an optional gated value embedding.
+
+    ``first_effective_layer`` is the effective-layer index of this stack's first layer
+    (prelude 0, recurrent L_P, coda L_P + L_R); with the layer number it decides whether
+    this layer owns a value-embedding table.
+    """
+
+    def __init__(self, config, submodules: ParcaeSelfAttentionSubmodules, layer_number: int,
+                 first_effective_layer: int = 0, **kwargs) -> None:
+        qkv_config = copy.copy(config)  # Q, K and V are each orthogonal (spec §1.7)
+        qkv_config.init_method = qkv_orthogonal_init(config.kv_channels, config.init_method_std)
+        super().__init__(qkv_config, submodules, layer_number, **kwargs)
+        self.effective_layer = first_effective_layer + layer_number - 1
+        self.value_embedding = None
+        if submodules.value_embedding is not None and config.has_value_embedding(
+                self.effective_layer):
+            self.value_embedding = submodules.value_embedding(
+                config, config.vocab_size, tp_group=self.pg_collection.tp)
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None,
+                                    output_gate: bool = False, split_qkv: bool = True):
+        """Megatron's q, k, v with the gated value embedding added to v (before RoPE)."""
+        out = super().get_query_key_value_tensors(hidden_states, key_value_states,
+                                                  output_gate, split_qkv)
+        if self.value_embedding is None or not split_qkv:
+            return out
+        query, key, value, *rest = out
+        value = value + self.value_embedding(hidden_states).to(value.dtype)
+        return (query, key, value, *rest)

@@ -1,0 +1,101 @@
+"""Recurrence-depth sampling (spec §2.1).
+
+Per sequence i: T_i = max(1, Poisson(μ_rec)) total iterations, of which the last
+k_i = min(T_i, μ_bwd) receive gradient and the first n_i = T_i - k_i run without it.
+
+Draws are keyed by (seed, step, global micro-batch index), where the global index
+``local_microbatch * dp_size + dp_rank`` follows Megatron's data sampler order. So they are
+identical on every TP/PP rank of a data-parallel replica (no broadcast needed), differ across
+replicas and micro-batches, do not depend on the DP layout, and resume deterministically.
+The same generator then draws the initial loop state h₀.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class DepthSample:
+    """Per-sequence loop depths of one micro-batch (CPU long tensors of shape [b])."""
+
+    total: torch.Tensor
+    grad: torch.Tensor
+
+    @property
+    def no_grad(self) -> torch.Tensor:
+        """n_i = T_i - k_i, the leading iterations run without gradient."""
+        return self.total - self.grad
+
+    @classmethod
+    def fixed(cls, batch_size: int, total: int, grad: int) -> "DepthSample":
+        """Every sequence runs ``total`` iterations, the last ``grad`` of them with gradient."""
+        return cls(torch.full((batch_size,), total, dtype=torch.long),
+                   torch.full((batch_size,), min(grad, total), dtype=torch.long))
+
+
+def depth_generator(seed: int, step: int, global_microbatch: int) -> torch.Generator:
+    """A CPU generator keyed by (seed, step, global micro-batch)."""
+    state = np.random.SeedSequence([seed, step, global_microbatch]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def sample_depths(scheme: str, batch_size: int, mean_recurrence: int, mean_backprop_depth: int,
+                  generator: torch.Generator, lognormal_sigma: float = 0.5) -> DepthSample:
+    """Draw a micro-batch's depths with ``scheme`` in {per_sequence, per_batch, fixed}."""
+    if scheme == "fixed":
+        return DepthSample.fixed(batch_size, mean_recurrence, mean_backprop_depth)
+    if scheme == "per_sequence":
+        rates = torch.full((batch_size,), float(mean_recurrence))
+        total = torch.poisson(rates, generator=generator).long().clamp_min(1)
+        return DepthSample(total, total.clamp_max(mean_backprop_depth))
+    if scheme == "per_batch":
+        # Huginn: τ ~ N(ln(μ_rec - μ_bwd) - σ²/2, σ), n ~ Poisson(e^τ) + 1, k = μ_bwd.
+        gap = mean_recurrence - mean_backprop_depth
+        n = 1
+        if gap > 0:
+            tau = torch.randn((), generator=generator) * lognormal_sigma + (
+                math.log(gap) - lognormal_sigma**2 / 2)
+            n += int(torch.poisson(torch.exp(tau).reshape(1), generator=generator).item())
+        return DepthSample.fixed(batch_size, n + mean_backprop_depth, mean_backprop_depth)
+    raise ValueError(f"unknown depth sampling scheme {scheme!r}")
+
+
+class DepthSampler:
+    """Stateful sampler the training loop advances: ``start_step(step)`` then one ``next`` per
+    micro-batch. ``state_dict`` makes it part of a checkpoint."""
+
+    def __init__(self, config, dp_rank: int = 0, dp_size: int = 1) -> None:
+        self.scheme = config.depth_sampling
+        self.mean_recurrence = config.mean_recurrence
+        self.mean_backprop_depth = config.mean_backprop_depth
+        self.sigma = config.per_batch_lognormal_sigma
+        self.seed = config.depth_seed
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.step = 0
+        self.microbatch = 0
+
+    def start_step(self, step: int) -> None:
+        """Begin optimizer step ``step`` (resets the micro-batch counter)."""
+        self.step, self.microbatch = step, 0
+
+    def next(self, batch_size: int) -> tuple[DepthSample, torch.Generator]:
+        """Depths for the next micro-batch and the generator to draw its h₀ from."""
+        gen = depth_generator(self.seed, self.step,
+                              self.microbatch * self.dp_size + self.dp_rank)
+        self.microbatch += 1
+        depths = sample_depths(self.scheme, batch_size, self.mean_recurrence,
+                               self.mean_backprop_depth, gen, self.sigma)
+        return depths, gen
+
+    def state_dict(self) -> dict:
+        """Position of the sampler (the draws themselves are a pure function of it)."""
+        return {"step": self.step, "microbatch": self.microbatch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the position saved by ``state_dict``."""
+        self.step, self.microbatch, self.seed = state["step"], state["microbatch"], state["seed"]

@@ -1,0 +1,255 @@
+"""`ParcaeModel`: prelude → (prelude norm, injection, looped core) × T → readout C → coda.
+
+Built from Megatron-Core pieces: vocab-parallel embedding, three `TransformerBlock` stacks
+sharing one layer spec, RoPE, a tied vocab-parallel output layer. Pipeline parallelism cuts
+the model along ``config.stage_layout()``; the whole loop always lives on one stage.
+
+The loop runs per-sequence depths with *compaction*: iteration j runs the recurrent block
+only on the sequences still iterating (gather/scatter on the batch dim), so executed work
+follows Σ T_i instead of b · max T_i (the authors' masking, kept as ``loop_execution='masked'``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import (
+    LanguageModelEmbedding,
+)
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from torch import Tensor
+
+from parcae_megatron.model.attention import TokenContext, ValueEmbedding
+from parcae_megatron.model.config import ParcaeConfig
+from parcae_megatron.model.depth import DepthSample, DepthSampler
+from parcae_megatron.model.init import truncated_normal_
+from parcae_megatron.model.injection import Prepared, Readout, build_injection
+from parcae_megatron.model.layer_specs import get_parcae_layer_spec, spec_for_stack
+
+
+@dataclass
+class LoopStats:
+    """Counters of the loops run since the last ``pop_loop_stats`` (for telemetry)."""
+
+    sequences: int = 0
+    sampled_iterations: int = 0
+    """Σ T_i: what the sampled depths ask for."""
+    executed_iterations: int = 0
+    """Sequence-iterations the recurrent block actually ran (Σ T_i when compacted)."""
+    max_depth: int = 0
+    forwards: int = 0
+    state_norm: list = field(default_factory=list)
+    """Mean over tokens of ‖h_T‖ per forward (only while ``record_state_stats``)."""
+    residual_norm: list = field(default_factory=list)
+    """Mean over tokens of ‖h_T − h_{T−1}‖ per forward (only while ``record_state_stats``)."""
+
+
+class ParcaeModel(LanguageModule):
+    """Parcae looped language model (or, with no recurrent layers, its Transformer baseline).
+
+    Args:
+        config: the model configuration.
+        transformer_layer_spec: spec of one block; defaults to TE when importable, else local.
+        pre_process / post_process: whether this pipeline stage holds the embedding / the
+            output layer (default: first / last stage).
+        dp_rank / dp_size: data-parallel coordinates for the depth sampler (default: from
+            ``parallel_state``).
+    """
+
+    def __init__(self, config: ParcaeConfig, transformer_layer_spec: Optional[ModuleSpec] = None,
+                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                 dp_rank: Optional[int] = None, dp_size: Optional[int] = None) -> None:
+        super().__init__(config=config)
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+        self.pre_process = pp_rank == 0 if pre_process is None else pre_process
+        self.post_process = pp_rank == pp_size - 1 if post_process is None else post_process
+        self.share_embeddings_and_output_weights = True
+        self.vocab_size = config.vocab_size
+        self.stage = config.stage_layout()[pp_rank]
+        spec = transformer_layer_spec or get_parcae_layer_spec()
+        norm = spec.submodules.input_layernorm
+        self.input_tensor: Optional[Tensor] = None
+        self.token_context = TokenContext()
+
+        if self.pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config=config, vocab_size=config.vocab_size,
+                max_sequence_length=config.seq_length, position_embedding_type="rope")
+        self.rotary_pos_emb = RotaryEmbedding(
+            kv_channels=config.kv_channels, rotary_percent=1.0,
+            rotary_base=config.rotary_base, use_cpu_initialization=config.use_cpu_initialization)
+
+        def stack(name: str, first_layer: int) -> Optional[TransformerBlock]:
+            token = {"prelude": "p", "recurrent": "R", "coda": "c"}[name]
+            if token not in self.stage:
+                return None
+            return TransformerBlock(config=config.stack_config(name),
+                                    spec=spec_for_stack(spec, first_layer),
+                                    post_layer_norm=False, pre_process=True, post_process=False)
+
+        n_pre, n_rec = config.num_prelude_layers, config.num_recurrent_layers
+        self.prelude = stack("prelude", 0)
+        self.core = stack("recurrent", n_pre)
+        self.coda = stack("coda", n_pre + n_rec)
+        self.has_loop = self.core is not None
+        if self.has_loop:
+            hidden = config.hidden_size
+            self.prelude_norm = (norm(config=config, hidden_size=hidden,
+                                      eps=config.layernorm_epsilon)
+                                 if config.prelude_norm else None)
+            self.injection = build_injection(config)
+            self.readout = Readout(config)
+            if dp_rank is None:
+                dp_rank = parallel_state.get_data_parallel_rank()
+                dp_size = parallel_state.get_data_parallel_world_size()
+            self.depth_sampler = DepthSampler(config, dp_rank, dp_size or 1)
+        self.loop_stats = LoopStats()
+        self.record_state_stats = False
+
+        if self.post_process:
+            self.final_norm = norm(config=config, hidden_size=config.hidden_size,
+                                   eps=config.layernorm_epsilon)
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size, config.vocab_size, config=config,
+                init_method=config.init_method, bias=False, skip_bias_add=False,
+                gather_output=False, skip_weight_param_allocation=self.pre_process)
+        if self.pre_process or self.post_process:
+            self.setup_embeddings_and_output_layer()
+        for module in self.modules():
+            if isinstance(module, ValueEmbedding):
+                module.token_context = self.token_context
+
+    # ---------------------------------------------------------------------------------
+    def set_input_tensor(self, input_tensor) -> None:
+        """Activation received from the previous pipeline stage."""
+        if isinstance(input_tensor, (list, tuple)):
+            assert len(input_tensor) == 1, "ParcaeModel takes a single pipeline input"
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def pop_loop_stats(self) -> LoopStats:
+        """Return and reset the loop counters."""
+        stats, self.loop_stats = self.loop_stats, LoopStats()
+        return stats
+
+    def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None, *,
+                num_iterations: Optional[int] = None, depths: Optional[DepthSample] = None,
+                initial_state: Optional[Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> Tensor:
+        """Per-token loss [b, s] if ``labels`` are given, else logits [b, s, V/TP].
+
+        Loop depth: ``depths`` if given; else ``num_iterations`` for every sequence; else
+        sampled per ``config.depth_sampling`` in training mode and μ_rec in eval mode.
+        ``initial_state`` ([s, b, d]) or ``generator`` make h₀ reproducible.
+        """
+        self.token_context.ids = input_ids
+        self.token_context.batch_index = None
+        if self.pre_process:
+            hidden = self.embedding(input_ids=input_ids, position_ids=position_ids)
+        else:
+            hidden = self.input_tensor
+        rope = self.rotary_pos_emb(hidden.shape[0])
+        if self.prelude is not None:
+            hidden = self.prelude(hidden_states=hidden, attention_mask=attention_mask,
+                                  rotary_pos_emb=rope)
+        if self.has_loop:
+            hidden = self._loop(hidden, attention_mask, rope, num_iterations, depths,
+                                initial_state, generator)
+        if self.coda is not None:
+            hidden = self.coda(hidden_states=hidden, attention_mask=attention_mask,
+                               rotary_pos_emb=rope)
+        if not self.post_process:
+            return hidden
+        hidden = self.final_norm(hidden)
+        logits, _ = self.output_layer(hidden, weight=self.shared_embedding_or_output_weight())
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return self.compute_language_model_loss(labels, logits)
+
+    # ---------------------------------------------------------------------------------
+    def _depths_and_state(self, x: Tensor, num_iterations, depths, initial_state, generator):
+        cfg = self.config
+        batch = x.shape[1]
+        if depths is None:
+            if num_iterations is not None:
+                depths = DepthSample.fixed(batch, num_iterations,
+                                           cfg.mean_backprop_depth if self.training else 0)
+            elif self.training:
+                depths, sampled_gen = self.depth_sampler.next(batch)
+                generator = generator or sampled_gen
+            else:
+                depths = DepthSample.fixed(batch, cfg.mean_recurrence, 0)
+        if initial_state is not None:
+            h0 = initial_state.to(device=x.device, dtype=torch.float32)
+        elif cfg.state_init == "zero":
+            h0 = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        else:
+            # Drawn on the CPU from the replica's generator: identical across TP ranks.
+            h0 = truncated_normal_(torch.empty(x.shape, dtype=torch.float32),
+                                   cfg.init_method_std, generator).to(x.device)
+        return depths, h0
+
+    def _loop(self, x: Tensor, mask, rope, num_iterations, depths, initial_state,
+              generator) -> Tensor:
+        depths, h = self._depths_and_state(x, num_iterations, depths, initial_state, generator)
+        e = self.prelude_norm(x) if self.prelude_norm is not None else x
+        prepared = self.injection.prepare(e)
+        block_dtype = torch.float32 if self.config.fp32_residual_connection else x.dtype
+        no_grad, grad = depths.no_grad.to(x.device), depths.grad.to(x.device)
+        record = self.record_state_stats
+        prev = h.detach().clone() if record else None
+
+        def run(h: Tensor, active: Tensor) -> Tensor:
+            return self._iterate(h, prepared, active, mask, rope, block_dtype, prev)
+
+        with torch.no_grad():
+            for j in range(int(no_grad.max())):
+                h = run(h, no_grad > j)
+        for j in range(int(grad.max())):
+            h = run(h, grad > j)
+
+        stats = self.loop_stats
+        stats.forwards += 1
+        stats.sequences += len(depths.total)
+        stats.sampled_iterations += int(depths.total.sum())
+        stats.max_depth = max(stats.max_depth, int(depths.total.max()))
+        if record:
+            with torch.no_grad():
+                hd = h.detach()
+                stats.state_norm.append(float(hd.norm(dim=-1).mean()))
+                stats.residual_norm.append(float((hd - prev).norm(dim=-1).mean()))
+        self.token_context.batch_index = None
+        return self.readout(h).to(x.dtype)
+
+    def _iterate(self, h: Tensor, prepared: Prepared, active: Tensor, mask, rope,
+                 block_dtype, prev: Optional[Tensor]) -> Tensor:
+        """One loop iteration on the active sequences: h ← F_R(Ā h + B̄ e)."""
+        batch = h.shape[1]
+        index = active.nonzero().squeeze(1)
+        compact = self.config.loop_execution == "compact" and index.numel() < batch
+        if compact:
+            sub = h.index_select(1, index)
+            sub_prepared = Prepared(prepared.decay, prepared.drive.index_select(1, index))
+            self.token_context.batch_index = index
+        else:
+            sub, sub_prepared = h, prepared
+            self.token_context.batch_index = None
+        if prev is not None:
+            prev.index_copy_(1, index, h.detach().index_select(1, index))
+        u = self.injection.step(sub, sub_prepared)
+        out = self.core(hidden_states=u.to(block_dtype), attention_mask=mask,
+                        rotary_pos_emb=rope).float()
+        self.loop_stats.executed_iterations += out.shape[1]
+        if compact:
+            return h.index_copy(1, index, out)
+        if index.numel() < batch:  # masked execution: inactive sequences keep their state
+            return torch.where(active.view(1, -1, 1), out, h)
+        return out

@@ -1,0 +1,130 @@
+"""CPU/debug backend: run Megatron-Core over gloo on a machine without CUDA.
+
+Megatron-Core assumes CUDA in a handful of places (device="cuda" tensors in the
+pipeline schedules and optimizer, ``.cuda()`` calls, CUDA RNG state in the
+tensor-parallel RNG tracker, ``Tensor.type()`` checks in gradient clipping,
+streams in the DDP buffers). This module redirects exactly those to the CPU so
+that the *same* Megatron code paths (TP/PP/DP, distributed optimizer, schedules,
+dist_checkpointing) run on a laptop or a CI box for correctness testing.
+
+It is a debug backend, not a performance path, and it refuses to activate when
+CUDA is available: on a GPU nothing here is ever applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["activate", "is_active", "maybe_activate"]
+
+_MODE: TorchFunctionMode | None = None
+
+
+def _cpu_device(device):
+    """Map any CUDA device spec (str, int, torch.device) to the CPU."""
+    if isinstance(device, torch.device):
+        return torch.device("cpu") if device.type == "cuda" else device
+    if isinstance(device, str):
+        return "cpu" if device.startswith("cuda") else device
+    if isinstance(device, int) and not isinstance(device, bool):
+        return torch.device("cpu")
+    return device
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU and makes ``.cuda()`` a no-op.
+
+    ``Tensor.type()`` reports ``torch.cuda.*`` names so Megatron's dtype checks
+    (e.g. in ``clip_grads``) accept CPU tensors.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        if func is torch.Tensor.to:
+            args = tuple(_cpu_device(a) if i > 0 else a for i, a in enumerate(args))
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stand-in for ``torch.cuda.Stream``: CPU work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: torch.device("cpu")
+    cuda.synchronize = lambda device=None: None
+    cuda.current_stream = lambda device=None: _NullStream()
+    cuda.default_stream = lambda device=None: _NullStream()
+    cuda.Stream = _NullStream
+    cuda.stream = lambda stream=None: contextlib.nullcontext()
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    # torch.manual_seed itself calls cuda.manual_seed_all: seed the CPU generator directly.
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = cuda.manual_seed
+    cuda.random.get_rng_state = cuda.get_rng_state
+    cuda.random.set_rng_state = cuda.set_rng_state
+    cuda.empty_cache = lambda: None
+    cuda.memory_allocated = lambda device=None: 0
+    cuda.max_memory_allocated = lambda device=None: 0
+
+
+def _patch_megatron() -> None:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    def get_rng(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_rng(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    mp_random._get_cuda_rng_state = get_rng
+    mp_random._set_cuda_rng_state = set_rng
+
+
+def is_active() -> bool:
+    """Whether the CPU backend has been activated in this process."""
+    return _MODE is not None
+
+
+def activate() -> None:
+    """Activate the CPU backend (idempotent). Raises if CUDA is available."""
+    global _MODE
+    if _MODE is not None:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("The CPU backend must never be activated on a machine with CUDA.")
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    _patch_torch_cuda()
+    _patch_megatron()
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()
+
+
+def maybe_activate() -> bool:
+    """Activate the CPU backend iff CUDA is unavailable. Returns whether it is active."""
+    if not torch.cuda.is_available():
+        activate()
+    return is_active()
