@@ -12,14 +12,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from parcae_megatron.model.init import qkv_orthogonal_init
@@ -33,8 +33,8 @@ class TokenContext:
     """
 
     def __init__(self) -> None:
-        self.ids: Optional[torch.Tensor] = None
-        self.batch_index: Optional[torch.Tensor] = None
+        self.ids: torch.Tensor | None = None
+        self.batch_index: torch.Tensor | None = None
 
     def active_ids(self) -> torch.Tensor:
         """The ids of the sequences currently being processed."""
@@ -92,15 +92,18 @@ class ValueEmbedding(MegatronModule):
                 bound = 1.0 / math.sqrt(self.gate_channels)
                 gate = torch.empty(groups, self.gate_channels).uniform_(-bound, bound)
                 self.gate_weight.copy_(gate[tp_rank * self.heads:(tp_rank + 1) * self.heads])
-        self.token_context: Optional[TokenContext] = None
+        self.token_context: TokenContext | None = None
 
     def forward(self, normed_input: torch.Tensor) -> torch.Tensor:
         """g ⊙ E[s] shaped like Megatron's value tensor [s, b, heads, head_dim]."""
         ids = self.token_context.active_ids()  # [b, s]
         table = F.embedding(ids, self.weight).transpose(0, 1)  # [s, b, heads*hd]
         table = table.reshape(*table.shape[:2], self.heads, self.head_dim)
-        gate = 2.0 * torch.sigmoid(F.linear(normed_input[..., : self.gate_channels],
-                                            self.gate_weight))
+        # The gate reads the replicated input but writes only this rank's heads: its input
+        # gradient must be summed over TP ranks, like a column-parallel linear's.
+        gate_in = copy_to_tensor_model_parallel_region(normed_input[..., : self.gate_channels],
+                                                       group=self.tp_group)
+        gate = 2.0 * torch.sigmoid(F.linear(gate_in, self.gate_weight))
         return gate.unsqueeze(-1) * table
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
@@ -117,7 +120,7 @@ class ValueEmbedding(MegatronModule):
 class ParcaeSelfAttentionSubmodules(SelfAttentionSubmodules):
     """`SelfAttentionSubmodules` plus the value-embedding builder."""
 
-    value_embedding: Optional[type] = ValueEmbedding
+    value_embedding: type | None = ValueEmbedding
 
 
 class ParcaeSelfAttention(SelfAttention):

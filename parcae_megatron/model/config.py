@@ -11,8 +11,9 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +81,7 @@ class ParcaeConfig(TransformerConfig):
     vocab_size: int = 32768
     seq_length: int = 2048
     rotary_base: int = 50000
-    parcae_pipeline_layout: Optional[str] = None
+    parcae_pipeline_layout: str | None = None
     """Stages separated by '|': 'p' a prelude layer, 'R' the whole recurrent block
     (prelude norm, injection, loop, readout), 'c' a coda layer. E.g. 'ppR|cc'."""
 
@@ -98,7 +99,7 @@ class ParcaeConfig(TransformerConfig):
     masked_softmax_fusion: bool = False
     apply_rope_fusion: bool = False
     persist_layer_norm: bool = False
-    kv_channels: Optional[int] = 128
+    kv_channels: int | None = 128
 
     def __post_init__(self) -> None:
         self._validate_parcae()
@@ -111,12 +112,18 @@ class ParcaeConfig(TransformerConfig):
             self.output_layer_init_method = zeros_init
         if self.embedding_init_method is None:
             self.embedding_init_method = self.init_method
-        if self.pipeline_model_parallel_size > 1 and self.pipeline_model_parallel_layout is None:
-            self.pipeline_model_parallel_layout = self._megatron_layout()
+        # Value embeddings sit on alternating layers, so layers are not stackable in checkpoints.
+        self.hetereogenous_dist_checkpoint = self.value_embeddings
+        if self.pipeline_model_parallel_size > 1:
+            if self.pipeline_model_parallel_layout is None:
+                self.pipeline_model_parallel_layout = self._megatron_layout()
+            if self.pipeline_dtype is None:
+                self.pipeline_dtype = (torch.bfloat16 if self.bf16 else
+                                       torch.float16 if self.fp16 else torch.float32)
         try:
             super().__post_init__()
         except (AssertionError, ValueError) as exc:  # re-raise Megatron's checks as config errors
-            raise ParcaeConfigError(str(exc)) from exc
+            raise ParcaeConfigError(f"invalid Parcae config: {exc}") from exc
 
     # ------------------------------------------------------------------------------------
     @property

@@ -32,7 +32,7 @@ class DepthSample:
         return self.total - self.grad
 
     @classmethod
-    def fixed(cls, batch_size: int, total: int, grad: int) -> "DepthSample":
+    def fixed(cls, batch_size: int, total: int, grad: int) -> DepthSample:
         """Every sequence runs ``total`` iterations, the last ``grad`` of them with gradient."""
         return cls(torch.full((batch_size,), total, dtype=torch.long),
                    torch.full((batch_size,), min(grad, total), dtype=torch.long))
@@ -63,6 +63,23 @@ def sample_depths(scheme: str, batch_size: int, mean_recurrence: int, mean_backp
             n += int(torch.poisson(torch.exp(tau).reshape(1), generator=generator).item())
         return DepthSample.fixed(batch_size, n + mean_backprop_depth, mean_backprop_depth)
     raise ValueError(f"unknown depth sampling scheme {scheme!r}")
+
+
+def expected_max_depth(mean_recurrence: float, batch_size: int) -> float:
+    """E[max_i T_i] over a micro-batch of per-sequence depths (what masking executes).
+
+    Σ_k P(max > k) = Σ_k 1 - F(k)^b, with F the CDF of max(1, Poisson(μ)).
+    """
+    total, cdf, pmf, k = 0.0, 0.0, math.exp(-mean_recurrence), 0
+    while True:
+        cdf += pmf  # P(N <= k)
+        trunc_cdf = cdf if k >= 1 else 0.0  # T = max(1, N) is never 0
+        tail = 1.0 - trunc_cdf**batch_size
+        if k > mean_recurrence and tail < 1e-12:
+            return total
+        total += tail
+        k += 1
+        pmf *= mean_recurrence / k
 
 
 class DepthSampler:

@@ -9,7 +9,7 @@ The callables follow Megatron's ``init_method(tensor)`` convention.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

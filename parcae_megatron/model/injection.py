@@ -2,7 +2,8 @@
 
 u_t = Ā ⊙ h_t + B̄ e feeds the recurrent block, h_{t+1} = F_R(u_t) (spec §1.1–1.2).
 
-* ``diagonal`` (Parcae): Ā = exp(-Δ ⊙ exp(A_log)) (ZOH), B̄ e = Δ ⊙ (B e) (Euler), Δ = softplus(dt_bias).
+* ``diagonal`` (Parcae): Ā = exp(-Δ ⊙ exp(A_log)) (ZOH), B̄ e = Δ ⊙ (B e) (Euler),
+  Δ = softplus(dt_bias).
 * ``diagonal_exact_zoh``: same Ā, input gain (1 - exp(-Δa)) / a instead of Δ (spec §1.2, [H]).
 * ``additive``: u = h + e (Ā = B̄ = I, marginally stable).
 * ``concat_linear`` (Huginn/RDM): u = W [h; e], ρ(Ā) unconstrained.
@@ -15,7 +16,7 @@ forward by ``prepare`` and reused by every ``step``.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from parcae_megatron.model.init import orthogonal_init, truncated_normal_
 
 
 class Fp32ParamsModule(MegatronModule):
-    """A MegatronModule whose floating-point parameters stay fp32 through ``.bfloat16()``/``.half()``."""
+    """A MegatronModule whose float parameters stay fp32 through ``.bfloat16()``/``.half()``."""
 
     def _apply(self, fn, recurse=True):
         def keep_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -36,9 +37,9 @@ class Fp32ParamsModule(MegatronModule):
 
 
 class Prepared(NamedTuple):
-    """Loop-invariant injection terms for one forward: ``decay`` ([d] or None) and ``drive`` [s, b, d]."""
+    """Loop-invariant terms of one forward: ``decay`` ([d] or None), ``drive`` [s, b, d]."""
 
-    decay: Optional[torch.Tensor]
+    decay: torch.Tensor | None
     drive: torch.Tensor
 
 

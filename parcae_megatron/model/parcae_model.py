@@ -12,10 +12,10 @@ follows Σ T_i instead of b · max T_i (the authors' masking, kept as ``loop_exe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import (
     LanguageModelEmbedding,
 )
@@ -62,10 +62,11 @@ class ParcaeModel(LanguageModule):
             ``parallel_state``).
     """
 
-    def __init__(self, config: ParcaeConfig, transformer_layer_spec: Optional[ModuleSpec] = None,
-                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-                 dp_rank: Optional[int] = None, dp_size: Optional[int] = None) -> None:
+    def __init__(self, config: ParcaeConfig, transformer_layer_spec: ModuleSpec | None = None,
+                 pre_process: bool | None = None, post_process: bool | None = None,
+                 dp_rank: int | None = None, dp_size: int | None = None) -> None:
         super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         pp_size = parallel_state.get_pipeline_model_parallel_world_size()
         self.pre_process = pp_rank == 0 if pre_process is None else pre_process
@@ -75,7 +76,7 @@ class ParcaeModel(LanguageModule):
         self.stage = config.stage_layout()[pp_rank]
         spec = transformer_layer_spec or get_parcae_layer_spec()
         norm = spec.submodules.input_layernorm
-        self.input_tensor: Optional[Tensor] = None
+        self.input_tensor: Tensor | None = None
         self.token_context = TokenContext()
 
         if self.pre_process:
@@ -86,7 +87,7 @@ class ParcaeModel(LanguageModule):
             kv_channels=config.kv_channels, rotary_percent=1.0,
             rotary_base=config.rotary_base, use_cpu_initialization=config.use_cpu_initialization)
 
-        def stack(name: str, first_layer: int) -> Optional[TransformerBlock]:
+        def stack(name: str, first_layer: int) -> TransformerBlock | None:
             token = {"prelude": "p", "recurrent": "R", "coda": "c"}[name]
             if token not in self.stage:
                 return None
@@ -139,11 +140,11 @@ class ParcaeModel(LanguageModule):
         stats, self.loop_stats = self.loop_stats, LoopStats()
         return stats
 
-    def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None, *,
-                num_iterations: Optional[int] = None, depths: Optional[DepthSample] = None,
-                initial_state: Optional[Tensor] = None,
-                generator: Optional[torch.Generator] = None) -> Tensor:
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None, labels: Tensor | None = None, *,
+                num_iterations: int | None = None, depths: DepthSample | None = None,
+                initial_state: Tensor | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
         """Per-token loss [b, s] if ``labels`` are given, else logits [b, s, V/TP].
 
         Loop depth: ``depths`` if given; else ``num_iterations`` for every sequence; else
@@ -230,7 +231,7 @@ class ParcaeModel(LanguageModule):
         return self.readout(h).to(x.dtype)
 
     def _iterate(self, h: Tensor, prepared: Prepared, active: Tensor, mask, rope,
-                 block_dtype, prev: Optional[Tensor]) -> Tensor:
+                 block_dtype, prev: Tensor | None) -> Tensor:
         """One loop iteration on the active sequences: h ← F_R(Ā h + B̄ e)."""
         batch = h.shape[1]
         index = active.nonzero().squeeze(1)

@@ -23,7 +23,7 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1,
 
     On a machine without CUDA the CPU backend is activated and gloo is used.
     """
-    cpu = not cpu_backend.maybe_activate() is False
+    cpu = cpu_backend.maybe_activate() is not False
     if not dist.is_initialized():
         backend = "gloo" if cpu else "nccl"
         if "RANK" in os.environ:
