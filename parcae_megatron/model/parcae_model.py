@@ -204,7 +204,7 @@ class ParcaeModel(LanguageModule):
         e = self.prelude_norm(x) if self.prelude_norm is not None else x
         prepared = self.injection.prepare(e)
         block_dtype = torch.float32 if self.config.fp32_residual_connection else x.dtype
-        no_grad, grad = depths.no_grad.to(x.device), depths.grad.to(x.device)
+        no_grad, grad = depths.no_grad.cpu(), depths.grad.cpu()  # host-side: no device syncs
         record = self.record_state_stats
         prev = h.detach().clone() if record else None
 
@@ -232,10 +232,14 @@ class ParcaeModel(LanguageModule):
 
     def _iterate(self, h: Tensor, prepared: Prepared, active: Tensor, mask, rope,
                  block_dtype, prev: Tensor | None) -> Tensor:
-        """One loop iteration on the active sequences: h ← F_R(Ā h + B̄ e)."""
+        """One loop iteration on the active sequences: h ← F_R(Ā h + B̄ e).
+
+        ``active`` is a host-side bool mask, so choosing the sub-batch never syncs the device.
+        """
         batch = h.shape[1]
-        index = active.nonzero().squeeze(1)
-        compact = self.config.loop_execution == "compact" and index.numel() < batch
+        n_active = int(active.sum())
+        index = active.nonzero().squeeze(1).to(h.device, non_blocking=True)
+        compact = self.config.loop_execution == "compact" and n_active < batch
         if compact:
             sub = h.index_select(1, index)
             sub_prepared = Prepared(prepared.decay, prepared.drive.index_select(1, index))
@@ -251,6 +255,6 @@ class ParcaeModel(LanguageModule):
         self.loop_stats.executed_iterations += out.shape[1]
         if compact:
             return h.index_copy(1, index, out)
-        if index.numel() < batch:  # masked execution: inactive sequences keep their state
-            return torch.where(active.view(1, -1, 1), out, h)
+        if n_active < batch:  # masked execution: inactive sequences keep their state
+            return torch.where(active.to(h.device).view(1, -1, 1), out, h)
         return out
