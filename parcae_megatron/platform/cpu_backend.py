@@ -128,3 +128,31 @@ def maybe_activate() -> bool:
     if not torch.cuda.is_available():
         activate()
     return is_active()
+
+
+def patch_megatron_training() -> None:
+    """Extra redirections for the Megatron-LM loop (``megatron.training``) on CPU.
+
+    * ``initialize_megatron`` asserts CUDA unless ``allow_no_cuda``;
+    * model-parallel init and RNG seeding are skipped when ``device_count() == 0``, so one
+      (CPU) device is reported and ``set_device`` does nothing;
+    * ``get_device_arch_version`` reads the GPU (TP > 1 argument checks);
+    * ``set_jit_fusion_options`` compiles warm-up kernels for ~25 s: pointless on CPU.
+    """
+    if not is_active():
+        activate()
+    import megatron.training.arguments as margs
+    import megatron.training.initialize as minit
+    import megatron.training.training as mtrain
+
+    torch.cuda.device_count = lambda: 1
+    torch.cuda.set_device = lambda device=None: None
+    original = minit.initialize_megatron
+
+    def initialize_megatron(*args, **kwargs):
+        kwargs["allow_no_cuda"] = True
+        return original(*args, **kwargs)
+
+    mtrain.initialize_megatron = initialize_megatron
+    margs.get_device_arch_version = lambda: 9
+    mtrain.set_jit_fusion_options = lambda *args, **kwargs: None

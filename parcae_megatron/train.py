@@ -1,0 +1,152 @@
+"""Parcae pretraining on Megatron-LM's training loop (`megatron.training.pretrain`).
+
+    torchrun --nproc-per-node 8 -m parcae_megatron.train --config configs/parcae-1.3b.yaml \\
+        --tensor-model-parallel-size 2 --data-path 1.0 data/fineweb_text_document \\
+        --save ckpt/ --load ckpt/
+
+Like Megatron-LM's ``pretrain_gpt.py``: a Parcae ``model_provider``, a ``forward_step`` with
+the masked LM loss, and a datasets provider over indexed datasets. Every Megatron flag works;
+Parcae adds its own (``--mean-recurrence``, ``--injection-type``, ... see --help). On a machine
+without CUDA the CPU backend is activated and the run uses gloo.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+
+import torch
+
+from parcae_megatron.platform import cpu_backend
+from parcae_megatron.training.arguments import (
+    add_parcae_args,
+    expand_argv,
+    parcae_config_from_args,
+    validate_parcae_args,
+)
+
+
+def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage=None,
+                   config=None, pg_collection=None):
+    """Build this pipeline stage of the Parcae model from the parsed arguments."""
+    from megatron.training import get_args, print_rank_0
+
+    from parcae_megatron.model import ParcaeModel
+    from parcae_megatron.model.layer_specs import get_parcae_layer_spec
+
+    args = get_args()
+    if vp_stage is not None:
+        raise ValueError("virtual pipeline parallelism is not supported by ParcaeModel yet")
+    cfg = parcae_config_from_args(args)
+    print_rank_0(f"building Parcae model: stage layout {cfg.stage_layout()}")
+    return ParcaeModel(cfg, get_parcae_layer_spec(args.transformer_impl),
+                       pre_process=pre_process, post_process=post_process)
+
+
+def get_batch(data_iterator):
+    """Tokens, labels and loss mask on every rank: read on TP rank 0, broadcast in TP.
+
+    Unlike GPT, every pipeline stage needs the token ids (value embeddings on all stages).
+    """
+    from megatron.core import mpu
+    from megatron.training import get_args
+
+    args = get_args()
+    shape = (args.micro_batch_size, args.seq_length)
+    device = torch.device("cpu") if cpu_backend.is_active() else torch.cuda.current_device()
+    if mpu.get_tensor_model_parallel_rank() == 0:
+        data = next(data_iterator)
+        tokens = data["tokens"].long().to(device)
+        labels = data["labels"].long().to(device)
+        loss_mask = data["loss_mask"].float().to(device)
+    else:
+        tokens = torch.empty(shape, dtype=torch.long, device=device)
+        labels = torch.empty(shape, dtype=torch.long, device=device)
+        loss_mask = torch.empty(shape, dtype=torch.float, device=device)
+    if mpu.get_tensor_model_parallel_world_size() > 1:
+        src, group = mpu.get_tensor_model_parallel_src_rank(), mpu.get_tensor_model_parallel_group()
+        for t in (tokens, labels, loss_mask):
+            torch.distributed.broadcast(t, src, group=group)
+    return tokens, labels, loss_mask
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of masked token losses, token count, and the report Megatron averages."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1)
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().clone().detach().to(torch.int)
+    report = torch.cat([loss.clone().detach().view(1), num_tokens.view(1).float()])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    """One micro-batch: sample depths (training), run the model, return the loss closure."""
+    from megatron.core.utils import get_attr_wrapped_model
+    from megatron.training import get_args, get_timers
+
+    args = get_args()
+    timers = get_timers()
+    timers("batch-generator", log_level=2).start()
+    tokens, labels, loss_mask = get_batch(data_iterator)
+    timers("batch-generator").stop()
+    sampler = get_attr_wrapped_model(model, "depth_sampler", allow_none=True)
+    if sampler is not None and model.training and sampler.step != args.curr_iteration:
+        sampler.start_step(args.curr_iteration)
+    output = model(tokens, labels=labels)
+    return output, partial(loss_func, loss_mask)
+
+
+def datasets_provider(train_val_test_num_samples, vp_stage=None):
+    """GPT-style datasets (indexed .bin/.idx, blends, or --mock-data) for Parcae."""
+    from megatron.core import mpu
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+    from megatron.training import get_args, get_tokenizer, print_rank_0
+    from megatron.training.utils import get_blend_and_blend_per_split
+
+    args = get_args()
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    config = GPTDatasetConfig(
+        random_seed=args.seed, sequence_length=args.seq_length, blend=blend,
+        blend_per_split=blend_per_split, split=args.split, path_to_cache=args.data_cache_path,
+        mmap_bin_files=args.mmap_bin_files, tokenizer=get_tokenizer(),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=False)
+    dataset_type = MockGPTDataset if args.mock_data else GPTDataset
+    print_rank_0(f"> building {dataset_type.__name__} train/valid/test datasets")
+    return BlendedMegatronDatasetBuilder(
+        dataset_type, train_val_test_num_samples,
+        lambda: mpu.get_tensor_model_parallel_rank() == 0, config).build()
+
+
+datasets_provider.is_distributed = True
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse (config + flags), validate, and run Megatron's pretrain loop."""
+    argv = expand_argv(list(sys.argv[1:] if argv is None else argv))
+    if cpu_backend.maybe_activate():
+        cpu_backend.patch_megatron_training()
+        argv = ["--transformer-impl", "local", "--distributed-backend", "gloo",
+                "--use-cpu-initialization", "--no-gradient-accumulation-fusion", *argv]
+    import megatron.training.initialize as megatron_init
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    # The wheel ships the prebuilt dataset helpers but no Makefile: never try to rebuild them.
+    megatron_init._compile_dependencies = lambda: None
+    sys.argv = [sys.argv[0], *argv]
+    args = parse_and_validate_args(extra_args_provider=add_parcae_args)
+    validate_parcae_args(args)
+    cfg = pretrain_cfg_container_from_args(args)
+    pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step,
+             model_provider=model_provider)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Parcae's command line on top of Megatron-LM's: extra flags, YAML configs, the model config.
+
+A run is ``python -m parcae_megatron.train --config CONFIG.yaml [any Megatron flag ...]``.
+The YAML maps Megatron (or Parcae) flag names to values; ``preset:`` expands a named model
+size first. Precedence: Parcae's fixed block settings < preset < YAML < command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from parcae_megatron.model.config import (
+    DEPTH_SAMPLINGS,
+    INJECTION_TYPES,
+    LOOP_EXECUTIONS,
+    STATE_INITS,
+    ParcaeConfig,
+    ParcaeConfigError,
+)
+from parcae_megatron.model.presets import PRESETS
+
+# The Parcae block (spec §1.3) expressed as Megatron flags; always applied first.
+BLOCK_ARGS = [
+    "--normalization", "RMSNorm", "--norm-epsilon", "1e-5", "--disable-bias-linear",
+    "--qk-layernorm", "--position-embedding-type", "rope", "--rotary-base", "50000",
+    "--hidden-dropout", "0.0", "--attention-dropout", "0.0", "--no-bias-gelu-fusion",
+    "--no-bias-dropout-fusion", "--no-masked-softmax-fusion", "--no-rope-fusion",
+    "--no-persist-layer-norm",
+]
+
+# Preset field -> Megatron flag.
+_PRESET_FLAGS = {
+    "hidden_size": "--hidden-size", "num_attention_heads": "--num-attention-heads",
+    "num_query_groups": "--num-query-groups", "kv_channels": "--kv-channels",
+    "ffn_hidden_size": "--ffn-hidden-size", "num_prelude_layers": "--num-prelude-layers",
+    "num_recurrent_layers": "--num-recurrent-layers", "num_coda_layers": "--num-coda-layers",
+    "mean_recurrence": "--mean-recurrence", "mean_backprop_depth": "--mean-backprop-depth",
+    "seq_length": "--seq-length",
+}
+
+
+def add_parcae_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron ``extra_args_provider``: Parcae's own flags."""
+    g = parser.add_argument_group("Parcae", "looped prelude / recurrent / coda model")
+    g.add_argument("--config", type=str, default=None,
+                   help="YAML run config (expanded before parsing; recorded for provenance)")
+    g.add_argument("--preset", type=str, default=None, help="named model size (see describe)")
+    g.add_argument("--num-prelude-layers", type=int, default=None)
+    g.add_argument("--num-recurrent-layers", type=int, default=None)
+    g.add_argument("--num-coda-layers", type=int, default=None)
+    g.add_argument("--mean-recurrence", type=int, default=8, help="μ_rec")
+    g.add_argument("--mean-backprop-depth", type=int, default=4, help="μ_bwd")
+    g.add_argument("--injection-type", choices=INJECTION_TYPES, default="diagonal")
+    g.add_argument("--state-init", choices=STATE_INITS, default="like_init")
+    g.add_argument("--no-prelude-norm", dest="prelude_norm", action="store_false")
+    g.add_argument("--depth-sampling", choices=DEPTH_SAMPLINGS, default="per_sequence")
+    g.add_argument("--loop-execution", choices=LOOP_EXECUTIONS, default="compact")
+    g.add_argument("--no-value-embeddings", dest="value_embeddings", action="store_false")
+    g.add_argument("--depth-seed", type=int, default=514229)
+    g.add_argument("--parcae-pipeline-layout", type=str, default=None,
+                   help="stages separated by '|': p prelude layer, R recurrent block, "
+                        "c coda layer (e.g. 'pp|R|cc')")
+    g.add_argument("--eval-loop-counts", type=int, nargs="*", default=None,
+                   help="validation loop counts T (default 1 2 4 μ_rec 2·μ_rec)")
+    g.add_argument("--telemetry-interval", type=int, default=10,
+                   help="steps between stability telemetry (state norms, spectra)")
+    g.add_argument("--max-consecutive-skipped", type=int, default=10,
+                   help="stop the run after this many non-finite steps in a row")
+    return parser
+
+
+def _flag_items(mapping: dict[str, Any]) -> list[str]:
+    argv: list[str] = []
+    for key, value in mapping.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _flag_present(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    value = None
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def expand_argv(argv: list[str]) -> list[str]:
+    """Turn ``[--config X.yaml] [--preset P] [flags]`` into the full Megatron argv."""
+    config_path = _flag_value(argv, "--config")
+    from_yaml: list[str] = []
+    preset = _flag_value(argv, "--preset")
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ParcaeConfigError(f"config file not found: {config_path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ParcaeConfigError(f"{config_path}: expected a mapping of flag: value")
+        preset = preset or data.pop("preset", None)
+        data.pop("preset", None)
+        from_yaml = _flag_items(data)
+    from_preset: list[str] = []
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ParcaeConfigError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+        from_preset = _flag_items({_PRESET_FLAGS[k][2:]: v for k, v in PRESETS[preset].items()
+                                   if k in _PRESET_FLAGS})
+        from_preset += ["--max-position-embeddings", str(PRESETS[preset]["seq_length"])]
+    full = BLOCK_ARGS + from_preset + from_yaml + list(argv)
+    if not _flag_present(full, "--num-layers"):
+        counts = [_flag_value(full, f) for f in ("--num-prelude-layers",
+                                                 "--num-recurrent-layers", "--num-coda-layers")]
+        if all(c is not None for c in counts):
+            full += ["--num-layers", str(sum(int(c) for c in counts))]
+    return full
+
+
+def parcae_config_from_args(args: argparse.Namespace) -> ParcaeConfig:
+    """The model config of a parsed Megatron+Parcae namespace."""
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    cfg = core_transformer_config_from_args(args, config_class=ParcaeConfig)
+    cfg.vocab_size = args.padded_vocab_size
+    return cfg
+
+
+def validate_parcae_args(args: argparse.Namespace) -> None:
+    """Checks that need the whole namespace; raises ``ParcaeConfigError`` with one message."""
+    layers = (args.num_prelude_layers, args.num_recurrent_layers, args.num_coda_layers)
+    if any(n is None for n in layers):
+        raise ParcaeConfigError("set --preset or all of --num-prelude-layers, "
+                                "--num-recurrent-layers, --num-coda-layers")
+    if args.num_layers != sum(layers):
+        raise ParcaeConfigError(f"--num-layers ({args.num_layers}) must equal prelude + "
+                                f"recurrent + coda layers ({sum(layers)})")
