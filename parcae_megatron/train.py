@@ -18,6 +18,8 @@ from functools import partial
 import torch
 
 from parcae_megatron.platform import cpu_backend
+from parcae_megatron.training import telemetry
+from parcae_megatron.training.telemetry import TELEMETRY
 from parcae_megatron.training.arguments import (
     add_parcae_args,
     expand_argv,
@@ -39,8 +41,10 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         raise ValueError("virtual pipeline parallelism is not supported by ParcaeModel yet")
     cfg = parcae_config_from_args(args)
     print_rank_0(f"building Parcae model: stage layout {cfg.stage_layout()}")
-    return ParcaeModel(cfg, get_parcae_layer_spec(args.transformer_impl),
-                       pre_process=pre_process, post_process=post_process)
+    model = ParcaeModel(cfg, get_parcae_layer_spec(args.transformer_impl),
+                        pre_process=pre_process, post_process=post_process)
+    TELEMETRY.register_model(model)
+    return model
 
 
 def get_batch(data_iterator):
@@ -80,21 +84,49 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss, num_tokens, {"lm loss": report}
 
 
+def multi_depth_loss_func(loss_mask: torch.Tensor, loop_counts: list[int],
+                          output_tensor: torch.Tensor):
+    """Validation at several loop counts: the first (μ_rec) is 'lm loss'."""
+    loss, num_tokens, report = loss_func(loss_mask, output_tensor[0])
+    for count, losses in zip(loop_counts, output_tensor, strict=True):
+        report[f"lm loss T={count}"] = loss_func(loss_mask, losses)[2]["lm loss"]
+    return loss, num_tokens, report
+
+
+def eval_loop_counts(args, config) -> list[int]:
+    """Loop counts for validation, μ_rec first (default: μ_rec, 1, 2, 4, 2·μ_rec)."""
+    mu = config.mean_recurrence
+    counts = args.eval_loop_counts or [1, 2, 4, 2 * mu]
+    return [mu] + sorted(set(counts) - {mu})
+
+
 def forward_step(data_iterator, model):
-    """One micro-batch: sample depths (training), run the model, return the loss closure."""
-    from megatron.core.utils import get_attr_wrapped_model
+    """One micro-batch: sample depths (training), run the model, return the loss closure.
+
+    In evaluation (single pipeline stage) the loss is measured at several loop counts.
+    """
+    from megatron.core import mpu
     from megatron.training import get_args, get_timers
+    from megatron.core.utils import unwrap_model
 
     args = get_args()
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
     tokens, labels, loss_mask = get_batch(data_iterator)
     timers("batch-generator").stop()
-    sampler = get_attr_wrapped_model(model, "depth_sampler", allow_none=True)
-    if sampler is not None and model.training and sampler.step != args.curr_iteration:
-        sampler.start_step(args.curr_iteration)
-    output = model(tokens, labels=labels)
-    return output, partial(loss_func, loss_mask)
+    inner = unwrap_model(model)
+    if model.training:
+        if inner.has_loop:
+            if inner.depth_sampler.step != args.curr_iteration:
+                inner.depth_sampler.start_step(args.curr_iteration)
+            # Megatron logs the step that starts at curr_iteration as iteration curr + 1.
+            inner.record_state_stats = TELEMETRY.record_state_now(args.curr_iteration + 1)
+        return model(tokens, labels=labels), partial(loss_func, loss_mask)
+    if not inner.config.is_looped or mpu.get_pipeline_model_parallel_world_size() > 1:
+        return model(tokens, labels=labels), partial(loss_func, loss_mask)
+    counts = eval_loop_counts(args, inner.config)
+    outputs = torch.stack([model(tokens, labels=labels, num_iterations=t) for t in counts])
+    return outputs, partial(multi_depth_loss_func, loss_mask, counts)
 
 
 def datasets_provider(train_val_test_num_samples, vp_stage=None):
@@ -143,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [sys.argv[0], *argv]
     args = parse_and_validate_args(extra_args_provider=add_parcae_args)
     validate_parcae_args(args)
+    TELEMETRY.configure(args)
+    telemetry.install()
     cfg = pretrain_cfg_container_from_args(args)
     pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step,
              model_provider=model_provider)

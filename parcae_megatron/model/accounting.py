@@ -40,6 +40,44 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
+def count_parameters_from_config(config: ParcaeConfig) -> dict[str, int]:
+    """The same counts as ``count_parameters`` of the full model, from the config alone
+    (for code that holds only one pipeline stage or TP shard)."""
+    d, ffn, hd = config.hidden_size, config.ffn_hidden_size, config.kv_channels
+    heads = config.num_attention_heads
+    groups = config.num_query_groups or heads
+    vocab = config.vocab_size
+    layer = d * (heads * hd + 2 * groups * hd) + heads * hd * d + 2 * d + 2 * d * ffn
+    n_pre, n_rec, n_coda = (config.num_prelude_layers, config.num_recurrent_layers,
+                            config.num_coda_layers)
+    ve = [config.has_value_embedding(i) for i in range(n_pre + n_rec + n_coda)]
+    gate = groups * config.value_embedding_gate_channels
+    table = vocab * groups * hd
+    stage = lambda lo, hi: (hi - lo) * layer + gate * sum(ve[lo:hi])
+    counts = {
+        "prelude_params": stage(0, n_pre),
+        "recurrent_params": stage(n_pre, n_pre + n_rec),
+        "coda_params": stage(n_pre + n_rec, n_pre + n_rec + n_coda),
+        "value_embedding_params": table * sum(ve),
+        "injection_params": 0, "readout_params": 0, "prelude_norm_params": 0,
+        "final_norm_params": d,
+    }
+    if config.is_looped:
+        counts["injection_params"] = {"diagonal": 2 * d + d * d,
+                                      "diagonal_exact_zoh": 2 * d + d * d,
+                                      "additive": 0, "concat_linear": 2 * d * d
+                                      }[config.injection_type]
+        counts["readout_params"] = d * d
+        counts["prelude_norm_params"] = d if config.prelude_norm else 0
+    counts["embedding_params"] = vocab * d + counts["value_embedding_params"]
+    counts["total_params"] = (counts["embedding_params"] + counts["prelude_params"]
+                              + counts["recurrent_params"] + counts["coda_params"]
+                              + counts["injection_params"] + counts["readout_params"]
+                              + counts["prelude_norm_params"] + d)
+    counts["non_embedding_params"] = counts["total_params"] - counts["embedding_params"]
+    return counts
+
+
 def token_embedding_params(config: ParcaeConfig) -> int:
     """Size of the tied token-embedding table."""
     return config.vocab_size * config.hidden_size

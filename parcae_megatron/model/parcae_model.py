@@ -42,6 +42,8 @@ class LoopStats:
     """Σ T_i: what the sampled depths ask for."""
     executed_iterations: int = 0
     """Sequence-iterations the recurrent block actually ran (Σ T_i when compacted)."""
+    grad_iterations: int = 0
+    """Σ k_i: sequence-iterations run with gradient."""
     max_depth: int = 0
     forwards: int = 0
     state_norm: list = field(default_factory=list)
@@ -227,6 +229,7 @@ class ParcaeModel(LanguageModule):
         stats.forwards += 1
         stats.sequences += len(depths.total)
         stats.sampled_iterations += int(depths.total.sum())
+        stats.grad_iterations += int(depths.grad.sum()) if torch.is_grad_enabled() else 0
         stats.max_depth = max(stats.max_depth, int(depths.total.max()))
         if record:
             with torch.no_grad():

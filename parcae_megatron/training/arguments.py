@@ -66,6 +66,8 @@ def add_parcae_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "c coda layer (e.g. 'pp|R|cc')")
     g.add_argument("--eval-loop-counts", type=int, nargs="*", default=None,
                    help="validation loop counts T (default 1 2 4 μ_rec 2·μ_rec)")
+    g.add_argument("--telemetry-path", type=str, default=None,
+                   help="JSONL telemetry file (default: SAVE/telemetry.jsonl)")
     g.add_argument("--telemetry-interval", type=int, default=10,
                    help="steps between stability telemetry (state norms, spectra)")
     g.add_argument("--max-consecutive-skipped", type=int, default=10,
