@@ -20,12 +20,7 @@ import torch
 from parcae_megatron.platform import cpu_backend
 from parcae_megatron.training import telemetry
 from parcae_megatron.training.telemetry import TELEMETRY
-from parcae_megatron.training.arguments import (
-    add_parcae_args,
-    expand_argv,
-    parcae_config_from_args,
-    validate_parcae_args,
-)
+from parcae_megatron.training.arguments import parcae_config_from_args, parse_args_or_exit
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage=None,
@@ -158,8 +153,13 @@ datasets_provider.is_distributed = True
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse (config + flags), validate, and run Megatron's pretrain loop."""
-    argv = expand_argv(list(sys.argv[1:] if argv is None else argv))
+    """Parse (config + flags), validate, and run Megatron's pretrain loop.
+
+    ``--validate-only`` checks the configuration (as ``WORLD_SIZE`` ranks) and exits.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    validate_only = "--validate-only" in argv
+    argv = [a for a in argv if a != "--validate-only"]
     if cpu_backend.maybe_activate():
         cpu_backend.patch_megatron_training()
         argv = ["--transformer-impl", "local", "--distributed-backend", "gloo",
@@ -168,13 +168,13 @@ def main(argv: list[str] | None = None) -> None:
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
-    from megatron.training.arguments import parse_and_validate_args
 
     # The wheel ships the prebuilt dataset helpers but no Makefile: never try to rebuild them.
     megatron_init._compile_dependencies = lambda: None
-    sys.argv = [sys.argv[0], *argv]
-    args = parse_and_validate_args(extra_args_provider=add_parcae_args)
-    validate_parcae_args(args)
+    args = parse_args_or_exit(argv)
+    if validate_only:
+        print("configuration is valid", flush=True)
+        return
     TELEMETRY.configure(args)
     telemetry.install()
     cfg = pretrain_cfg_container_from_args(args)

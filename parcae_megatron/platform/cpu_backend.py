@@ -137,7 +137,9 @@ def patch_megatron_training() -> None:
     * model-parallel init and RNG seeding are skipped when ``device_count() == 0``, so one
       (CPU) device is reported and ``set_device`` does nothing;
     * ``get_device_arch_version`` reads the GPU (TP > 1 argument checks);
-    * ``set_jit_fusion_options`` compiles warm-up kernels for ~25 s: pointless on CPU.
+    * ``set_jit_fusion_options`` compiles warm-up kernels for ~25 s: pointless on CPU;
+    * the async checkpoint writer's result queue starts a manager by ``spawn`` (7-14 s per
+      run on CPU); ``fork`` is safe here because no CUDA context exists.
     """
     if not is_active():
         activate()
@@ -156,3 +158,9 @@ def patch_megatron_training() -> None:
     mtrain.initialize_megatron = initialize_megatron
     margs.get_device_arch_version = lambda: 9
     mtrain.set_jit_fusion_options = lambda *args, **kwargs: None
+    import functools
+
+    import megatron.core.dist_checkpointing.strategies.filesystem_async as fs_async
+
+    fs_async.get_write_results_queue = functools.partial(fs_async.get_write_results_queue,
+                                                         mp_mode="fork")

@@ -135,17 +135,23 @@ def expand_argv(argv: list[str]) -> list[str]:
     return full
 
 
-def parcae_config_from_args(args: argparse.Namespace) -> ParcaeConfig:
-    """The model config of a parsed Megatron+Parcae namespace."""
+def parcae_config_from_args(args: argparse.Namespace,
+                            vocab_size: int | None = None) -> ParcaeConfig:
+    """The model config of a parsed Megatron+Parcae namespace (Megatron's padded vocabulary
+    unless ``vocab_size`` is given)."""
     from megatron.training.arguments import core_transformer_config_from_args
 
-    cfg = core_transformer_config_from_args(args, config_class=ParcaeConfig)
-    cfg.vocab_size = args.padded_vocab_size
-    return cfg
+    saved = args.vocab_size
+    args.vocab_size = vocab_size or args.padded_vocab_size
+    try:
+        return core_transformer_config_from_args(args, config_class=ParcaeConfig)
+    finally:
+        args.vocab_size = saved
 
 
-def validate_parcae_args(args: argparse.Namespace) -> None:
-    """Checks that need the whole namespace; raises ``ParcaeConfigError`` with one message."""
+def validate_parcae_args(args: argparse.Namespace) -> ParcaeConfig:
+    """Everything that can be checked before a rank starts; raises ``ParcaeConfigError``
+    with one message. Returns the resolved model config."""
     layers = (args.num_prelude_layers, args.num_recurrent_layers, args.num_coda_layers)
     if any(n is None for n in layers):
         raise ParcaeConfigError("set --preset or all of --num-prelude-layers, "
@@ -153,3 +159,58 @@ def validate_parcae_args(args: argparse.Namespace) -> None:
     if args.num_layers != sum(layers):
         raise ParcaeConfigError(f"--num-layers ({args.num_layers}) must equal prelude + "
                                 f"recurrent + coda layers ({sum(layers)})")
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    if args.world_size % model_parallel:
+        raise ParcaeConfigError(
+            f"world size {args.world_size} is not divisible by tensor x pipeline parallel size "
+            f"{args.tensor_model_parallel_size} x {args.pipeline_model_parallel_size}")
+    _check_data(args)
+    # The tokenizer (and so the padded vocabulary) is only known after initialisation;
+    # check the model with a vocabulary padded the way Megatron will pad it.
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    vocab = -(-(args.vocab_size or 32768) // multiple) * multiple
+    try:
+        return parcae_config_from_args(args, vocab_size=vocab)
+    except ParcaeConfigError:
+        raise
+    except (AssertionError, ValueError, TypeError) as exc:
+        raise ParcaeConfigError(f"invalid configuration: {exc}") from exc
+
+
+def _check_data(args: argparse.Namespace) -> None:
+    if args.mock_data:
+        return
+    paths = [*(args.data_path or []), *(args.train_data_path or []),
+             *(args.valid_data_path or []), *(args.test_data_path or [])]
+    if not paths and not args.data_args_path and not args.per_split_data_args_path:
+        raise ParcaeConfigError("no training data: pass --data-path (or --mock-data)")
+    for item in paths:
+        try:
+            float(item)
+            continue  # a blend weight
+        except ValueError:
+            pass
+        missing = [ext for ext in (".bin", ".idx") if not Path(item + ext).is_file()]
+        if missing:
+            raise ParcaeConfigError(f"dataset prefix {item!r} has no {' / '.join(missing)} file")
+    if args.tokenizer_model and not Path(args.tokenizer_model).exists():
+        raise ParcaeConfigError(f"tokenizer model not found: {args.tokenizer_model}")
+
+
+def parse_args_or_exit(argv: list[str]) -> argparse.Namespace:
+    """Megatron's parse + validate with Parcae's checks; one clear message and exit 2 on error."""
+    import sys
+
+    from megatron.training.arguments import parse_and_validate_args
+
+    try:
+        argv = expand_argv(argv)
+        sys.argv = [sys.argv[0], *argv]
+        args = parse_and_validate_args(extra_args_provider=add_parcae_args)
+        validate_parcae_args(args)
+    except (ParcaeConfigError, AssertionError, ValueError) as exc:
+        rank = int(__import__("os").environ.get("RANK", "0"))
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    return args
