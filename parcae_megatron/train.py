@@ -19,8 +19,8 @@ import torch
 
 from parcae_megatron.platform import cpu_backend
 from parcae_megatron.training import telemetry
-from parcae_megatron.training.telemetry import TELEMETRY
 from parcae_megatron.training.arguments import parcae_config_from_args, parse_args_or_exit
+from parcae_megatron.training.telemetry import TELEMETRY
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage=None,
@@ -101,8 +101,8 @@ def forward_step(data_iterator, model):
     In evaluation (single pipeline stage) the loss is measured at several loop counts.
     """
     from megatron.core import mpu
-    from megatron.training import get_args, get_timers
     from megatron.core.utils import unwrap_model
+    from megatron.training import get_args, get_timers
 
     args = get_args()
     timers = get_timers()

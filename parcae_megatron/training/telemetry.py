@@ -15,7 +15,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,10 +36,10 @@ class Telemetry:
 
     def __init__(self) -> None:
         self.model = None
-        self.path: Optional[Path] = None
+        self.path: Path | None = None
         self.interval = 10
         self.skipped_total = 0
-        self.last_time: Optional[float] = None
+        self.last_time: float | None = None
         self.last_iteration = 0
         self.nominal = None  # (fixed FLOPs/token, per-iteration loop FLOPs: grad, no-grad)
 
@@ -132,7 +132,7 @@ class Telemetry:
         base, per_iter, per_grad = self.nominal
         return float(base + per_iter * depth_mean + per_grad * grad_depth_mean)
 
-    def _reduce_loop_stats(self) -> Optional[dict]:
+    def _reduce_loop_stats(self) -> dict | None:
         model = self.model
         owner = model is not None and model.has_loop and _tp_rank() == 0
         stats = model.pop_loop_stats() if model is not None else None
@@ -152,7 +152,7 @@ class Telemetry:
         out["max_depth"] = int(peak.item())
         return out
 
-    def _reduce_stability(self) -> Optional[dict]:
+    def _reduce_stability(self) -> dict | None:
         model = self.model
         vec = torch.zeros(len(_STABILITY_FIELDS), dtype=torch.float64)
         if (model is not None and model.has_loop and _tp_rank() == 0 and _dp_rank() == 0
@@ -194,7 +194,7 @@ def stability_signals(model) -> list[float]:
             spectral(model.readout.weight), 1.0]
 
 
-def _scalar(value) -> Optional[float]:
+def _scalar(value) -> float | None:
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
@@ -205,7 +205,7 @@ def _scalar(value) -> Optional[float]:
     return value if math.isfinite(value) else None if math.isnan(value) else value
 
 
-def _peak_flops() -> Optional[float]:
+def _peak_flops() -> float | None:
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
