@@ -12,13 +12,14 @@ without CUDA the CPU backend is activated and the run uses gloo.
 
 from __future__ import annotations
 
+import os
 import sys
 from functools import partial
 
 import torch
 
 from parcae_megatron.platform import cpu_backend
-from parcae_megatron.training import telemetry
+from parcae_megatron.training import guards, telemetry
 from parcae_megatron.training.arguments import parcae_config_from_args, parse_args_or_exit
 from parcae_megatron.training.telemetry import TELEMETRY
 
@@ -177,9 +178,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     TELEMETRY.configure(args)
     telemetry.install()
+    guards.install()
     cfg = pretrain_cfg_container_from_args(args)
-    pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step,
-             model_provider=model_provider)
+    try:
+        pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step,
+                 model_provider=model_provider)
+    except guards.DivergenceError as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
 
 
 if __name__ == "__main__":

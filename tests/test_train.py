@@ -179,3 +179,47 @@ def test_missing_data_fails_fast():
                  "--validate-only", check=False, timeout=120)
     assert proc.returncode == 2
     assert "dataset prefix '/nonexistent/corpus_text_document' has no .bin / .idx" in proc.stderr
+
+
+NAN_SCRIPT = """
+import sys
+from megatron.training import get_args
+import parcae_megatron.train as train
+bad = {int(i) for i in sys.argv.pop(1).split(",")}
+original = train.loss_func
+def loss_func(loss_mask, output_tensor):
+    loss, num_tokens, report = original(loss_mask, output_tensor)
+    if get_args().curr_iteration + 1 in bad:
+        loss = loss * float("nan")
+    return loss, num_tokens, report
+train.loss_func = loss_func
+train.main(sys.argv[1:])
+"""
+
+
+def _nan_run(tmp_path: Path, bad: str, *extra: str) -> tuple[int, str, Path]:
+    script = tmp_path / "nan_loss.py"
+    script.write_text(NAN_SCRIPT)
+    telemetry = tmp_path / "nan.jsonl"
+    cmd, env = command(1, *TINY, "--train-iters", "8", "--eval-interval", "100",
+                       "--eval-iters", "0", "--telemetry-path", str(telemetry), *extra)
+    proc = subprocess.run([sys.executable, str(script), bad, *cmd[3:]], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stderr, telemetry
+
+
+def test_non_finite_loss_skips_step(tmp_path):
+    code, err, telemetry = _nan_run(tmp_path, "3,4")
+    assert code == 0, err[-3000:]
+    steps = {r["iteration"]: r for r in records(telemetry, "train")}
+    assert [i for i, r in steps.items() if r["skipped"]] == [3, 4]
+    assert steps[8]["skipped_total"] == 2
+    assert steps[5]["loss"] is not None
+    # the LR schedule does not advance on skipped steps (it decays every step here)
+    assert steps[2]["lr"] == steps[3]["lr"] == steps[4]["lr"] != steps[5]["lr"]
+
+
+def test_too_many_consecutive_non_finite_steps_stop_the_run(tmp_path):
+    code, err, _ = _nan_run(tmp_path, "2,3,4,5", "--max-consecutive-skipped", "2")
+    assert code == 3
+    assert "3 consecutive optimizer steps had non-finite gradients (last at iteration 4)" in err

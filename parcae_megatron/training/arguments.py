@@ -30,6 +30,8 @@ BLOCK_ARGS = [
     "--hidden-dropout", "0.0", "--attention-dropout", "0.0", "--no-bias-gelu-fusion",
     "--no-bias-dropout-fusion", "--no-masked-softmax-fusion", "--no-rope-fusion",
     "--no-persist-layer-norm",
+    # Non-finite steps are skipped and counted (training/guards.py) instead of aborting.
+    "--no-check-for-nan-in-loss-and-grad",
 ]
 
 # Preset field -> Megatron flag.

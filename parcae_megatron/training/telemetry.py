@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from parcae_megatron.model.accounting import count_parameters_from_config, token_embedding_params
+from parcae_megatron.training.guards import ConsecutiveSkips
 
 # Peak dense bf16 FLOP/s per accelerator, for MFU (CPU runs report none).
 _PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "GB200": 2500e12}
@@ -42,6 +43,7 @@ class Telemetry:
         self.last_time: float | None = None
         self.last_iteration = 0
         self.nominal = None  # (fixed FLOPs/token, per-iteration loop FLOPs: grad, no-grad)
+        self.skips = ConsecutiveSkips(0)
 
     # ------------------------------------------------------------------ setup
     def register_model(self, model) -> None:
@@ -55,6 +57,7 @@ class Telemetry:
                                          if args.save else None)
         self.path = Path(target) if target else None
         self.peak_flops = _peak_flops()
+        self.skips = ConsecutiveSkips(args.max_consecutive_skipped)
 
     def record_state_now(self, iteration: int) -> bool:
         """Whether iteration ``iteration`` measures loop-state norms."""
@@ -71,6 +74,7 @@ class Telemetry:
         loops = self._reduce_loop_stats()
         stability = self._reduce_stability() if self.record_state_now(iteration) else None
         if not _is_last_rank():
+            self.skips.update(bool(skipped_iter), iteration)  # identical on every rank
             return
         tokens = args.global_batch_size * args.seq_length
         record: dict[str, Any] = {
@@ -106,6 +110,7 @@ class Telemetry:
         if stability is not None:
             record.update(stability)
         self._write(record, iteration)
+        self.skips.update(bool(skipped_iter), iteration)
 
     def on_evaluate(self, results: dict, iteration: int) -> None:
         """Called on every rank with Megatron's averaged validation losses."""

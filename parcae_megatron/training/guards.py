@@ -1,0 +1,69 @@
+"""Skip optimizer steps whose gradients are not finite, and stop a run that keeps diverging.
+
+Megatron's optimizers skip a step when ``prepare_grads()`` reports inf/nan, but only fp16
+loss scaling ever reports it. The guard makes every optimizer report non-finite gradients
+(reduced over the ranks that share the gradient norm), so bf16/fp32 runs skip such steps
+through Megatron's own path: the update, the LR schedule and the optimizer state are left
+untouched and Megatron counts the step as skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class DivergenceError(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+def guard_non_finite_grads(optimizer) -> None:
+    """Wrap ``optimizer.prepare_grads`` to also flag non-finite gradients."""
+    original = optimizer.prepare_grads
+
+    def prepare_grads() -> bool:
+        if original():
+            return True
+        grads = [p.grad for p in optimizer.get_parameters() if p.grad is not None]
+        bad = torch.zeros(1, dtype=torch.float32,
+                          device=grads[0].device if grads else "cpu")
+        if grads:
+            norms = torch._foreach_norm([g.float() for g in grads])
+            bad[0] = (~torch.isfinite(torch.stack(norms))).any().float()
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX,
+                            group=optimizer.get_grad_stats_parallel_group())
+        return bool(bad.item())
+
+    optimizer.prepare_grads = prepare_grads
+
+
+class ConsecutiveSkips:
+    """Counts skipped steps in a row; raises past the limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+    def update(self, skipped: bool, iteration: int) -> None:
+        """Record one iteration's outcome."""
+        self.count = self.count + 1 if skipped else 0
+        if self.limit and self.count > self.limit:
+            raise DivergenceError(
+                f"{self.count} consecutive optimizer steps had non-finite gradients (last at "
+                f"iteration {iteration}); stopping. Lower the learning rate, check the data, or "
+                f"resume from an earlier checkpoint (--max-consecutive-skipped sets the limit).")
+
+
+def install() -> None:
+    """Apply the guard to the optimizer Megatron's ``pretrain`` builds."""
+    import megatron.training.training as mtrain
+
+    build = mtrain.get_megatron_optimizer
+
+    def get_megatron_optimizer(*args, **kwargs):
+        optimizer = build(*args, **kwargs)
+        guard_non_finite_grads(optimizer)
+        return optimizer
+
+    mtrain.get_megatron_optimizer = get_megatron_optimizer
