@@ -139,7 +139,8 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
     blend, blend_per_split = get_blend_and_blend_per_split(args)
     config = GPTDatasetConfig(
         random_seed=args.seed, sequence_length=args.seq_length, blend=blend,
-        blend_per_split=blend_per_split, split=args.split, path_to_cache=args.data_cache_path,
+        blend_per_split=blend_per_split, split=args.split if blend is not None else None,
+        path_to_cache=args.data_cache_path,
         mmap_bin_files=args.mmap_bin_files, tokenizer=get_tokenizer(),
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=args.eod_mask_loss,
         create_attention_mask=False)
