@@ -148,8 +148,11 @@ class ParcaeSelfAttention(SelfAttention):
         """Megatron's q, k, v with the gated value embedding added to v (before RoPE)."""
         out = super().get_query_key_value_tensors(hidden_states, key_value_states,
                                                   output_gate, split_qkv)
-        if self.value_embedding is None or not split_qkv:
+        if self.value_embedding is None:
             return out
+        if not split_qkv:
+            raise NotImplementedError("value embeddings need split q/k/v (fused-QKV inference "
+                                      "kernels are not supported)")
         query, key, value, *rest = out
         value = value + self.value_embedding(hidden_states).to(value.dtype)
         return (query, key, value, *rest)

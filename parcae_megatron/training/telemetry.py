@@ -207,7 +207,7 @@ def _scalar(value) -> float | None:
         value = value[0] / value[1] if value.numel() == 2 else value.mean()
         value = value.item()
     value = float(value)
-    return value if math.isfinite(value) else None if math.isnan(value) else value
+    return value if math.isfinite(value) else None  # JSON has no NaN/inf
 
 
 def _peak_flops() -> float | None:
