@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from parcae_megatron.quickstart import _env, _records, prepare_data  # noqa: E402
+from parcae_megatron.quickstart import _env, prepare_data  # noqa: E402
+from parcae_megatron.training.telemetry import read_records  # noqa: E402
 
 INJECTIONS = ("additive", "concat_linear", "diagonal")
 
@@ -44,7 +45,7 @@ def run(data: Path, out: Path, injection: str, lr: float, steps: int) -> dict:
     env = dict(_env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(29400 + hash((injection, lr)) % 500))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    steps_log = _records(telemetry, "train")
+    steps_log = read_records(telemetry, "train")
     losses = [r["loss"] for r in steps_log]
     finite = [x for x in losses if x is not None and math.isfinite(x)]
     skipped = steps_log[-1]["skipped_total"] if steps_log else None

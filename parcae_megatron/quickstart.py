@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from parcae_megatron.training.telemetry import read_records
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -84,27 +86,13 @@ def train_command(run_dir: Path, data: Path, iters: int, nproc: int) -> list[str
     ]
 
 
-def _records(path: Path, kind: str) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("type") == kind:
-            out.append(rec)
-    return out
-
-
 def train(run_dir: Path, data: Path, iters: int, nproc: int, log: Path) -> None:
     """Run the trainer, showing a progress bar fed by its telemetry."""
     from tqdm import tqdm
 
     telemetry = run_dir / "telemetry.jsonl"
-    done = {r["iteration"] for r in _records(telemetry, "train")}
-    if len(done) >= iters and _records(telemetry, "validation"):
+    done = {r["iteration"] for r in read_records(telemetry, "train")}
+    if len(done) >= iters and read_records(telemetry, "validation"):
         print("==> training already finished; reporting", flush=True)
         return
     print(f"==> training a tiny Parcae on CPU with {nproc} processes (data parallel, gloo); "
@@ -116,7 +104,7 @@ def train(run_dir: Path, data: Path, iters: int, nproc: int, log: Path) -> None:
                   desc="starting") as bar:
             while proc.poll() is None:
                 time.sleep(1.0)
-                steps = _records(telemetry, "train")
+                steps = read_records(telemetry, "train")
                 if steps:
                     last = steps[-1]
                     if bar.n != last["iteration"]:
@@ -135,9 +123,9 @@ def train(run_dir: Path, data: Path, iters: int, nproc: int, log: Path) -> None:
 def report(run_dir: Path) -> dict:
     """Print loss start/end and the test-time table; write report.png and report.json."""
     telemetry = run_dir / "telemetry.jsonl"
-    steps = {r["iteration"]: r for r in _records(telemetry, "train")}
+    steps = {r["iteration"]: r for r in read_records(telemetry, "train")}
     ordered = [steps[i] for i in sorted(steps)]
-    validation = _records(telemetry, "validation")[-1]
+    validation = read_records(telemetry, "validation")[-1]
     by_t = sorted((int(k.split("=")[1]), v) for k, v in validation.items()
                   if k.startswith("lm_loss_T="))
     window = max(1, min(10, len(ordered) // 5))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -11,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from parcae_megatron.training.telemetry import read_records
 from tests.distributed import ROOT
 
 TINY = ["--config", "configs/parcae-tiny-cpu.yaml", "--mock-data", "--tokenizer-type",
@@ -74,17 +74,7 @@ def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> int:
 
 def records(telemetry: Path, kind: str) -> list[dict]:
     """All telemetry records of a type (``train`` / ``validation``), in file order."""
-    if not telemetry.exists():
-        return []
-    out = []
-    for line in telemetry.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line being written
-            continue
-        if rec.get("type") == kind:
-            out.append(rec)
-    return out
+    return read_records(telemetry, kind)
 
 
 def losses(telemetry: Path) -> dict[int, float]:

@@ -240,6 +240,24 @@ def _dp_rank() -> int:
 TELEMETRY = Telemetry()
 
 
+def read_records(path: Path, kind: str) -> list[dict]:
+    """The records of one type (``train`` / ``validation``) of a telemetry file, in order.
+
+    Tolerates a file being written (a partial last line) and a missing file.
+    """
+    if not Path(path).exists():
+        return []
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("type") == kind:
+            out.append(rec)
+    return out
+
+
 def install() -> None:
     """Wrap Megatron's ``training_log`` and ``evaluate`` so every step reports to TELEMETRY."""
     import megatron.training.training as mtrain
