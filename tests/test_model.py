@@ -234,3 +234,15 @@ def test_state_statistics_recorded(megatron_single):
     stats = model.pop_loop_stats()
     assert len(stats.state_norm) == 1 and stats.state_norm[0] > 0
     assert 0 < stats.residual_norm[0] < 10 * stats.state_norm[0]
+
+
+def test_eval_initial_state_fresh_per_forward_and_reproducible(megatron_single):
+    model = tiny_model()
+    perturb_(model)
+    model.eval()
+    ids, _, _ = _batch(b=2)
+    with torch.no_grad():
+        first, second = model(ids), model(ids)
+        assert not torch.equal(first, second)  # h0 is redrawn on every forward (spec §1.6)
+        model.depth_sampler.eval_draws = 0
+        assert torch.equal(model(ids), first)  # ...from a keyed generator: reproducible

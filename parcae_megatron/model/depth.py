@@ -38,9 +38,11 @@ class DepthSample:
                    torch.full((batch_size,), min(grad, total), dtype=torch.long))
 
 
-def depth_generator(seed: int, step: int, global_microbatch: int) -> torch.Generator:
-    """A CPU generator keyed by (seed, step, global micro-batch)."""
-    state = np.random.SeedSequence([seed, step, global_microbatch]).generate_state(2, np.uint32)
+def depth_generator(seed: int, step: int, global_microbatch: int,
+                    stream: int = 0) -> torch.Generator:
+    """A CPU generator keyed by (seed, step, global micro-batch); ``stream`` 1 is evaluation."""
+    key = [seed, stream, step, global_microbatch]
+    state = np.random.SeedSequence(key).generate_state(2, np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
@@ -95,6 +97,7 @@ class DepthSampler:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.step = 0
         self.microbatch = 0
+        self.eval_draws = 0
 
     def start_step(self, step: int) -> None:
         """Begin optimizer step ``step`` (resets the micro-batch counter)."""
@@ -108,6 +111,12 @@ class DepthSampler:
         depths = sample_depths(self.scheme, batch_size, self.mean_recurrence,
                                self.mean_backprop_depth, gen, self.sigma)
         return depths, gen
+
+    def eval_generator(self) -> torch.Generator:
+        """A generator for h₀ of an evaluation forward: fresh per call, identical across the
+        TP/PP ranks of a replica (they evaluate the same micro-batches in the same order)."""
+        self.eval_draws += 1
+        return depth_generator(self.seed, self.eval_draws, self.dp_rank, stream=1)
 
     def state_dict(self) -> dict:
         """Position of the sampler (the draws themselves are a pure function of it)."""

@@ -196,6 +196,8 @@ class ParcaeModel(LanguageModule):
                 generator = generator or sampled_gen
             else:
                 depths = DepthSample.fixed(batch, cfg.mean_recurrence, 0)
+        if generator is None and initial_state is None and cfg.state_init != "zero":
+            generator = self.depth_sampler.eval_generator()
         if initial_state is not None:
             h0 = initial_state.to(device=x.device, dtype=torch.float32)
         elif cfg.state_init == "zero":
