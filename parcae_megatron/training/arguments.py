@@ -8,6 +8,8 @@ size first. Precedence: Parcae's fixed block settings < preset < YAML < command 
 from __future__ import annotations
 
 import argparse
+import os
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -205,14 +207,37 @@ def parse_args_or_exit(argv: list[str]) -> argparse.Namespace:
 
     from megatron.training.arguments import parse_and_validate_args
 
+    if "-h" in argv or "--help" in argv:
+        _tolerate_bad_help_strings()
     try:
         argv = expand_argv(argv)
         sys.argv = [sys.argv[0], *argv]
         args = parse_and_validate_args(extra_args_provider=add_parcae_args)
         validate_parcae_args(args)
     except (ParcaeConfigError, AssertionError, ValueError) as exc:
-        rank = int(__import__("os").environ.get("RANK", "0"))
-        if rank == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {_describe_error(exc)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     return args
+
+
+def _describe_error(exc: Exception) -> str:
+    """The message, or for Megatron's bare asserts the failing check and where it is."""
+    if str(exc):
+        return str(exc)
+    frame = traceback.extract_tb(exc.__traceback__)[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno}: check failed: {frame.line}"
+
+
+def _tolerate_bad_help_strings() -> None:
+    # megatron-core 0.19.2 has a help string with a bare '%' that makes argparse's --help
+    # raise; print such strings verbatim instead.
+    expand = argparse.HelpFormatter._expand_help
+
+    def safe_expand(self, action):
+        try:
+            return expand(self, action)
+        except (ValueError, TypeError, KeyError):
+            return action.help or ""
+
+    argparse.HelpFormatter._expand_help = safe_expand
