@@ -103,3 +103,14 @@ def flops_per_token(config: ParcaeConfig, counts: dict[str, int],
         flops += (2 * n_rec + attn * rec_layers) * config.mean_recurrence
         flops += (4 * n_rec + 2 * attn * rec_layers) * config.mean_backprop_depth
     return float(flops)
+
+
+def effective_params(config: ParcaeConfig, counts: dict[str, int]) -> int:
+    """N(μ_rec): non-embedding parameters with the recurrent block unrolled μ_rec times.
+
+    The paper's "effective parameter count if all loops were unrolled" (spec §5.2); whether
+    embeddings belong in N is an open question there — we exclude token and value-embedding
+    tables (lookups, not matmuls).
+    """
+    unrolled = config.mean_recurrence if config.is_looped else 1
+    return counts["non_embedding_params"] + (unrolled - 1) * counts["recurrent_params"]

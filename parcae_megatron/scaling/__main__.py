@@ -35,7 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--seq-length", type=int, default=2048)
     plan.add_argument("--concurrency", type=int, default=None)
     plan.add_argument("--out", required=True, help="sweep YAML to write")
+    fit = sub.add_parser("fit", help="fit iso-FLOP, parametric and test-time laws to runs")
+    fit.add_argument("runs", nargs="+", help="run directories (or their telemetry.jsonl)")
+    fit.add_argument("--out", default="scaling_fit.json", help="JSON results")
+    fit.add_argument("--plots", default=None, help="directory for PNG plots")
+    fit.add_argument("--restarts", type=int, default=500, help="L-BFGS restarts")
+    fit.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "fit":
+        return _fit(args)
     try:
         runs = plan_isoflop(args.preset, args.budgets, args.recurrences,
                             args.global_batch_size, args.seq_length)
@@ -48,6 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:
         print(f"{r.name:<28} {r.flops_per_token:12.3e} {r.tokens:14,d} {r.train_iters:8d}")
     print(json.dumps({"out": args.out, "runs": len(runs)}))
+    return 0
+
+
+def _fit(args) -> int:
+    from parcae_megatron.scaling.results import fit_runs, load_run, write_json
+
+    try:
+        runs = [load_run(Path(p)) for p in args.runs]
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = fit_runs(runs, args.restarts, args.seed,
+                      Path(args.plots) if args.plots else None)
+    write_json(result, Path(args.out))
+    print(json.dumps(result))
     return 0
 
 

@@ -20,7 +20,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from parcae_megatron.model.accounting import count_parameters_from_config, token_embedding_params
+from parcae_megatron.model.accounting import (
+    count_parameters_from_config,
+    effective_params,
+    flops_per_token,
+    token_embedding_params,
+)
 from parcae_megatron.training.guards import ConsecutiveSkips
 
 # Peak dense bf16 FLOP/s per accelerator, for MFU (CPU runs report none).
@@ -116,7 +121,18 @@ class Telemetry:
         """Called on every rank with Megatron's averaged validation losses."""
         if not _is_last_rank():
             return
-        record = {"type": "validation", "iteration": iteration}
+        from megatron.training import get_args
+
+        args = get_args()
+        record = {"type": "validation", "iteration": iteration,
+                  # what the scaling-law fits need to place this run
+                  "tokens_seen": iteration * args.global_batch_size * args.seq_length,
+                  "mean_recurrence": args.mean_recurrence,
+                  "mean_backprop_depth": args.mean_backprop_depth}
+        if self.model is not None:
+            counts = count_parameters_from_config(self.model.config)
+            record["flops_per_token"] = flops_per_token(self.model.config, counts)
+            record["effective_params"] = effective_params(self.model.config, counts)
         for key, value in results.items():
             record[key.replace(" ", "_")] = _scalar(value)
         self._write(record, iteration)
