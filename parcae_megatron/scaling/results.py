@@ -111,7 +111,7 @@ def _plot(plot_dir: Path, by_budget, frontier, runs, test_time) -> list[str]:
     for budget, group in sorted(by_budget.items()):
         group = sorted(group, key=lambda r: r.mean_recurrence)
         ax.plot([r.mean_recurrence for r in group], [r.loss for r in group], "o-",
-                label=f"C = {budget:.0e}")
+                label=f"C = {budget:.3g} FLOPs")
     for f in frontier:
         ax.plot(f["mu_star"], f["loss_star"], "k*", ms=10)
     ax.set(xscale="log", xlabel="μ_rec", ylabel="validation loss", title="Iso-FLOP curves")
