@@ -1,0 +1,1 @@
+"""Checkpoint conversion: Megatron distributed checkpoints ↔ Hugging Face ↔ the authors' format."""

@@ -1,0 +1,199 @@
+"""Read and write Megatron distributed checkpoints of ParcaeModel in one process.
+
+Reading builds the model at TP = PP = 1 and lets ``dist_checkpointing`` reshard whatever layout
+the checkpoint was saved with (torch_dist checkpoints store global tensors). Writing produces a
+*release* checkpoint (``release/`` + tracker), the Megatron convention for converted weights:
+``--load`` starts from it at iteration 0 without optimizer state, at any TP/PP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import sys
+from pathlib import Path
+
+import torch
+
+from parcae_megatron.convert.errors import ConversionError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def resolve_checkpoint_dir(load: Path, iteration: int | None = None) -> Path:
+    """The directory holding one checkpoint: ``load`` itself, or the iteration the tracker
+    (or ``iteration``) names inside a Megatron ``--save`` directory."""
+    load = Path(load)
+    if not load.exists():
+        raise ConversionError(f"checkpoint not found: {load}")
+    if (load / "metadata.json").exists() or (load / ".metadata").exists():
+        return load
+    if iteration is not None:
+        name = f"iter_{iteration:07d}"
+    else:
+        tracker = load / TRACKER
+        if not tracker.exists():
+            raise ConversionError(f"{load} is not a Megatron checkpoint directory "
+                                  f"(no {TRACKER} and no checkpoint metadata)")
+        text = tracker.read_text().strip()
+        name = "release" if text == "release" else f"iter_{int(text):07d}"
+    path = load / name
+    if not path.is_dir():
+        raise ConversionError(f"checkpoint {path} is missing (named by {TRACKER})")
+    return path
+
+
+def load_checkpoint_args(ckpt_dir: Path) -> argparse.Namespace:
+    """The training arguments stored in a checkpoint (read with ``weights_only`` unpickling)."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
+    except Exception as exc:  # corrupt or foreign files: say which and why
+        raise ConversionError(f"cannot read checkpoint metadata in {ckpt_dir}: {exc}") from exc
+    args = common.get("args") if isinstance(common, dict) else None
+    if args is None or getattr(args, "num_prelude_layers", None) is None:
+        raise ConversionError(f"{ckpt_dir} was not written by parcae_megatron.train "
+                              "(no Parcae arguments in it)")
+    return args
+
+
+def single_process_config(args: argparse.Namespace):
+    """The ParcaeConfig of ``args`` rebuilt for one process (TP = PP = 1)."""
+    from parcae_megatron.training.arguments import parcae_config_from_args
+
+    args = copy.copy(args)
+    args.tensor_model_parallel_size = 1
+    args.pipeline_model_parallel_size = 1
+    args.sequence_parallel = False
+    args.parcae_pipeline_layout = None
+    args.use_cpu_initialization = True
+    args.perform_initialization = False
+    args.transformer_impl = "local"
+    # GPU-only kernels/recipes of the training run do not change the weights.
+    args.gradient_accumulation_fusion = False
+    args.fp8 = None
+    for name in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
+                 "pipeline_model_parallel_layout", "virtual_pipeline_model_parallel_size"):
+        if hasattr(args, name):
+            setattr(args, name, None)
+    cfg = parcae_config_from_args(args)
+    cfg.perform_initialization = False
+    return cfg
+
+
+def build_model(cfg):
+    """A whole ParcaeModel (embedding to head) on this process, uninitialised."""
+    from parcae_megatron.model import ParcaeModel
+    from parcae_megatron.model.layer_specs import get_parcae_layer_local_spec
+    from parcae_megatron.platform.dist import init_distributed
+
+    _ensure_single_process(init_distributed)
+    return ParcaeModel(cfg, get_parcae_layer_local_spec(), pre_process=True, post_process=True,
+                       dp_rank=0, dp_size=1)
+
+
+def _ensure_single_process(init_distributed) -> None:
+    from megatron.core import parallel_state
+
+    if not (torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()
+            and parallel_state.get_tensor_model_parallel_world_size() == 1
+            and parallel_state.get_pipeline_model_parallel_world_size() == 1):
+        init_distributed(1, 1)
+
+
+def load_megatron_model(load: Path, iteration: int | None = None):
+    """(model, args, checkpoint dir): the full model with the checkpoint's weights."""
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = resolve_checkpoint_dir(load, iteration)
+    args = load_checkpoint_args(ckpt_dir)
+    model = build_model(single_process_config(args))
+    metadata = dist_checkpointing.load_content_metadata(str(ckpt_dir)) or {}
+    sharded = {"model": model.sharded_state_dict(metadata=metadata)}
+    try:
+        loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+    except Exception as exc:
+        raise ConversionError(f"cannot load the model weights from {ckpt_dir}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    model.load_state_dict(loaded["model"], strict=False)
+    return model.eval(), args, ckpt_dir
+
+
+def save_release_checkpoint(model, args: argparse.Namespace, save: Path) -> Path:
+    """Write ``model`` as a release checkpoint under ``save`` (written beside, then renamed)."""
+    from megatron.core import dist_checkpointing
+
+    partial = save.with_name(save.name + ".partial")
+    if partial.exists():
+        import shutil
+
+        shutil.rmtree(partial)
+    (partial / "release").mkdir(parents=True)
+    state = {"model": model.sharded_state_dict(), "args": args, "checkpoint_version": 3.0,
+             "iteration": 0}
+    dist_checkpointing.save(state, str(partial / "release"))
+    (partial / TRACKER).write_text("release")
+    partial.rename(save)
+    return save / "release"
+
+
+def args_for_model(overrides: dict, tensor_parallel: int, pipeline_parallel: int,
+                   tokenizer_model: Path | None, padded_vocab_size: int) -> argparse.Namespace:
+    """A complete Megatron+Parcae argument namespace for a model described by ``overrides``
+    (ParcaeConfig fields), as ``parcae_megatron.train`` would have parsed it."""
+    from megatron.training.arguments import parse_args, validate_args
+
+    from parcae_megatron.platform import cpu_backend
+    from parcae_megatron.training.arguments import add_parcae_args, expand_argv
+
+    cpu = bool(cpu_backend.maybe_activate())
+    if cpu:  # validate_args asks CUDA for the device architecture
+        cpu_backend.patch_megatron_training()
+    flags = {"hidden-size": overrides["hidden_size"],
+             "ffn-hidden-size": overrides["ffn_hidden_size"],
+             "num-attention-heads": overrides["num_attention_heads"],
+             "num-query-groups": overrides["num_query_groups"],
+             "kv-channels": overrides["kv_channels"],
+             "num-prelude-layers": overrides["num_prelude_layers"],
+             "num-recurrent-layers": overrides["num_recurrent_layers"],
+             "num-coda-layers": overrides["num_coda_layers"],
+             "mean-recurrence": overrides["mean_recurrence"],
+             "mean-backprop-depth": overrides["mean_backprop_depth"],
+             "injection-type": overrides["injection_type"],
+             "state-init": overrides["state_init"],
+             "seq-length": overrides["seq_length"],
+             "max-position-embeddings": overrides["seq_length"],
+             "norm-epsilon": overrides["layernorm_epsilon"],
+             "rotary-base": overrides["rotary_base"],
+             "tensor-model-parallel-size": tensor_parallel,
+             "pipeline-model-parallel-size": pipeline_parallel,
+             "micro-batch-size": 1, "ckpt-format": "torch_dist",
+             "transformer-impl": "local", "use-cpu-initialization": True}
+    argv = [item for key, value in flags.items()
+            for item in ([f"--{key}"] if value is True else [f"--{key}", str(value)])]
+    if cpu:
+        argv += ["--no-gradient-accumulation-fusion", "--distributed-backend", "gloo"]
+    if not overrides["prelude_norm"]:
+        argv.append("--no-prelude-norm")
+    if not overrides["value_embeddings"]:
+        argv.append("--no-value-embeddings")
+    if tokenizer_model is not None:
+        argv += ["--tokenizer-type", "SentencePieceTokenizer",
+                 "--tokenizer-model", str(tokenizer_model)]
+    else:
+        argv += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(padded_vocab_size)]
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0], *expand_argv(argv)]
+    try:
+        args = parse_args(add_parcae_args)
+    finally:
+        sys.argv = saved_argv
+    args.world_size = tensor_parallel * pipeline_parallel
+    args.rank = 0
+    with contextlib.redirect_stdout(io.StringIO()):  # validate_args prints every argument
+        validate_args(args)
+    args.padded_vocab_size = padded_vocab_size
+    return args

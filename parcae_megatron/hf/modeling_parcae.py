@@ -1,0 +1,383 @@
+"""Hugging Face modeling code for Parcae looped language models (spec §1, §6).
+
+Self-contained (``torch`` + ``transformers``): copied next to exported weights so
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works offline.
+
+Parameter names follow the authors' checkpoints (``transformer.prelude.0.attn.c_q.weight``, …),
+so their released weights load after at most a RoPE row permutation. Inference:
+
+* the loop count ``num_iterations`` is a per-call argument (default ``config.num_iterations``);
+* the KV cache holds one layer per *executed* attention layer: prelude, every iteration of every
+  recurrent layer, coda (L_P + T·L_R + L_C), so a cache is tied to the T it was built with;
+* h₀ is seedable: with ``state_seed`` it depends only on (seed, position).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_parcae import ParcaeConfig
+
+
+def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """RMS normalisation over the last dim."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable gain (block, prelude and final norms)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise and scale."""
+        return rms_norm(x, self.eps, self.weight)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
+                interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [s, head_dim] for integer ``positions`` [s] (fp32)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
+                                            device=positions.device) / head_dim)
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    freqs = (freqs.repeat_interleave(2, dim=-1) if interleaved
+             else torch.cat((freqs, freqs), dim=-1))
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               interleaved: bool) -> torch.Tensor:
+    """Rotate x [b, heads, s, hd]: adjacent pairs (interleaved) or the two halves."""
+    if interleaved:
+        pairs = x.unflatten(-1, (-1, 2))
+        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype))
+
+
+class Attention(nn.Module):
+    """Causal self-attention with parameter-free QK-norm and an optional gated value embedding."""
+
+    def __init__(self, config: ParcaeConfig, has_value_embedding: bool) -> None:
+        super().__init__()
+        d, hd = config.hidden_size, config.head_dim
+        self.heads, self.kv_heads, self.head_dim = (config.num_attention_heads,
+                                                    config.num_key_value_heads, hd)
+        self.c_q = nn.Linear(d, self.heads * hd, bias=False)
+        self.c_k = nn.Linear(d, self.kv_heads * hd, bias=False)
+        self.c_v = nn.Linear(d, self.kv_heads * hd, bias=False)
+        self.c_proj = nn.Linear(self.heads * hd, d, bias=False)
+        self.gate_channels = config.value_embedding_gate_channels
+        self.ve_gate = (nn.Linear(self.gate_channels, self.kv_heads, bias=False)
+                        if has_value_embedding else None)
+        self.qk_eps = config.qk_norm_eps
+        self.interleaved = config.rope_interleaved
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None, value_embedding: torch.Tensor | None,
+                cache: Cache | None, layer_idx: int) -> torch.Tensor:
+        """x [b, s, d] (already normed) → attention output [b, s, d]."""
+        b, s, _ = x.shape
+        q = self.c_q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(b, s, self.kv_heads, self.head_dim)
+        if self.ve_gate is not None and value_embedding is not None:
+            gate = 2.0 * torch.sigmoid(self.ve_gate(x[..., : self.gate_channels]))
+            v = v + gate.unsqueeze(-1) * value_embedding.view_as(v).to(v.dtype)
+        v = v.transpose(1, 2)
+        # QK-norm (no gain) commutes with RoPE, a per-head rotation.
+        q, k = rms_norm(q, self.qk_eps), rms_norm(k, self.qk_eps)
+        q = apply_rope(q, *rope, self.interleaved)
+        k = apply_rope(k, *rope, self.interleaved)
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1,
+                                                 enable_gqa=self.heads != self.kv_heads)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                 enable_gqa=self.heads != self.kv_heads)
+        return self.c_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    """Ungated MLP with 0.5·ReLU²."""
+
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(hidden, inner, bias=False)
+        self.proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """proj(0.5·relu(fc x)²)."""
+        return self.proj(0.5 * F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block."""
+
+    def __init__(self, config: ParcaeConfig, has_value_embedding: bool) -> None:
+        super().__init__()
+        self.norm_1 = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, has_value_embedding)
+        self.norm_2 = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, rope, mask, value_embedding, cache, layer_idx) -> torch.Tensor:
+        """x + attn(norm x), then + mlp(norm x)."""
+        x = x + self.attn(self.norm_1(x), rope, mask, value_embedding, cache, layer_idx)
+        return x + self.mlp(self.norm_2(x))
+
+
+class Adapter(nn.Module):
+    """The loop injection u = Ā ⊙ h + B̄ e (fp32; spec §1.2)."""
+
+    def __init__(self, config: ParcaeConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.kind = config.injection_type
+        self.min_rate = config.min_decay_rate
+        if self.kind in ("diagonal", "diagonal_exact_zoh"):
+            self.A_log = nn.Parameter(torch.zeros(d))
+            self.dt_bias = nn.Parameter(torch.zeros(d))
+            self.B = nn.Parameter(torch.eye(d))
+        elif self.kind == "concat_linear":
+            self.weight = nn.Parameter(torch.zeros(d, 2 * d))
+
+    def prepare(self, e: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Loop-invariant (Ā, B̄e), computed once per forward in fp32."""
+        e = e.float()
+        if self.kind == "additive":
+            return None, e
+        if self.kind == "concat_linear":
+            d = self.weight.shape[0]
+            return None, F.linear(e, self.weight[:, d:].float())
+        delta = F.softplus(self.dt_bias.float())
+        rate = torch.clamp_min(delta * torch.exp(self.A_log.float()), self.min_rate)
+        gain = delta if self.kind == "diagonal" else -torch.expm1(-rate) / torch.exp(
+            self.A_log.float())
+        return torch.exp(-rate), F.linear(e, self.B.float()) * gain
+
+    def step(self, h: torch.Tensor, decay: torch.Tensor | None,
+             drive: torch.Tensor) -> torch.Tensor:
+        """u from the state h (fp32)."""
+        if self.kind == "concat_linear":
+            d = self.weight.shape[0]
+            return F.linear(h, self.weight[:, :d].float()) + drive
+        return (h if decay is None else decay * h) + drive
+
+
+class ParcaePreTrainedModel(PreTrainedModel):
+    """Weight init and HF plumbing shared by Parcae heads."""
+
+    config_class = ParcaeConfig
+    config: ParcaeConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, Adapter) and hasattr(module, "A_log"):
+            nn.init.zeros_(module.A_log)
+            # Ā₀ = √0.2 with a₀ = 1: Δ₀ = −ln √0.2, dt_bias = softplus⁻¹(Δ₀).
+            delta = -0.5 * torch.log(torch.tensor(0.2))
+            module.dt_bias.fill_(float(delta + torch.log(-torch.expm1(-delta))))
+            nn.init.eye_(module.B)
+
+
+class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
+    """Parcae with a tied LM head: prelude → T × (inject, core) → readout C → coda → head."""
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: ParcaeConfig) -> None:
+        super().__init__(config)
+        d, n_p, n_r = config.hidden_size, config.num_prelude_layers, config.num_recurrent_layers
+
+        def blocks(count: int, first: int) -> nn.ModuleList:
+            return nn.ModuleList(Block(config, config.has_value_embedding(first + i))
+                                 for i in range(count))
+
+        stages = {"wte": nn.Embedding(config.vocab_size, d),
+                  "prelude": blocks(n_p, 0),
+                  "coda": blocks(config.num_coda_layers, n_p + n_r),
+                  "ln_f": RMSNorm(d, config.rms_norm_eps)}
+        if n_r:
+            stages["core_block"] = blocks(n_r, n_p)
+            stages["adapter"] = Adapter(config)
+            stages["C"] = nn.Linear(d, d, bias=False)
+            if config.prelude_norm:
+                stages["ln_prelude"] = RMSNorm(d, config.rms_norm_eps)
+        self.transformer = nn.ModuleDict(stages)
+        table = config.num_key_value_heads * config.head_dim
+        self.value_embeds = nn.ModuleDict({
+            str(n): nn.Embedding(config.vocab_size, table)
+            for n in range(config.num_effective_layers) if config.has_value_embedding(n)})
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        self._state_tables: dict[tuple, torch.Tensor] = {}
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding (tied with the head)."""
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace the token embedding."""
+        self.transformer.wte = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        """The LM head."""
+        return self.lm_head
+
+    # ------------------------------------------------------------------------------------
+    def initial_state(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                      state_seed: int | None) -> torch.Tensor:
+        """h₀ [b, s, d] in fp32 for tokens at ``positions`` [s]."""
+        cfg = self.config
+        b, s = input_ids.shape
+        shape = (b, s, cfg.hidden_size)
+        if cfg.state_init == "zero":
+            return torch.zeros(shape, dtype=torch.float32, device=input_ids.device)
+        std = cfg.state_std
+        if state_seed is None:
+            h = torch.empty(shape, dtype=torch.float32)
+            return nn.init.trunc_normal_(h, std=std, a=-3 * std, b=3 * std).to(input_ids.device)
+        if int(positions.max()) >= cfg.max_position_embeddings:
+            raise ValueError(f"position {int(positions.max())} is beyond "
+                             f"max_position_embeddings={cfg.max_position_embeddings}")
+        key = (state_seed, input_ids.device)
+        if key not in self._state_tables:
+            gen = torch.Generator().manual_seed(state_seed)
+            table = torch.empty(cfg.max_position_embeddings, cfg.hidden_size)
+            nn.init.trunc_normal_(table, std=std, a=-3 * std, b=3 * std, generator=gen)
+            self._state_tables[key] = table.to(input_ids.device)
+        return self._state_tables[key][positions].unsqueeze(0).expand(shape)
+
+    def _value_embedding(self, effective_layer: int, input_ids: torch.Tensor):
+        table = self.value_embeds[str(effective_layer)] if str(effective_layer) in \
+            self.value_embeds else None
+        return None if table is None else table(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        num_iterations: int | None = None,
+        initial_state: torch.Tensor | None = None,
+        state_seed: int | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits [b, s, V] (and the mean next-token loss when ``labels`` are given).
+
+        Args:
+            num_iterations: loop count T for this call (default ``config.num_iterations``).
+            initial_state: h₀ [b, s, d]; overrides ``state_init``/``state_seed``.
+            state_seed: seed of h₀ for this call (default ``config.state_seed``).
+            cache: a ``Cache`` built by an earlier call with the same T.
+        """
+        if "past_key_values" in kwargs:  # transformers < 5.40 name
+            cache = kwargs.pop("past_key_values")
+        cfg = self.config
+        T = cfg.num_iterations if num_iterations is None else int(num_iterations)
+        if cfg.num_recurrent_layers and T < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {T}")
+        use_cache = cfg.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        past = cache.get_seq_length() if cache is not None else 0
+        if cache is not None:
+            self._check_cache(cache, T, past)
+        b, s = input_ids.shape
+        positions = torch.arange(past, past + s, device=input_ids.device)
+        if position_ids is not None and position_ids.shape[0] == 1:
+            positions = position_ids[0]
+        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_interleaved)
+        mask = self._attention_mask(attention_mask, b, s, past, input_ids.device)
+
+        x = self.transformer.wte(input_ids)
+        n_p, n_r = cfg.num_prelude_layers, cfg.num_recurrent_layers
+        layer = 0
+        for i, block in enumerate(self.transformer.prelude):
+            x = block(x, rope, mask, self._value_embedding(i, input_ids), cache, layer)
+            layer += 1
+        if n_r:
+            if initial_state is not None:
+                h = initial_state.float()
+            else:
+                seed = cfg.state_seed if state_seed is None else state_seed
+                h = self.initial_state(input_ids, positions, seed)
+            e = self.transformer.ln_prelude(x) if "ln_prelude" in self.transformer else x
+            decay, drive = self.transformer.adapter.prepare(e)
+            ves = [self._value_embedding(n_p + j, input_ids) for j in range(n_r)]
+            for _ in range(T):
+                u = self.transformer.adapter.step(h, decay, drive).to(x.dtype)
+                for j, block in enumerate(self.transformer.core_block):
+                    u = block(u, rope, mask, ves[j], cache, layer)
+                    layer += 1
+                h = u.float()
+            x = F.linear(h, self.transformer.C.weight.float()).to(x.dtype)
+        for k, block in enumerate(self.transformer.coda):
+            x = block(x, rope, mask, self._value_embedding(n_p + n_r + k, input_ids), cache,
+                      layer)
+            layer += 1
+        x = self.transformer.ln_f(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                   labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+    def _check_cache(self, cache: Cache, T: int, past: int) -> None:
+        needed = self.config.unrolled_layers(T)
+        built_for = getattr(cache, "parcae_num_iterations", None)
+        if past and built_for is not None and built_for != T:
+            raise ValueError(f"this cache was built with num_iterations={built_for}; "
+                             f"call again with the same loop count (got {T})")
+        cache.parcae_num_iterations = T
+        layers = getattr(cache, "layers", None)
+        if layers is not None:  # generate() sizes caches by config.num_hidden_layers
+            while len(layers) < needed:
+                layers.append(DynamicLayer())
+
+    @staticmethod
+    def _attention_mask(attention_mask, b: int, s: int, past: int, device) -> torch.Tensor | None:
+        """Boolean [b, 1, s, past+s] mask (causal and padding), or None for plain causal."""
+        if attention_mask is None and past == 0:
+            return None
+        total = past + s
+        q_pos = torch.arange(past, total, device=device)[:, None]
+        k_pos = torch.arange(total, device=device)[None, :]
+        mask = (k_pos <= q_pos)[None, None].expand(b, 1, s, total)
+        if attention_mask is not None:
+            keep = attention_mask[:, -total:].bool()[:, None, None, :]
+            mask = mask & keep
+            # A fully padded query row would give NaNs: let it attend to itself only.
+            mask = mask | (k_pos == q_pos)[None, None]
+        return mask
