@@ -258,7 +258,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         if cfg.state_init == "zero":
             return torch.zeros(shape, dtype=torch.float32, device=input_ids.device)
         std = cfg.state_std
-        if state_seed is None:
+        if state_seed is None or state_seed < 0:
             h = torch.empty(shape, dtype=torch.float32)
             return nn.init.trunc_normal_(h, std=std, a=-3 * std, b=3 * std).to(input_ids.device)
         if int(positions.max()) >= cfg.max_position_embeddings:
@@ -296,7 +296,8 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         Args:
             num_iterations: loop count T for this call (default ``config.num_iterations``).
             initial_state: h₀ [b, s, d]; overrides ``state_init``/``state_seed``.
-            state_seed: seed of h₀ for this call (default ``config.state_seed``).
+            state_seed: seed of h₀ for this call (default ``config.state_seed``); a negative
+                seed draws a fresh h₀ from the global RNG, as the authors' code does.
             cache: a ``Cache`` built by an earlier call with the same T.
         """
         if "past_key_values" in kwargs:  # transformers < 5.40 name
