@@ -44,13 +44,13 @@ class RMSNorm(nn.Module):
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
                 interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [s, head_dim] for integer ``positions`` [s] (fp32)."""
+    """cos/sin [b, 1, s, head_dim] for integer ``positions`` [b, s] (fp32)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
                                             device=positions.device) / head_dim)
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+    freqs = positions.float()[..., None] * inv_freq
     freqs = (freqs.repeat_interleave(2, dim=-1) if interleaved
              else torch.cat((freqs, freqs), dim=-1))
-    return freqs.cos(), freqs.sin()
+    return freqs.cos().unsqueeze(1), freqs.sin().unsqueeze(1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -62,7 +62,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     else:
         x1, x2 = x.chunk(2, dim=-1)
         rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype))
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -251,7 +251,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------------------------
     def initial_state(self, input_ids: torch.Tensor, positions: torch.Tensor,
                       state_seed: int | None) -> torch.Tensor:
-        """h₀ [b, s, d] in fp32 for tokens at ``positions`` [s]."""
+        """h₀ [b, s, d] in fp32 for tokens at ``positions`` [b, s]."""
         cfg = self.config
         b, s = input_ids.shape
         shape = (b, s, cfg.hidden_size)
@@ -270,7 +270,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
             table = torch.empty(cfg.max_position_embeddings, cfg.hidden_size)
             nn.init.trunc_normal_(table, std=std, a=-3 * std, b=3 * std, generator=gen)
             self._state_tables[key] = table.to(input_ids.device)
-        return self._state_tables[key][positions].unsqueeze(0).expand(shape)
+        return self._state_tables[key][positions]
 
     def _value_embedding(self, effective_layer: int, input_ids: torch.Tensor):
         table = self.value_embeds[str(effective_layer)] if str(effective_layer) in \
@@ -313,9 +313,9 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         if cache is not None:
             self._check_cache(cache, T, past)
         b, s = input_ids.shape
-        positions = torch.arange(past, past + s, device=input_ids.device)
-        if position_ids is not None and position_ids.shape[0] == 1:
-            positions = position_ids[0]
+        if position_ids is None:  # left-padded batches come with their own position ids
+            position_ids = torch.arange(past, past + s, device=input_ids.device)[None]
+        positions = position_ids.clamp_min(0).expand(b, s)
         rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_interleaved)
         mask = self._attention_mask(attention_mask, b, s, past, input_ids.device)
 
