@@ -38,8 +38,11 @@ def main() -> None:
     from megatron.core import dist_checkpointing
     from safetensors.torch import save_file
 
-    from parcae_megatron.convert.megatron_ckpt import args_for_model, build_model, \
-        single_process_config
+    from parcae_megatron.convert.megatron_ckpt import (
+        args_for_model,
+        build_model,
+        single_process_config,
+    )
     from parcae_megatron.convert.megatron_hf import from_hf, to_hf
     from parcae_megatron.model.presets import PRESETS
 

@@ -48,10 +48,9 @@ def _hf(path: Path):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_hf_logits_equal_megatron(layout, checkpoints, hf_dirs, megatron_single):
-    from parcae_megatron.convert.megatron_ckpt import load_megatron_model
-
     from parcae_megatron.convert.hf_io import build_hf_model
     from parcae_megatron.convert.mapping import megatron_to_hf_state
+    from parcae_megatron.convert.megatron_ckpt import load_megatron_model
     from tests.conftest import perturb_
 
     megatron, _, _ = load_megatron_model(checkpoints[layout])

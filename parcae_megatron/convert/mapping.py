@@ -12,8 +12,7 @@ import torch
 
 from parcae_megatron.convert.errors import ConversionError
 from parcae_megatron.hf.configuration_parcae import ParcaeConfig as HFConfig
-from parcae_megatron.model.config import ParcaeConfig
-from parcae_megatron.model.config import half_squared_relu
+from parcae_megatron.model.config import ParcaeConfig, half_squared_relu
 
 STAGES = (("prelude", "prelude"), ("core", "core_block"), ("coda", "coda"))
 """(Megatron block attribute, HF ModuleDict name)."""
