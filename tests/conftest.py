@@ -21,3 +21,19 @@ def perturb_(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> None
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * scale)
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """The README's main job at its default length (300 steps), run once per session and
+    shared by the quickstart, conversion and evaluation tests: (run dir, stdout)."""
+    import subprocess
+    import sys
+
+    from tests.distributed import ROOT
+
+    run_dir = tmp_path_factory.mktemp("quickstart") / "qs"
+    proc = subprocess.run([sys.executable, "-m", "parcae_megatron.quickstart", "--run-dir",
+                           str(run_dir)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return run_dir, proc.stdout

@@ -2,6 +2,8 @@
 
     python -m parcae_megatron.convert to-hf --load runs/x/checkpoints --out hf/x
     python -m parcae_megatron.convert from-hf --hf hf/x --save ckpt/x --tensor-parallel 2
+    python -m parcae_megatron.convert official-import path/to/release --out hf/release
+    python -m parcae_megatron.convert official-export hf/x --out official/x
 """
 
 from __future__ import annotations
@@ -36,12 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="TP size recorded for training (the checkpoint loads at any)")
     from_hf.add_argument("--pipeline-parallel", type=int, default=1)
     from_hf.add_argument("--overwrite", action="store_true", help="replace an existing --save")
+    from parcae_megatron.convert.official import add_official_subcommands
+
+    add_official_subcommands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; 2 on bad input with a one-line reason."""
     args = build_parser().parse_args(argv)
+    if hasattr(args, "handler"):  # official-import / official-export
+        return args.handler(args)
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # conversion is CPU work
     from parcae_megatron.convert.megatron_hf import from_hf, to_hf
 

@@ -194,8 +194,13 @@ def _require(raw: dict, key: str):
 
 
 def hf_config_from_official(raw: dict, *, rope_interleaved: bool = True,
-                            state_seed: int | None = 0) -> ParcaeConfig:
-    """Our HF config for the authors' ``config.json`` dict; rejects what we cannot run exactly."""
+                            state_seed: int | None = 0,
+                            qk_norm_eps: float = FP32_EPS) -> ParcaeConfig:
+    """Our HF config for the authors' ``config.json`` dict; rejects what we cannot run exactly.
+
+    ``qk_norm_eps`` defaults to the authors' value (fp32 machine epsilon); Megatron's QK-norm
+    uses the block norms' eps, so pass ``norm_eps`` (1e-5) for a model headed to Megatron.
+    """
     if raw.get("_class_name", CLASS_NAME) != CLASS_NAME:
         raise OfficialFormatError(f"config.json: _class_name is {raw['_class_name']!r}, "
                                   f"expected {CLASS_NAME!r} (not a Parcae checkpoint)")
@@ -236,7 +241,7 @@ def hf_config_from_official(raw: dict, *, rope_interleaved: bool = True,
         prelude_norm=bool(raw.get("prelude_norm", True)), state_init="like-init",
         state_seed=state_seed, value_embeddings=True,
         value_embedding_gate_channels=GATE_CHANNELS,
-        rms_norm_eps=float(raw.get("norm_eps", 1e-5)), qk_norm_eps=FP32_EPS,
+        rms_norm_eps=float(raw.get("norm_eps", 1e-5)), qk_norm_eps=qk_norm_eps,
         rope_theta=float(rope.get("rope_base", 50000.0)), rope_interleaved=rope_interleaved,
         max_position_embeddings=int(_require(raw, "block_size")), tie_word_embeddings=True)
 
@@ -349,13 +354,14 @@ def _publish(tmp: Path, out: Path) -> None:
 
 # -- import / export ---------------------------------------------------------------------------
 def official_to_hf_model(path: str | os.PathLike, *, rope: str = "interleaved",
-                         state_seed: int | None = 0) -> ParcaeForCausalLM:
+                         state_seed: int | None = 0,
+                         qk_norm_eps: float = FP32_EPS) -> ParcaeForCausalLM:
     """Build our ``ParcaeForCausalLM`` from an authors' checkpoint (strictly checked)."""
     if rope not in ("interleaved", "rotate-half"):
         raise ValueError(f"rope must be 'interleaved' or 'rotate-half', got {rope!r}")
     raw, state = load_official(path)
     cfg = hf_config_from_official(raw, rope_interleaved=rope == "interleaved",
-                                  state_seed=state_seed)
+                                  state_seed=state_seed, qk_norm_eps=qk_norm_eps)
     wte, head = state.get("transformer.wte.weight"), state.pop("lm_head.weight", None)
     if wte is None and head is not None:
         state["transformer.wte.weight"] = wte = head
@@ -392,12 +398,13 @@ def official_to_hf_model(path: str | os.PathLike, *, rope: str = "interleaved",
 
 def import_official(path: str | os.PathLike, out_dir: str | os.PathLike, *,
                     overwrite: bool = False, rope: str = "interleaved",
-                    state_seed: int | None = 0, tokenizer_model: str | None = None) -> Path:
+                    state_seed: int | None = 0, tokenizer_model: str | None = None,
+                    qk_norm_eps: float = FP32_EPS) -> Path:
     """Convert an authors' checkpoint (dir or weights file) into an HF directory ``out_dir``."""
     out = _prepare_out(out_dir, overwrite)  # fail before the (slow) load
     if tokenizer_model and not Path(tokenizer_model).is_file():
         raise FileNotFoundError(f"tokenizer model not found: {tokenizer_model}")
-    model = official_to_hf_model(path, rope=rope, state_seed=state_seed)
+    model = official_to_hf_model(path, rope=rope, state_seed=state_seed, qk_norm_eps=qk_norm_eps)
     return write_hf_dir(model, out, Path(tokenizer_model) if tokenizer_model else None,
                         overwrite=True)
 
@@ -467,6 +474,9 @@ def add_official_subcommands(subparsers: argparse._SubParsersAction) -> None:
                      help="seed of the initial state h0 in the exported config; 'none' draws a "
                           "fresh h0 every forward like the authors (default 0)")
     imp.add_argument("--tokenizer", help="SentencePiece .model to export with the model")
+    imp.add_argument("--qk-norm-eps", type=float, default=FP32_EPS,
+                     help="QK-norm epsilon (default: the authors' fp32 machine epsilon; use "
+                          "1e-5 if the model goes on to Megatron with from-hf)")
     imp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     imp.set_defaults(handler=cmd_official_import)
     exp = subparsers.add_parser("official-export",
@@ -492,7 +502,8 @@ def _run(fn, *args, **kwargs) -> int:
 def cmd_official_import(args: argparse.Namespace) -> int:
     """Handler of ``official-import``."""
     return _run(import_official, args.checkpoint, args.out, overwrite=args.overwrite,
-                rope=args.rope, state_seed=args.state_seed, tokenizer_model=args.tokenizer)
+                rope=args.rope, state_seed=args.state_seed, tokenizer_model=args.tokenizer,
+                qk_norm_eps=args.qk_norm_eps)
 
 
 def cmd_official_export(args: argparse.Namespace) -> int:

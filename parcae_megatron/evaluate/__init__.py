@@ -1,0 +1,23 @@
+"""Evaluate a Parcae model at several loop counts: loss, perplexity, bits per byte and the
+test-time law L(T) = L∞ + Z·exp(−z·T) (spec §5.3). CLI: ``python -m parcae_megatron.evaluate``.
+
+Programmatic use with a model object::
+
+    from parcae_megatron.evaluate import build_windows, evaluate
+    windows = build_windows(512, text_files=["valid.jsonl"], tokenizer=tok, max_tokens=65536)
+    report = evaluate(model, windows, iterations=[1, 2, 4, 8], seeds=[0, 1, 2], tokenizer=tok)
+"""
+
+from parcae_megatron.evaluate.report import fit_loop_curve, format_table, plot, write_json
+from parcae_megatron.evaluate.runner import (
+    build_windows,
+    evaluate,
+    load_hf_model,
+    load_megatron_model,
+    load_tokenizer,
+)
+from parcae_megatron.evaluate.scoring import default_loop_counts, score
+
+__all__ = ["build_windows", "default_loop_counts", "evaluate", "fit_loop_curve", "format_table",
+           "load_hf_model", "load_megatron_model", "load_tokenizer", "plot", "score",
+           "write_json"]

@@ -1,0 +1,111 @@
+"""``python -m parcae_megatron.evaluate``: loss / perplexity / bits per byte vs loop count T.
+
+Scores a held-out token stream at each T (default 1, 2, 4, …, 2·μ_rec) and seed of the initial
+state, fits L(T) = L∞ + Z·exp(−z·T) (spec §5.3), prints a table and writes JSON and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m parcae_megatron.evaluate",
+        description="Validation loss, perplexity and bits per byte of a Parcae model at "
+                    "several loop counts T and initial-state seeds, with the test-time law fit "
+                    "L(T) = L_inf + Z*exp(-z*T).",
+        epilog="example: python -m parcae_megatron.evaluate --hf exports/tiny --text "
+               "data/valid.jsonl --seq-length 128 --seeds 0 1 2 --out eval.json --plot eval.png")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf", metavar="DIR", help="Hugging Face export directory (safetensors)")
+    src.add_argument("--load", metavar="CKPT", help="Megatron checkpoint directory")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data-prefix", metavar="PREFIX",
+                      help="Megatron indexed dataset (PREFIX.bin / PREFIX.idx)")
+    data.add_argument("--text", nargs="+", metavar="FILE",
+                      help=".txt (one document per file) or .jsonl (one per line) files, "
+                           "optionally .gz; tokenized as <|bos|> text <|eos|>")
+    p.add_argument("--text-key", default="text", help="JSON field with the text (default text)")
+    p.add_argument("--tokenizer", metavar="MODEL",
+                   help="SentencePiece .model (default: tokenizer.model of the HF directory); "
+                        "needed for --text and for bits per byte")
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="tokens per window (default: the model's max_position_embeddings)")
+    p.add_argument("--max-tokens", type=int, default=65536,
+                   help="score at most this many tokens (default %(default)s; 0 = all)")
+    p.add_argument("--max-sequences", type=int, default=None, help="score at most N windows")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward (default 4)")
+    p.add_argument("--iterations", type=int, nargs="+", metavar="T",
+                   help="loop counts (default 1 2 4 ... 2*mu_rec, with mu_rec)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="initial-state seeds; results are mean ± std over them (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if "
+                                                   "available)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--out", metavar="JSON", help="write the report here")
+    p.add_argument("--plot", metavar="PNG", help="write loss vs T with the fit here")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --out/--plot")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    for path in (args.out, args.plot):
+        if path and os.path.exists(path) and not args.overwrite:
+            print(f"error: {path} already exists; pass --overwrite to replace it",
+                  file=sys.stderr)
+            return 2
+    try:
+        return _run(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from parcae_megatron.evaluate.report import format_table, plot, write_json
+    from parcae_megatron.evaluate.runner import (
+        build_windows,
+        evaluate,
+        load_hf_model,
+        load_megatron_model,
+        load_tokenizer,
+        parse_dtype,
+    )
+
+    dtype = parse_dtype(args.dtype)
+    if args.hf:
+        model, tokenizer = load_hf_model(args.hf)
+    else:
+        model, tokenizer = load_megatron_model(args.load)
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    seq_length = args.seq_length or model.config.max_position_embeddings
+    windows = build_windows(seq_length, data_prefix=args.data_prefix, text_files=args.text,
+                            tokenizer=tokenizer, max_tokens=args.max_tokens or None,
+                            max_sequences=args.max_sequences, text_key=args.text_key)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    report = evaluate(model, windows, iterations=args.iterations, seeds=args.seeds,
+                      batch_size=args.batch_size, tokenizer=tokenizer, device=device,
+                      dtype=dtype, progress=not args.quiet,
+                      model_name=os.path.basename(os.path.normpath(args.hf or args.load)))
+    print(format_table(report))
+    if args.out:
+        write_json(report, args.out)
+        print(f"wrote {args.out}")
+    if args.plot:
+        plot(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Load a model and its tokenizer, build the evaluation data, score, fit, report."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from parcae_megatron.evaluate.data import (
+    TokenWindows,
+    indexed_token_stream,
+    make_windows,
+    text_token_stream,
+    token_byte_lengths,
+)
+from parcae_megatron.evaluate.report import fit_loop_curve
+from parcae_megatron.evaluate.scoring import default_loop_counts, score
+
+
+def load_tokenizer(path: str):
+    """A ``ParcaeTokenizer`` from a SentencePiece ``.model`` file or an HF directory holding
+    ``tokenizer.model`` (our own class: no remote code runs)."""
+    from parcae_megatron.hf.tokenization_parcae import ParcaeTokenizer
+
+    model_file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
+    if not os.path.isfile(model_file):
+        raise FileNotFoundError(f"tokenizer model not found: {model_file}")
+    return ParcaeTokenizer(vocab_file=model_file)
+
+
+def load_hf_model(hf_dir: str):
+    """(model, tokenizer or None) from one of our HF exports (safetensors only)."""
+    from parcae_megatron.convert.official import load_hf
+
+    model = load_hf(hf_dir)
+    has_tok = os.path.isfile(os.path.join(hf_dir, "tokenizer.model"))
+    return model, (load_tokenizer(hf_dir) if has_tok else None)
+
+
+def load_megatron_model(load_dir: str):
+    """(model, tokenizer or None) from a Megatron checkpoint directory via the converter
+    (``--load``; the tokenizer is the run's ``--tokenizer-model`` when it still exists)."""
+    from parcae_megatron.convert.megatron_hf import megatron_to_hf_model
+
+    model, tokenizer_model, *_ = megatron_to_hf_model(Path(load_dir))
+    return model.eval(), (load_tokenizer(str(tokenizer_model)) if tokenizer_model else None)
+
+
+def build_windows(seq_length: int, *, data_prefix: str | None = None,
+                  text_files: list[str] | None = None, tokenizer=None,
+                  max_tokens: int | None = None, max_sequences: int | None = None,
+                  text_key: str = "text") -> TokenWindows:
+    """Windows from an indexed dataset or text files (which need ``tokenizer``)."""
+    if (data_prefix is None) == (not text_files):
+        raise ValueError("give exactly one of an indexed dataset prefix and text files")
+    cap = max_tokens
+    if max_sequences is not None:
+        cap = min(cap or max_sequences * seq_length, max_sequences * seq_length)
+    if data_prefix is not None:
+        stream, docs = indexed_token_stream(data_prefix, cap)
+        source = f"indexed:{data_prefix}"
+    else:
+        if tokenizer is None:
+            raise ValueError("text inputs need a tokenizer (tokenizer.model in the HF "
+                             "directory, or --tokenizer)")
+        stream, docs = text_token_stream(text_files, tokenizer, cap, text_key)
+        source = "text:" + ",".join(text_files)
+    return TokenWindows(make_windows(stream, seq_length, max_tokens, max_sequences), source,
+                        docs)
+
+
+def evaluate(model, windows: TokenWindows, *, iterations: list[int] | None = None,
+             seeds: list[int] = (0,), batch_size: int = 4, tokenizer=None,
+             device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+             progress: bool = True, model_name: str = "model") -> dict:
+    """Score ``windows`` at each loop count and seed, fit L(T); return the report dict.
+
+    ``model`` is a ``ParcaeForCausalLM`` (moved to ``device``/``dtype`` if given); ``tokenizer``
+    enables bits per byte. ``iterations`` defaults to 1, 2, 4, …, 2·μ_rec.
+    """
+    cfg = model.config
+    mu = int(cfg.mean_recurrence)
+    iterations = sorted(set(iterations or default_loop_counts(mu)))
+    if iterations[0] < 1:
+        raise ValueError("loop counts must be >= 1")
+    longest = max(len(w) for w in windows.windows) - 1
+    if longest > cfg.max_position_embeddings:
+        raise ValueError(f"seq_length {longest} exceeds the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
+    if int(max(w.max() for w in windows.windows)) >= cfg.vocab_size:
+        raise ValueError(f"token ids reach beyond the model's vocabulary ({cfg.vocab_size}); "
+                         f"wrong dataset or tokenizer?")
+    if device is not None or dtype is not None:
+        model = model.to(device=device, dtype=dtype)
+    model.eval()
+    byte_lengths = (token_byte_lengths(tokenizer, cfg.vocab_size)
+                    if tokenizer is not None else None)
+    start = time.time()
+    rows = score(model, windows.windows, iterations, list(seeds), batch_size, byte_lengths,
+                 progress)
+    return {
+        "model": model_name,
+        "data": {"source": windows.source, "documents": windows.documents,
+                 "sequences": len(windows.windows),
+                 "seq_length": int(max(len(w) for w in windows.windows) - 1),
+                 "tokens_scored": windows.targets},
+        "mean_recurrence": mu,
+        "seeds": rows[0]["seeds"],
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "device": str(next(model.parameters()).device),
+        "loss_definition": "mean next-token NLL in nats over all targets (Megatron's lm loss)",
+        "bpb_definition": ("NLL over non-special targets / (ln 2 x their UTF-8 bytes)"
+                           if byte_lengths is not None else "unavailable: no tokenizer"),
+        "results": rows,
+        "fit": fit_loop_curve([r["T"] for r in rows], [r["loss"] for r in rows], mu),
+        "elapsed_s": round(time.time() - start, 3),
+        "tokens_per_s": round(windows.targets * len(iterations) * len(rows[0]["seeds"])
+                              / max(time.time() - start, 1e-9), 1),
+    }
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``float32`` / ``bfloat16`` / ``float16`` → torch dtype."""
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
+    return table[name]
+

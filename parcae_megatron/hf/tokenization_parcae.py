@@ -1,0 +1,138 @@
+"""Hugging Face tokenizer for Parcae exports: our SentencePiece model behind ``transformers``.
+
+Self-contained (imports only ``transformers`` and ``sentencepiece``): ``save_pretrained`` copies
+this file next to ``tokenizer.model`` so ``AutoTokenizer.from_pretrained(dir,
+trust_remote_code=True)`` works offline.
+
+Ids equal ``data_prep.tokenizer.SentencePieceTokenizer.tokenize`` exactly: the text goes to
+SentencePiece untouched (identity normalisation, no dummy prefix) and literal ``<|eos|>`` text is
+*not* turned into the control id (``split_special_tokens=True``), as in ``data_prep``.
+``data_prep.preprocess`` writes every document as ``<|bos|> text <|eos|>``, so by default a
+sequence gets a leading ``<|bos|>`` (``add_bos_token=True``): a scored prompt then starts like a
+training document. ``encode(text, add_special_tokens=False)`` gives the bare ids.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import sentencepiece as spm
+from transformers import PreTrainedTokenizer
+
+VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
+
+
+class ParcaeTokenizer(PreTrainedTokenizer):
+    """Byte-fallback BPE SentencePiece tokenizer (``<|bos|>`` 1, ``<|eos|>`` 2, ``<|pad|>`` 3)."""
+
+    vocab_files_names = VOCAB_FILES_NAMES
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(self, vocab_file: str | os.PathLike, bos_token: str = "<|bos|>",
+                 eos_token: str = "<|eos|>", pad_token: str = "<|pad|>", unk_token: str = "<unk>",
+                 add_bos_token: bool = True, add_eos_token: bool = False, **kwargs) -> None:
+        self.vocab_file = vocab_file = os.fspath(vocab_file)
+        self.sp_model = spm.SentencePieceProcessor(model_file=vocab_file)
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+        kwargs.setdefault("split_special_tokens", True)
+        kwargs.setdefault("clean_up_tokenization_spaces", False)
+        super().__init__(bos_token=bos_token, eos_token=eos_token, pad_token=pad_token,
+                         unk_token=unk_token, **kwargs)
+
+    # -- vocabulary --------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of SentencePiece pieces (specials and byte pieces included)."""
+        return self.sp_model.get_piece_size()
+
+    def get_vocab(self) -> dict[str, int]:
+        """Piece → id for every piece."""
+        return {self.sp_model.id_to_piece(i): i for i in range(self.vocab_size)}
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        return self.sp_model.encode(text, out_type=str)
+
+    def _convert_token_to_id(self, token: str) -> int:
+        return self.sp_model.piece_to_id(token)
+
+    def _convert_id_to_token(self, index: int) -> str:
+        return self.sp_model.id_to_piece(int(index))
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        """Join pieces with SentencePiece's own decoder (byte pieces become UTF-8 again)."""
+        return self.sp_model.decode_pieces(tokens)
+
+    def _decode(self, token_ids, skip_special_tokens: bool = False,
+                clean_up_tokenization_spaces: bool | None = None, **kwargs) -> str:
+        """Decode runs of ordinary ids with SentencePiece; specials become their text.
+
+        SentencePiece decodes control ids to nothing, but callers such as lm-eval compare
+        ``decode([bos_id])`` with a prompt prefix, so they are spelled out unless skipped.
+        """
+        ids = [int(token_ids)] if isinstance(token_ids, int) else [int(i) for i in token_ids]
+        special = set(self.all_special_ids)
+        out, run = [], []
+        for i in ids:
+            if i in special:
+                out.append(self.sp_model.decode(run))
+                run = []
+                if not skip_special_tokens:
+                    out.append(self.convert_ids_to_tokens(i))
+            else:
+                run.append(i)
+        out.append(self.sp_model.decode(run))
+        text = "".join(out)
+        if clean_up_tokenization_spaces:
+            text = self.clean_up_tokenization(text)
+        return text
+
+    # -- special tokens around a sequence -----------------------------------------------------
+    def build_inputs_with_special_tokens(self, token_ids_0: list[int],
+                                         token_ids_1: list[int] | None = None) -> list[int]:
+        """``<|bos|>``? ids ``<|eos|>``? (and the same for a second sequence)."""
+        bos = [self.bos_token_id] if self.add_bos_token else []
+        eos = [self.eos_token_id] if self.add_eos_token else []
+        out = bos + token_ids_0 + eos
+        return out if token_ids_1 is None else out + bos + token_ids_1 + eos
+
+    def get_special_tokens_mask(self, token_ids_0: list[int], token_ids_1: list[int] | None = None,
+                                already_has_special_tokens: bool = False) -> list[int]:
+        """1 where ``build_inputs_with_special_tokens`` adds a token."""
+        if already_has_special_tokens:
+            return super().get_special_tokens_mask(token_ids_0, token_ids_1, True)
+        bos, eos = [1] * self.add_bos_token, [1] * self.add_eos_token
+        mask = bos + [0] * len(token_ids_0) + eos
+        return mask if token_ids_1 is None else mask + bos + [0] * len(token_ids_1) + eos
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        """Tokens ``build_inputs_with_special_tokens`` adds."""
+        return (1 + pair) * (int(self.add_bos_token) + int(self.add_eos_token))
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None
+                        ) -> tuple[str]:
+        """Write ``tokenizer.model`` (the SentencePiece model bytes) into ``save_directory``."""
+        name = (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"]
+        out = os.path.join(save_directory, name)
+        if os.path.abspath(self.vocab_file) != os.path.abspath(out):
+            if os.path.isfile(self.vocab_file):
+                shutil.copyfile(self.vocab_file, out)
+            else:
+                with open(out, "wb") as f:
+                    f.write(self.sp_model.serialized_model_proto())
+        return (out,)
+
+
+ParcaeTokenizer.register_for_auto_class("AutoTokenizer")
+
+
+def save_tokenizer(sp_model_path: str | os.PathLike, out_dir: str | os.PathLike,
+                   **kwargs) -> ParcaeTokenizer:
+    """Write ``tokenizer.model``, ``tokenizer_config.json`` (with ``auto_map``) and this file
+    into ``out_dir``; return the tokenizer. ``kwargs`` go to ``ParcaeTokenizer``."""
+    if not os.path.isfile(sp_model_path):
+        raise FileNotFoundError(f"SentencePiece model not found: {sp_model_path}")
+    tok = ParcaeTokenizer(vocab_file=os.fspath(sp_model_path), **kwargs)
+    tok.save_pretrained(os.fspath(out_dir))
+    return tok

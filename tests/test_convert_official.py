@@ -1,0 +1,242 @@
+"""The authors' checkpoint format (parcae_megatron.convert.official): export → import is
+bit-exact, the files follow the documented layout, logits are preserved, bad input fails
+clearly."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from parcae_megatron.convert.official import (
+    FP32_EPS,
+    OfficialFormatError,
+    add_official_subcommands,
+    check_value_embedding_rules,
+    export_official,
+    freqs_cis,
+    import_official,
+)
+from parcae_megatron.hf.configuration_parcae import ParcaeConfig
+from parcae_megatron.hf.modeling_parcae import ParcaeForCausalLM
+
+
+class Payload:
+    """An arbitrary class: a weights_only load must refuse to rebuild it."""
+
+
+METADATA = {"architectures", "_name_or_path", "dtype", "auto_map", "transformers_version"}
+
+
+def tiny_config(**overrides) -> ParcaeConfig:
+    """Even stages, value embeddings on, settings the authors' format can express."""
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                head_dim=32, num_prelude_layers=2, num_recurrent_layers=2, num_coda_layers=2,
+                mean_recurrence=3, mean_backprop_depth=2, max_position_embeddings=32,
+                rope_interleaved=True, qk_norm_eps=FP32_EPS, state_seed=0)
+    return ParcaeConfig(**{**base, **overrides})
+
+
+def random_model(seed: int = 0, **overrides) -> ParcaeForCausalLM:
+    torch.manual_seed(seed)
+    model = ParcaeForCausalLM(tiny_config(**overrides)).eval()
+    with torch.no_grad():  # move norms/adapter off their init values so every tensor matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def config_fields(model: ParcaeForCausalLM) -> dict:
+    return {k: v for k, v in model.config.to_dict().items() if k not in METADATA}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("official")
+    model = random_model()
+    export_official(model, d / "official")
+    import_official(d / "official", d / "hf")
+    return model, d
+
+
+def test_export_import_is_bit_exact(exported):
+    model, d = exported
+    back = ParcaeForCausalLM.from_pretrained(d / "hf").eval()
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert config_fields(back) == config_fields(model)
+    assert back.config.rope_interleaved and back.config.mean_backprop_depth == 2
+
+
+def test_files_follow_the_authors_layout(exported):
+    model, d = exported
+    cfg = json.loads((d / "official" / "config.json").read_text())
+    assert cfg["_class_name"] == "ParcaeConfig"
+    assert (cfg["n_embd"], cfg["n_layers_in_recurrent_block"], cfg["mean_recurrence"],
+            cfg["mean_backprop_depth"], cfg["block_size"]) == (64, 2, 3, 2, 32)
+    assert cfg["injection_type"] == "diagonal" and cfg["rope_settings"]["rope_base"] == 50000
+    state = torch.load(d / "official" / "pytorch_model.bin", weights_only=True)
+    keys = list(state)
+    assert keys[0] == "freqs_cis" and keys[1] == "transformer.wte.weight"
+    assert keys[-1] == "lm_head.weight"
+    assert [k for k in keys if k.startswith("value_embeds.")] == [
+        "value_embeds.1.weight", "value_embeds.3.weight", "value_embeds.5.weight"]
+    assert keys.index("transformer.adapter.A_log") < keys.index("transformer.core_block.0."
+                                                                "norm_1.weight")
+    gates = sorted(k for k in keys if k.endswith("ve_gate.weight"))
+    assert gates == [f"transformer.{s}.1.attn.ve_gate.weight"
+                     for s in ("coda", "core_block", "prelude")]
+    assert state["transformer.prelude.1.attn.ve_gate.weight"].shape == (2, 32)
+    assert state["freqs_cis"].shape == (1, 32, 1, 16, 2)
+    angle = 5 * 50000 ** (-2 * 3 / 32)  # position 5, frequency 3
+    assert state["freqs_cis"][0, 5, 0, 3].tolist() == pytest.approx(
+        [torch.cos(torch.tensor(angle)).item(), torch.sin(torch.tensor(angle)).item()], abs=1e-6)
+    # The tied head is one storage, as torch.save of the authors' model writes it.
+    assert state["lm_head.weight"].data_ptr() == state["transformer.wte.weight"].data_ptr()
+    assert len(keys) == 9 + 8 * 6 + 3 + 3
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_imported_logits_equal_original(exported, iterations):
+    model, d = exported
+    back = ParcaeForCausalLM.from_pretrained(d / "hf").eval()
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+    h0 = torch.randn(2, 20, 64, generator=torch.Generator().manual_seed(2)) * 0.02
+    with torch.no_grad():
+        want = model(ids, num_iterations=iterations, initial_state=h0, use_cache=False).logits
+        got = back(ids, num_iterations=iterations, initial_state=h0, use_cache=False).logits
+    assert torch.equal(want, got)
+
+
+def test_rotate_half_models_convert_exactly(tmp_path):
+    """A Megatron-convention (rotate-half) model: export permutes c_q/c_k rows to the
+    authors' interleaved order; importing back either way preserves the function."""
+    model = random_model(seed=3, rope_interleaved=False)
+    export_official(model, tmp_path / "official")
+    import_official(tmp_path / "official", tmp_path / "rh", rope="rotate-half")
+    import_official(tmp_path / "official", tmp_path / "il")
+    rh = ParcaeForCausalLM.from_pretrained(tmp_path / "rh").eval()
+    il = ParcaeForCausalLM.from_pretrained(tmp_path / "il").eval()
+    assert all(torch.equal(v, rh.state_dict()[k]) for k, v in model.state_dict().items())
+    assert not torch.equal(il.transformer.prelude[0].attn.c_q.weight,
+                           model.transformer.prelude[0].attn.c_q.weight)
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(ids, num_iterations=2, use_cache=False).logits
+        got = il(ids, num_iterations=2, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _edit_checkpoint(src: Path, dst: Path, edit) -> Path:
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    state = torch.load(src / "pytorch_model.bin", weights_only=True)
+    torch.save(edit(dict(state)), dst / "pytorch_model.bin")
+    return dst
+
+
+def test_wrapper_prefixes_and_safetensors_are_accepted(exported, tmp_path):
+    model, d = exported
+    src = d / "official"
+    prefixed = _edit_checkpoint(src, tmp_path / "prefixed", lambda s: {
+        f"_orig_mod.module.{k}": v.clone() for k, v in s.items()})
+    import_official(prefixed, tmp_path / "hf1")
+    from safetensors.torch import save_file
+
+    st_dir = tmp_path / "st"
+    st_dir.mkdir()
+    (st_dir / "config.json").write_text((src / "config.json").read_text())
+    state = torch.load(src / "pytorch_model.bin", weights_only=True)
+    save_file({k: v.clone() for k, v in state.items()}, str(st_dir / "model.safetensors"))
+    import_official(st_dir / "model.safetensors", tmp_path / "hf2")
+    for out in ("hf1", "hf2"):
+        back = ParcaeForCausalLM.from_pretrained(tmp_path / out)
+        assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: {k: v for k, v in s.items() if k != "transformer.C.weight"},
+     "missing keys: transformer.C.weight"),
+    (lambda s: {**s, "transformer.extra.weight": torch.zeros(2)},
+     "unexpected keys: transformer.extra.weight"),
+    (lambda s: {**s, "transformer.coda.0.mlp.fc.weight": torch.zeros(64, 64)},
+     "shape mismatch: transformer.coda.0.mlp.fc.weight: file (64, 64), config (128, 64)"),
+    (lambda s: {**s, "lm_head.weight": s["lm_head.weight"] + 1},
+     "lm_head.weight differs from transformer.wte.weight"),
+    (lambda s: {**s, "freqs_cis": freqs_cis(32, 32, 10000.0)}, "freqs_cis differs"),
+])
+def test_bad_weights_fail_clearly(exported, tmp_path, edit, message):
+    bad = _edit_checkpoint(exported[1] / "official", tmp_path / "bad", edit)
+    with pytest.raises(OfficialFormatError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        import_official(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_files_and_existing_output_fail_clearly(exported, tmp_path):
+    src = exported[1] / "official"
+    with pytest.raises(FileNotFoundError, match="no weights file"):
+        import_official(tmp_path, tmp_path / "out")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((src / "config.json").read_text())
+    (corrupt / "pytorch_model.bin").write_bytes((src / "pytorch_model.bin").read_bytes()[:5000])
+    with pytest.raises(OfficialFormatError, match="cannot read weights"):
+        import_official(corrupt, tmp_path / "out")
+    evil = _edit_checkpoint(src, tmp_path / "evil", lambda s: {**s, "x": Payload()})
+    with pytest.raises(OfficialFormatError, match="cannot read weights"):  # weights_only
+        import_official(evil, tmp_path / "out")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        import_official(src, tmp_path / "taken")
+    import_official(src, tmp_path / "taken", overwrite=True)
+    assert not (tmp_path / "taken" / "keep.txt").exists()
+    assert (tmp_path / "taken" / "model.safetensors").is_file()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_official(exported[0], tmp_path / "taken")
+
+
+def test_config_checks(exported, tmp_path):
+    # 1/1/1 layers: the authors' table rule and gate rule pick different layers.
+    with pytest.raises(OfficialFormatError, match="different layers"):
+        check_value_embedding_rules(1, 1, 1, 8, 4)
+    check_value_embedding_rules(4, 4, 4, 8, 4)
+    with pytest.raises(OfficialFormatError, match="injection_type"):
+        export_official(random_model(injection_type="additive"), tmp_path / "x")
+    raw = json.loads((exported[1] / "official" / "config.json").read_text())
+    bad = tmp_path / "cfg"
+    bad.mkdir()
+    (bad / "pytorch_model.bin").symlink_to(exported[1] / "official" / "pytorch_model.bin")
+    for change, message in [({"n_layers_in_prelude": 1, "n_layers_in_recurrent_block": 1,
+                              "n_layers_in_coda": 1},
+                             "different layers"),
+                            ({"_class_name": "GPTConfig"}, "not a Parcae checkpoint"),
+                            ({"nonlin_name": "GELU"}, "nonlin_name"),
+                            ({"mean_backprop_depth": None}, "mean_backprop_depth")]:
+        (bad / "config.json").write_text(json.dumps({**raw, **change}))
+        with pytest.raises(OfficialFormatError, match=message):
+            import_official(bad, tmp_path / "out")
+
+
+def test_cli_handlers(exported, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_official_subcommands(parser.add_subparsers(dest="command", required=True))
+    src = exported[1] / "official"
+    args = parser.parse_args(["official-import", str(src), "--out", str(tmp_path / "hf"),
+                              "--state-seed", "none"])
+    assert args.handler(args) == 0
+    assert ParcaeForCausalLM.from_pretrained(tmp_path / "hf").config.state_seed is None
+    args = parser.parse_args(["official-export", str(tmp_path / "hf"), "--out",
+                              str(tmp_path / "again"), "--name", "tiny"])
+    assert args.handler(args) == 0
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["name"] == "tiny"
+    a = torch.load(src / "pytorch_model.bin", weights_only=True)
+    b = torch.load(tmp_path / "again" / "pytorch_model.bin", weights_only=True)
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert args.handler(args) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
