@@ -10,6 +10,8 @@ from parcae_megatron.scaling.fit import (
     fit_parametric_law,
     fit_power_law,
     fit_test_time_law,
+    fit_unified_test_time_law,
+    prediction_errors,
 )
 
 # Paper's 140M parametric law (spec §5.2)
@@ -68,3 +70,49 @@ def test_test_time_law_recovers_constants():
     assert fit.l_inf == pytest.approx(2.95, rel=1e-3)
     assert fit.Z == pytest.approx(0.6, rel=0.02) and fit.z == pytest.approx(0.45, rel=0.02)
     assert fit_test_time_law(t, loss, seed=0) == fit
+
+
+def _unified_synthetic(gamma: float, noise: float, seed: int = 0):
+    """The paper's 140M training law (spec §5.2) as the floor of the unified test-time law
+    (spec §5.3) with Z = 0.5, z = 3, on an iso-FLOP grid evaluated at the paper's T values."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for budget in (1e18, 2e18, 4e18, 8e18, 16e18):
+        for mu in (2, 4, 6, 8, 10, 12):
+            n = 1.0e8 + (mu - 1) * 1.4e7  # N(μ_rec): a 140M-like model unrolled
+            d = budget / (6 * n + 2e8)  # tokens at this budget
+            rows += [(n, d, t, mu) for t in (1, 2, 4, 6, 8, 10, 12, 16, 20, 24)]
+    n, d, t, mu = np.array(rows, dtype=float).T
+    loss = E + A * n ** -ALPHA + B * d ** -BETA + 0.5 * np.exp(-3.0 * t / mu ** gamma)
+    return n, d, t, mu, loss * np.exp(rng.normal(0.0, noise, loss.shape))
+
+
+def test_unified_test_time_law_recovers_constants():
+    n, d, t, mu, loss = _unified_synthetic(gamma=1.0, noise=5e-4)
+    fit = fit_unified_test_time_law(n, d, t, mu, loss, restarts=20, seed=0)
+    assert fit.gamma == 1.0 and fit.E == pytest.approx(E, rel=0.01)
+    assert fit.x == pytest.approx(ALPHA, rel=0.05) and fit.y == pytest.approx(BETA, rel=0.05)
+    assert fit.Z == pytest.approx(0.5, rel=0.02) and fit.z == pytest.approx(3.0, rel=0.02)
+    # a model off the grid (μ = 5, 3e9 tokens) at T = 3: the law, not the noise
+    truth = E + A * 1.56e8 ** -ALPHA + B * 3e9 ** -BETA + 0.5 * np.exp(-3.0 * 3 / 5)
+    assert float(fit.predict(1.56e8, 3e9, 3, 5)) == pytest.approx(truth, rel=2e-3)
+    assert float(fit.floor(1.56e8, 3e9)) == pytest.approx(truth - 0.5 * np.exp(-1.8), rel=2e-3)
+    assert fit_unified_test_time_law(n, d, t, mu, loss, restarts=20, seed=0) == fit
+
+
+def test_unified_test_time_law_learns_gamma():
+    # γ = 1.19: the paper's learned exponent for 140M (spec §5.3)
+    n, d, t, mu, loss = _unified_synthetic(gamma=1.19, noise=2e-4, seed=1)
+    fit = fit_unified_test_time_law(n, d, t, mu, loss, restarts=15, seed=0, learn_gamma=True)
+    assert fit.gamma == pytest.approx(1.19, abs=0.03)
+    assert fit.z == pytest.approx(3.0, rel=0.1) and fit.Z == pytest.approx(0.5, rel=0.03)
+
+
+def test_prediction_errors_by_hand():
+    # residuals 0.1 and −0.2 on 2.0 and 4.0: RMSE = sqrt((0.01 + 0.04) / 2) = 0.158114,
+    # mean |relative error| = (0.05 + 0.05) / 2 = 0.05
+    errs = prediction_errors([2.1, 3.8], [2.0, 4.0])
+    assert errs["points"] == 2
+    assert errs["rmse"] == pytest.approx(0.158114, rel=1e-5)
+    assert errs["mean_abs_rel_error"] == pytest.approx(0.05)
+    assert prediction_errors([], []) == {"points": 0, "rmse": None, "mean_abs_rel_error": None}

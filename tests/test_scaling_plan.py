@@ -3,10 +3,12 @@ that launch.submit accepts."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from launch.sweep import load as load_sweep
@@ -35,7 +37,9 @@ def test_plan_cli_writes_a_sweep_launch_accepts(tmp_path):
                            "--global-batch-size", "8", "--seq-length", "64", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    assert "FLOPs/tok code" in proc.stdout and "FLOPs/tok paper" in proc.stdout
     doc = yaml.safe_load(out.read_text())
+    assert out.read_text().startswith("# iso-FLOP plan") and "code FLOP formula" in out.read_text()
     assert len(doc["runs"]) == 4
     assert doc["runs"][0]["args"][:4] == ["--mean-recurrence", "2", "--mean-backprop-depth", "1"]
     sweep = load_sweep(out)
@@ -46,3 +50,36 @@ def test_sweep_document_shape():
     runs = plan_isoflop("parcae-tiny", [1e12], [4], global_batch=8, seq_length=64)
     doc = sweep_document(runs, "configs/parcae-tiny-cpu.yaml", "s", concurrency=2)
     assert doc["concurrency"] == 2 and doc["runs"][0]["config"] == "configs/parcae-tiny-cpu.yaml"
+
+
+def test_plan_with_paper_formula():
+    # spec §5.1 App. D formula, 140M at μ_rec = 8, μ_bwd = 4: 1,057,913,088 FLOPs/token
+    # (worked out in tests/test_accounting_flops.py); code formula 1,359,902,976
+    runs = plan_isoflop("parcae-140m", [16e18], [8], flops_formula="paper")
+    (run,) = runs
+    assert run.flops_per_token == run.paper_flops_per_token == 1_057_913_088
+    assert run.code_flops_per_token == 1_359_902_976 and run.flops_formula == "paper"
+    assert abs(run.tokens * 1_057_913_088 - 16e18) <= 524288 * 1_057_913_088
+    code = plan_isoflop("parcae-140m", [16e18], [8])[0]
+    assert code.paper_flops_per_token == run.paper_flops_per_token
+    assert run.tokens > code.tokens  # cheaper tokens under the paper formula: more of them
+    with pytest.raises(ValueError, match="unknown FLOP formula"):
+        plan_isoflop("parcae-140m", [16e18], [8], flops_formula="chinchilla")
+
+
+def test_plan_names_are_unique_across_close_budgets(tmp_path):
+    runs = plan_isoflop("parcae-tiny", [1e12, 1.5e12, 2e12], [2], global_batch=8, seq_length=64)
+    assert [r.name for r in runs] == ["parcae-tiny-C1e12-mu2", "parcae-tiny-C1.5e12-mu2",
+                                      "parcae-tiny-C2e12-mu2"]
+    out = tmp_path / "p.yaml"
+    proc = subprocess.run([sys.executable, "-m", "parcae_megatron.scaling", "plan",
+                           "--preset", "parcae-tiny", "--config", "configs/parcae-tiny-cpu.yaml",
+                           "--budgets", "1e12", "--recurrences", "2", "--flops-formula",
+                           "paper", "--global-batch-size", "8", "--seq-length", "64",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1])["flops_formula"] == "paper"
+    paper = plan_isoflop("parcae-tiny", [1e12], [2], global_batch=8, seq_length=64,
+                         flops_formula="paper")[0]
+    assert yaml.safe_load(out.read_text())["runs"][0]["args"][5] == str(paper.train_iters)

@@ -114,3 +114,45 @@ def effective_params(config: ParcaeConfig, counts: dict[str, int]) -> int:
     """
     unrolled = config.mean_recurrence if config.is_looped else 1
     return counts["non_embedding_params"] + (unrolled - 1) * counts["recurrent_params"]
+
+
+def paper_effective_params(config: ParcaeConfig, counts: dict[str, int]) -> tuple[int, int]:
+    """(N̂₁, N̂₂) of the paper's App. D formula (spec §5.1).
+
+    N̂₁ = (μ_rec − μ_bwd)·N_R are the unrolled parameters run without gradient and
+    N̂₂ = N_non-R + μ_bwd·N_R those run with backprop. Embedding tables (token and value
+    embeddings: lookups) are excluded and the unembedding (the LM-head matmul, tied to the
+    token embedding here) is included, as in nanochat; the injection (B̄, C) and norms count
+    once, in N_non-R. For the fixed-depth baseline N_R = 0 and N̂₁ = 0.
+    """
+    n_rec = counts["recurrent_params"]
+    n_other = counts["non_embedding_params"] - n_rec + token_embedding_params(config)
+    if not config.is_looped:
+        return 0, n_other
+    mu, bwd = config.mean_recurrence, config.mean_backprop_depth
+    return (mu - bwd) * n_rec, n_other + bwd * n_rec
+
+
+def paper_flops_per_token(config: ParcaeConfig, counts: dict[str, int],
+                          sequence_length: int | None = None) -> float:
+    """Training FLOPs per token with the paper's App. D formula (spec §5.1).
+
+    2·N̂₁ + 6·N̂₂ plus nanochat/PaLM-style attention FLOPs: A = 4·h·d_head·S forward per layer
+    per token (score and value matmuls, no causal halving), tripled where the layer is
+    backpropagated: 3·A·(L_P + L_C) + A·L_R·(μ_rec − μ_bwd) + 3·A·L_R·μ_bwd.
+
+    The attention and loop terms equal the code formula's (``flops_per_token``); the two
+    differ only in the constant non-loop parameters: 6·(unembedding − value-embedding tables).
+    """
+    seq = sequence_length or config.seq_length
+    head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
+    attn = 4 * config.num_attention_heads * head_dim * seq
+    n1, n2 = paper_effective_params(config, counts)
+    flops = 2 * n1 + 6 * n2 + 3 * attn * (config.num_prelude_layers + config.num_coda_layers)
+    if config.is_looped:
+        mu, bwd = config.mean_recurrence, config.mean_backprop_depth
+        flops += attn * config.num_recurrent_layers * ((mu - bwd) + 3 * bwd)
+    return float(flops)
+
+
+FLOPS_FORMULAS = {"code": flops_per_token, "paper": paper_flops_per_token}

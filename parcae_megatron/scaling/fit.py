@@ -5,6 +5,9 @@
 * ``fit_parametric_law``: L = E + A·N^(−a) + B·D^(−b), Huber (δ = 1e-3) on log-loss, L-BFGS
   from many seeded restarts (the Chinchilla procedure the paper follows).
 * ``fit_test_time_law``: L(T) = L∞ + Z·exp(−z·T), least squares on log-loss.
+* ``fit_unified_test_time_law``: L(T | μ_rec, D) = E + X·N(μ_rec)^(−x) + Y·D^(−y)
+  + Z·exp(−z·T/μ_rec), Huber on log-loss, L-BFGS from seeded restarts (spec §5.3).
+* ``prediction_errors``: RMSE and mean absolute relative error of predictions (held-out checks).
 
 All fits are deterministic given their seed.
 """
@@ -157,3 +160,106 @@ def fit_test_time_law(loop_counts, loss, restarts: int = 20, seed: int = 0) -> T
             best = res
     l_inf, log_z_amp, log_rate = best.x
     return TestTimeFit(float(l_inf), float(np.exp(log_z_amp)), float(np.exp(log_rate)))
+
+
+@dataclass
+class UnifiedTestTimeFit:
+    """L(T | μ_rec, D) = E + X·N(μ_rec)^(−x) + Y·D^(−y) + Z·exp(−z·T/μ_rec^γ) (spec §5.3).
+
+    γ = 1 (the paper's choice) unless fitted with ``learn_gamma``.
+    """
+
+    E: float
+    X: float
+    x: float
+    Y: float
+    y: float
+    Z: float
+    z: float
+    gamma: float
+    huber: float
+
+    def floor(self, n, d):
+        """The training-law part E + X·N^(−x) + Y·D^(−y): the loss once T ≫ μ_rec."""
+        n, d = np.asarray(n, float), np.asarray(d, float)
+        return self.E + self.X * n ** (-self.x) + self.Y * d ** (-self.y)
+
+    def predict(self, n, d, t, mu):
+        """Predicted loss at loop count ``t`` of a model with N(μ_rec) = ``n`` trained on ``d``
+        tokens at mean recurrence ``mu``."""
+        t, mu = np.asarray(t, float), np.asarray(mu, float)
+        return self.floor(n, d) + self.Z * np.exp(-self.z * t / mu ** self.gamma)
+
+    def as_dict(self) -> dict:
+        """JSON-ready constants."""
+        return asdict(self)
+
+
+def _unified_objective(theta: np.ndarray, log_n, log_d, t, log_mu, log_l, delta: float,
+                       learn_gamma: bool) -> tuple[float, np.ndarray]:
+    """Mean Huber of LSE(e, α − x·lnN, β − y·lnD, ζ − e^ω·T·μ^(−γ)) − ln L, and its gradient."""
+    e, alpha, x, beta, y, zeta, omega = theta[:7]
+    gamma = theta[7] if learn_gamma else 1.0
+    decay = np.exp(omega) * t * np.exp(-gamma * log_mu)
+    terms = np.stack([np.full_like(log_n, e), alpha - x * log_n, beta - y * log_d,
+                      zeta - decay])
+    pred = logsumexp(terms, axis=0)
+    weights = np.exp(terms - pred)  # d pred / d term
+    residual = pred - log_l
+    slope = np.clip(residual, -delta, delta) / residual.size  # d mean-Huber / d pred
+    w = weights * slope
+    grad = [w[0].sum(), w[1].sum(), -(w[1] * log_n).sum(), w[2].sum(), -(w[2] * log_d).sum(),
+            w[3].sum(), -(w[3] * decay).sum()]
+    if learn_gamma:
+        grad.append((w[3] * decay * log_mu).sum())
+    return float(np.mean(_huber(residual, delta))), np.array(grad)
+
+
+# Bounds of θ = (e, α, x, β, y, ζ, ln z, γ): exponents in [0, 3], ln-amplitudes within ±60,
+# z in [e^-8, e^6], γ in [0, 3]. Far outside anything physical, they keep fits on few or noisy
+# runs finite (without them a handful of runs lets x run to ~50 and X to ~1e260).
+UNIFIED_BOUNDS = [(-10.0, 10.0), (-60.0, 60.0), (0.0, 3.0), (-60.0, 60.0), (0.0, 3.0),
+                  (-60.0, 10.0), (-8.0, 6.0), (0.0, 3.0)]
+
+
+def fit_unified_test_time_law(n, d, t, mu, loss, restarts: int = 200, seed: int = 0,
+                              delta: float = 1e-3,
+                              learn_gamma: bool = False) -> UnifiedTestTimeFit:
+    """Fit the unified test-time law (spec §5.3) to points (N(μ_rec), D, T, μ_rec, loss).
+
+    Minimises the mean Huber_δ loss between LSE(e, α − x·lnN, β − y·lnD, ζ − z·T/μ^γ) and ln L
+    over θ = (e, α, x, β, y, ζ, ln z[, γ]) with L-BFGS-B (analytic gradient, wide bounds:
+    ``UNIFIED_BOUNDS``) from ``restarts`` seeded starting points; E = e^e, X = e^α, Y = e^β,
+    Z = e^ζ. Returns the best restart.
+    """
+    arrays = [np.asarray(v, float).ravel() for v in (n, d, t, mu, loss)]
+    if len({a.size for a in arrays}) != 1:
+        raise ValueError("n, d, t, mu and loss must have the same length")
+    log_n, log_d, t_arr, log_mu, log_l = (np.log(arrays[0]), np.log(arrays[1]), arrays[2],
+                                          np.log(arrays[3]), np.log(arrays[4]))
+    data = (log_n, log_d, t_arr, log_mu, log_l, delta, learn_gamma)
+    lows = [-1.0, 0.0, 0.0, 0.0, 0.0, -5.0, -3.0] + ([0.5] if learn_gamma else [])
+    highs = [1.5, 25.0, 2.0, 25.0, 2.0, 1.0, 2.5] + ([1.5] if learn_gamma else [])
+    rng = np.random.default_rng(seed)
+    best = None
+    for _ in range(restarts):
+        res = minimize(_unified_objective, rng.uniform(lows, highs), args=data, jac=True,
+                       method="L-BFGS-B", bounds=UNIFIED_BOUNDS[:len(lows)],
+                       options={"maxiter": 10_000, "ftol": 1e-15, "gtol": 1e-12})
+        if best is None or res.fun < best.fun:
+            best = res
+    e, alpha, x, beta, y, zeta, omega = best.x[:7]
+    gamma = float(best.x[7]) if learn_gamma else 1.0
+    return UnifiedTestTimeFit(float(np.exp(e)), float(np.exp(alpha)), float(x),
+                              float(np.exp(beta)), float(y), float(np.exp(zeta)),
+                              float(np.exp(omega)), gamma, float(best.fun))
+
+
+def prediction_errors(predicted, actual) -> dict:
+    """``{"points", "rmse", "mean_abs_rel_error"}`` of predictions against observations."""
+    predicted, actual = np.asarray(predicted, float).ravel(), np.asarray(actual, float).ravel()
+    if actual.size == 0:
+        return {"points": 0, "rmse": None, "mean_abs_rel_error": None}
+    diff = predicted - actual
+    return {"points": int(actual.size), "rmse": float(np.sqrt(np.mean(diff**2))),
+            "mean_abs_rel_error": float(np.mean(np.abs(diff) / np.abs(actual)))}

@@ -24,6 +24,7 @@ from parcae_megatron.model.accounting import (
     count_parameters_from_config,
     effective_params,
     flops_per_token,
+    paper_flops_per_token,
     token_embedding_params,
 )
 from parcae_megatron.training.guards import ConsecutiveSkips
@@ -132,6 +133,7 @@ class Telemetry:
         if self.model is not None:
             counts = count_parameters_from_config(self.model.config)
             record["flops_per_token"] = flops_per_token(self.model.config, counts)
+            record["paper_flops_per_token"] = paper_flops_per_token(self.model.config, counts)
             record["effective_params"] = effective_params(self.model.config, counts)
         for key, value in results.items():
             record[key.replace(" ", "_")] = _scalar(value)
