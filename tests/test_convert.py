@@ -147,7 +147,7 @@ def test_bad_input_gives_clear_errors(hf_dirs, checkpoints, tmp_path, capsys):
         assert convert_main(list(argv)) == 2
         return capsys.readouterr().err
 
-    assert "exists (pass --overwrite" in fails("to-hf", "--load", str(checkpoints["tp1"]),
+    assert "already exists; pass --overwrite" in fails("to-hf", "--load", str(checkpoints["tp1"]),
                                                 "--out", str(hf_dirs["tp1"]))
     assert "not a Megatron checkpoint" in fails("to-hf", "--load", str(tmp_path), "--out",
                                                  str(tmp_path / "x"))

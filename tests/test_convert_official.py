@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from parcae_megatron.convert.errors import ConversionError
 from parcae_megatron.convert.official import (
     FP32_EPS,
     OfficialFormatError,
@@ -192,12 +193,12 @@ def test_bad_files_and_existing_output_fail_clearly(exported, tmp_path):
         import_official(evil, tmp_path / "out")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(ConversionError, match="--overwrite"):
         import_official(src, tmp_path / "taken")
     import_official(src, tmp_path / "taken", overwrite=True)
     assert not (tmp_path / "taken" / "keep.txt").exists()
     assert (tmp_path / "taken" / "model.safetensors").is_file()
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(ConversionError, match="--overwrite"):
         export_official(exported[0], tmp_path / "taken")
 
 

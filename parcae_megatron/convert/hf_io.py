@@ -25,10 +25,11 @@ def prepare_output(out: Path, overwrite: bool) -> Path:
     (renamed to ``out`` by ``publish`` only when everything is written)."""
     out = Path(out)
     if out.exists() and not overwrite:
-        raise ConversionError(f"output directory {out} exists (pass --overwrite to replace it)")
+        raise ConversionError(f"output {out} already exists; pass --overwrite to replace it")
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
+    out.parent.mkdir(parents=True, exist_ok=True)
     return partial
 
 
@@ -114,3 +115,11 @@ def read_hf_dir(path: Path) -> tuple[HFConfig, dict[str, torch.Tensor]]:
     if "lm_head.weight" not in state and config.tie_word_embeddings:
         state["lm_head.weight"] = state.get("transformer.wte.weight")
     return config, state
+
+
+def load_hf_model(path: Path) -> ParcaeForCausalLM:
+    """One of our HF exports as a ``ParcaeForCausalLM``: our own classes (no remote code
+    runs, nothing is unpickled), weights in their stored dtype."""
+    if not Path(path).is_dir():
+        raise ConversionError(f"HF directory not found: {path}")
+    return build_hf_model(*read_hf_dir(Path(path)))

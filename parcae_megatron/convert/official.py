@@ -23,14 +23,18 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from parcae_megatron.convert.errors import ConversionError
-from parcae_megatron.convert.hf_io import build_hf_model, read_hf_dir, write_hf_dir
+from parcae_megatron.convert.hf_io import (
+    load_hf_model,
+    prepare_output,
+    publish,
+    write_hf_dir,
+)
 from parcae_megatron.hf.configuration_parcae import ParcaeConfig
 from parcae_megatron.hf.modeling_parcae import ParcaeForCausalLM
 
@@ -336,22 +340,6 @@ def _check_state(state: dict[str, torch.Tensor], model: ParcaeForCausalLM,
         raise OfficialFormatError(f"{source}: shape mismatch: {_listing(shapes, 6)}")
 
 
-def _prepare_out(out_dir: str | os.PathLike, overwrite: bool) -> Path:
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise FileExistsError(f"output {out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by the finished directory ``tmp`` (never a half-written ``out``)."""
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
-
-
 # -- import / export ---------------------------------------------------------------------------
 def official_to_hf_model(path: str | os.PathLike, *, rope: str = "interleaved",
                          state_seed: int | None = 0,
@@ -401,7 +389,8 @@ def import_official(path: str | os.PathLike, out_dir: str | os.PathLike, *,
                     state_seed: int | None = 0, tokenizer_model: str | None = None,
                     qk_norm_eps: float = FP32_EPS) -> Path:
     """Convert an authors' checkpoint (dir or weights file) into an HF directory ``out_dir``."""
-    out = _prepare_out(out_dir, overwrite)  # fail before the (slow) load
+    prepare_output(Path(out_dir), overwrite)  # fail before the (slow) load
+    out = Path(out_dir)
     if tokenizer_model and not Path(tokenizer_model).is_file():
         raise FileNotFoundError(f"tokenizer model not found: {tokenizer_model}")
     model = official_to_hf_model(path, rope=rope, state_seed=state_seed, qk_norm_eps=qk_norm_eps)
@@ -430,28 +419,19 @@ def export_official(source: str | os.PathLike | ParcaeForCausalLM, out_dir: str 
 
     ``source`` is an HF export directory or a ``ParcaeForCausalLM``.
     """
-    out = _prepare_out(out_dir, overwrite)
-    model = source if isinstance(source, ParcaeForCausalLM) else load_hf(source)
+    out = Path(out_dir)
+    tmp = prepare_output(out, overwrite)
+    model = source if isinstance(source, ParcaeForCausalLM) else load_hf_model(Path(source))
     config = official_config(model.config, name or out.name)
     state = official_state_dict(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.mkdir()
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         torch.save(state, tmp / "pytorch_model.bin")
-        _publish(tmp, out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def load_hf(hf_dir: str | os.PathLike) -> ParcaeForCausalLM:
-    """Load one of our HF exports: JSON config + safetensors, our own classes (no remote code
-    runs, nothing is unpickled), weights in their stored dtype."""
-    hf_dir = Path(hf_dir)
-    if not hf_dir.is_dir():
-        raise FileNotFoundError(f"HF directory not found: {hf_dir}")
-    config, state = read_hf_dir(hf_dir)
-    return build_hf_model(config, state)
 
 
 # -- CLI ---------------------------------------------------------------------------------------

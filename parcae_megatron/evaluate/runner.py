@@ -32,9 +32,9 @@ def load_tokenizer(path: str):
 
 def load_hf_model(hf_dir: str):
     """(model, tokenizer or None) from one of our HF exports (safetensors only)."""
-    from parcae_megatron.convert.official import load_hf
+    from parcae_megatron.convert.hf_io import load_hf_model as load_hf_dir
 
-    model = load_hf(hf_dir)
+    model = load_hf_dir(Path(hf_dir))
     has_tok = os.path.isfile(os.path.join(hf_dir, "tokenizer.model"))
     return model, (load_tokenizer(hf_dir) if has_tok else None)
 
