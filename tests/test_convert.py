@@ -109,6 +109,24 @@ def test_round_trip_is_bit_exact_and_trains_at_another_layout(hf_dirs, checkpoin
     assert "successfully loaded checkpoint" in proc.stdout + proc.stderr
 
 
+def test_authors_release_goes_to_megatron_with_the_same_logits(hf_dirs, tmp_path,
+                                                              megatron_single):
+    """Authors' format (interleaved RoPE, fp32-eps QK-norm) → HF (rotate-half) → Megatron."""
+    from parcae_megatron.convert.hf_io import load_hf_model
+    from parcae_megatron.convert.megatron_ckpt import load_megatron_model
+    from parcae_megatron.convert.official import FP32_EPS, export_official, import_official
+
+    export_official(hf_dirs["tp1"], tmp_path / "release")
+    import_official(tmp_path / "release", tmp_path / "imported", rope="rotate-half")
+    imported = load_hf_model(tmp_path / "imported")
+    assert imported.config.qk_norm_eps == FP32_EPS and not imported.config.rope_interleaved
+    assert convert_main(["from-hf", "--hf", str(tmp_path / "imported"), "--save",
+                         str(tmp_path / "megatron")]) == 0
+    megatron, _, _ = load_megatron_model(tmp_path / "megatron")
+    assert megatron.config.qk_layernorm_epsilon == FP32_EPS
+    _assert_same_logits(megatron, imported)
+
+
 def test_generate_with_cache_equals_without(hf_dirs):
     hf = _hf(hf_dirs["tp1"])
     prompt = torch.randint(0, 511, (2, 9), generator=torch.Generator().manual_seed(1))

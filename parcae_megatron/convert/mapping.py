@@ -66,7 +66,9 @@ def hf_config_from_megatron(cfg: ParcaeConfig, max_positions: int, **extra) -> H
         prelude_norm=cfg.prelude_norm, state_init=cfg.state_init.replace("_", "-"),
         state_std=cfg.init_method_std, value_embeddings=cfg.value_embeddings,
         value_embedding_gate_channels=cfg.value_embedding_gate_channels,
-        rms_norm_eps=cfg.layernorm_epsilon, qk_norm_eps=cfg.layernorm_epsilon,
+        rms_norm_eps=cfg.layernorm_epsilon,
+        qk_norm_eps=(cfg.layernorm_epsilon if cfg.qk_layernorm_epsilon is None
+                     else cfg.qk_layernorm_epsilon),
         rope_theta=float(cfg.rotary_base), rope_interleaved=False,
         max_position_embeddings=max_positions, initializer_range=cfg.init_method_std, **extra)
 
@@ -75,10 +77,8 @@ def megatron_overrides_from_hf(hf: HFConfig) -> dict:
     """ParcaeConfig fields that rebuild the HF model in Megatron (vocab is padded already)."""
     if hf.rope_interleaved:
         raise ConversionError("this HF model uses interleaved RoPE (the authors' layout); "
-                              "import it with `convert from-official` semantics first")
-    if abs(hf.qk_norm_eps - hf.rms_norm_eps) > 0:
-        raise ConversionError("Megatron uses one epsilon for block norms and QK-norm; "
-                              f"got {hf.rms_norm_eps} and {hf.qk_norm_eps}")
+                              "import the release with `convert official-import --rope "
+                              "rotate-half` to train it in Megatron")
     return dict(
         vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
         ffn_hidden_size=hf.intermediate_size, num_attention_heads=hf.num_attention_heads,
@@ -90,7 +90,9 @@ def megatron_overrides_from_hf(hf: HFConfig) -> dict:
         min_decay_rate=hf.min_decay_rate, prelude_norm=hf.prelude_norm,
         state_init=hf.state_init.replace("-", "_"), value_embeddings=hf.value_embeddings,
         value_embedding_gate_channels=hf.value_embedding_gate_channels,
-        layernorm_epsilon=hf.rms_norm_eps, rotary_base=int(hf.rope_theta),
+        layernorm_epsilon=hf.rms_norm_eps,
+        qk_layernorm_epsilon=None if hf.qk_norm_eps == hf.rms_norm_eps else hf.qk_norm_eps,
+        rotary_base=int(hf.rope_theta),
         seq_length=hf.max_position_embeddings)
 
 

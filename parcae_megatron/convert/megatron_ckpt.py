@@ -180,6 +180,8 @@ def args_for_model(overrides: dict, tensor_parallel: int, pipeline_parallel: int
         argv.append("--no-prelude-norm")
     if not overrides["value_embeddings"]:
         argv.append("--no-value-embeddings")
+    if overrides.get("qk_layernorm_epsilon") is not None:
+        argv += ["--qk-layernorm-epsilon", repr(overrides["qk_layernorm_epsilon"])]
     if tokenizer_model is not None:
         argv += ["--tokenizer-type", "SentencePieceTokenizer",
                  "--tokenizer-model", str(tokenizer_model)]

@@ -54,7 +54,8 @@ class HeadRMSNorm(torch.nn.Module):
 
     def __init__(self, config=None, hidden_size: int = 0, eps: float = 1e-5, **kwargs) -> None:
         super().__init__()
-        self.eps = eps
+        qk_eps = getattr(config, "qk_layernorm_epsilon", None)
+        self.eps = eps if qk_eps is None else qk_eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise the last dim to unit RMS (computed in fp32)."""

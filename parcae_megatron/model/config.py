@@ -88,6 +88,9 @@ class ParcaeConfig(TransformerConfig):
     # --- Megatron defaults that Parcae fixes ----------------------------------------------
     normalization: str = "RMSNorm"
     layernorm_epsilon: float = 1e-5
+    qk_layernorm_epsilon: float | None = None
+    """ε of the parameter-free QK-norm (default ``layernorm_epsilon``); the authors' code uses
+    the fp32 machine epsilon, so imported releases keep theirs."""
     add_bias_linear: bool = False
     gated_linear_unit: bool = False
     activation_func: Callable = half_squared_relu

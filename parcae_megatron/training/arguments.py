@@ -64,6 +64,8 @@ def add_parcae_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--depth-sampling", choices=DEPTH_SAMPLINGS, default="per_sequence")
     g.add_argument("--loop-execution", choices=LOOP_EXECUTIONS, default="compact")
     g.add_argument("--no-value-embeddings", dest="value_embeddings", action="store_false")
+    g.add_argument("--qk-layernorm-epsilon", type=float, default=None,
+                   help="QK-norm epsilon (default: --norm-epsilon)")
     g.add_argument("--depth-seed", type=int, default=514229)
     g.add_argument("--parcae-pipeline-layout", type=str, default=None,
                    help="stages separated by '|': p prelude layer, R recurrent block, "
