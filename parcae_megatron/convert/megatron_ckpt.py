@@ -16,10 +16,20 @@ import sys
 from pathlib import Path
 
 import torch
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
 from parcae_megatron.convert.errors import ConversionError
 
 TRACKER = "latest_checkpointed_iteration.txt"
+# torch DCP raises CheckpointException, a BaseException, for unreadable files.
+_READ_ERRORS = (Exception, CheckpointException)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    tail = lines[-1] if lines else ""  # DCP puts the cause last, after a traceback
+    return f"{type(exc).__name__}: {tail}"
 
 
 def resolve_checkpoint_dir(load: Path, iteration: int | None = None) -> Path:
@@ -51,8 +61,9 @@ def load_checkpoint_args(ckpt_dir: Path) -> argparse.Namespace:
 
     try:
         common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
-    except Exception as exc:  # corrupt or foreign files: say which and why
-        raise ConversionError(f"cannot read checkpoint metadata in {ckpt_dir}: {exc}") from exc
+    except _READ_ERRORS as exc:  # corrupt or foreign files: say which and why
+        raise ConversionError(f"cannot load the checkpoint metadata in {ckpt_dir}: "
+                              f"{_first_line(exc)}") from exc
     args = common.get("args") if isinstance(common, dict) else None
     if args is None or getattr(args, "num_prelude_layers", None) is None:
         raise ConversionError(f"{ckpt_dir} was not written by parcae_megatron.train "
@@ -111,13 +122,16 @@ def load_megatron_model(load: Path, iteration: int | None = None):
     ckpt_dir = resolve_checkpoint_dir(load, iteration)
     args = load_checkpoint_args(ckpt_dir)
     model = build_model(single_process_config(args))
-    metadata = dist_checkpointing.load_content_metadata(str(ckpt_dir)) or {}
-    sharded = {"model": model.sharded_state_dict(metadata=metadata)}
     try:
-        loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
-    except Exception as exc:
+        metadata = dist_checkpointing.load_content_metadata(str(ckpt_dir)) or {}
+        # Tensors only: ShardedObjects (TE's FP8 `_extra_state`) would be unpickled without
+        # weights_only by torch DCP, and conversion does not need them.
+        tensors = {k: v for k, v in model.sharded_state_dict(metadata=metadata).items()
+                   if not isinstance(v, ShardedObject)}
+        loaded = dist_checkpointing.load({"model": tensors}, str(ckpt_dir))
+    except _READ_ERRORS as exc:
         raise ConversionError(f"cannot load the model weights from {ckpt_dir}: "
-                              f"{type(exc).__name__}: {exc}") from exc
+                              f"{_first_line(exc)}") from exc
     model.load_state_dict(loaded["model"], strict=False)
     return model.eval(), args, ckpt_dir
 
