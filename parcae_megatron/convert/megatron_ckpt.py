@@ -137,20 +137,14 @@ def load_megatron_model(load: Path, iteration: int | None = None):
 
 
 def save_release_checkpoint(model, args: argparse.Namespace, save: Path) -> Path:
-    """Write ``model`` as a release checkpoint under ``save`` (written beside, then renamed)."""
+    """Write ``model`` as a release checkpoint (tracker + ``release/``) into ``save``."""
     from megatron.core import dist_checkpointing
 
-    partial = save.with_name(save.name + ".partial")
-    if partial.exists():
-        import shutil
-
-        shutil.rmtree(partial)
-    (partial / "release").mkdir(parents=True)
+    (save / "release").mkdir(parents=True)
     state = {"model": model.sharded_state_dict(), "args": args, "checkpoint_version": 3.0,
              "iteration": 0}
-    dist_checkpointing.save(state, str(partial / "release"))
-    (partial / TRACKER).write_text("release")
-    partial.rename(save)
+    dist_checkpointing.save(state, str(save / "release"))
+    (save / TRACKER).write_text("release")
     return save / "release"
 
 

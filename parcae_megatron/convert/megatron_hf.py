@@ -8,7 +8,13 @@ from pathlib import Path
 import torch
 
 from parcae_megatron.convert.errors import ConversionError
-from parcae_megatron.convert.hf_io import DTYPES, build_hf_model, prepare_output, read_hf_dir
+from parcae_megatron.convert.hf_io import (
+    DTYPES,
+    build_hf_model,
+    prepare_output,
+    publish,
+    read_hf_dir,
+)
 from parcae_megatron.convert.mapping import (
     hf_config_from_megatron,
     hf_to_megatron_state,
@@ -22,6 +28,34 @@ from parcae_megatron.convert.megatron_ckpt import (
     save_release_checkpoint,
     single_process_config,
 )
+
+
+class _Stages:
+    """A progress bar over the few long steps of a conversion (each is one big I/O call)."""
+
+    def __init__(self, name: str, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=name, unit="step",
+                        bar_format="{desc}: {n_fmt}/{total_fmt}{postfix} [{elapsed}]")
+
+    def next(self, what: str) -> None:
+        """Close the previous step and name the next one."""
+        if self.bar.postfix:
+            self.bar.update()
+        self.bar.set_postfix_str(what)
+
+    def close(self) -> None:
+        """Finish the bar."""
+        self.bar.update(self.bar.total - self.bar.n)
+        self.bar.set_postfix_str("done")
+        self.bar.close()
+
+    def __enter__(self) -> _Stages:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close() if exc[0] is None else self.bar.close()
 
 
 def _tokenizer_ids(args) -> dict:
@@ -59,9 +93,12 @@ def to_hf(load: Path, out: Path, iteration: int | None = None, dtype: str = "flo
 
     start = time.perf_counter()
     prepare_output(out, overwrite)  # fail before the (slow) load
-    model, tokenizer, _ = megatron_to_hf_model(load, iteration, dtype)
-    tokenizer = tokenizer_model or tokenizer
-    write_hf_dir(model, out, tokenizer, overwrite)
+    with _Stages("to-hf", 2) as stages:
+        stages.next(f"reading {load}")
+        model, tokenizer, _ = megatron_to_hf_model(load, iteration, dtype)
+        tokenizer = tokenizer_model or tokenizer
+        stages.next(f"writing {out}")
+        write_hf_dir(model, out, tokenizer, overwrite)
     params = sum(p.numel() for p in model.parameters())
     return {"out": str(out), "parameters": params, "dtype": dtype,
             "tokenizer": str(tokenizer) if tokenizer else None,
@@ -73,8 +110,9 @@ def from_hf(hf_dir: Path, save: Path, tensor_parallel: int = 1, pipeline_paralle
     """Convert an HF directory to a Megatron release checkpoint trainable at TP×PP."""
     start = time.perf_counter()
     save = Path(save)
-    if save.exists() and not overwrite:
-        raise ConversionError(f"output directory {save} exists (pass --overwrite to replace it)")
+    partial = prepare_output(save, overwrite)
+    stages = _Stages("from-hf", 3)
+    stages.next(f"reading {hf_dir}")
     hf_config, hf_state = read_hf_dir(hf_dir)
     overrides = megatron_overrides_from_hf(hf_config)
     tokenizer = Path(hf_dir) / "tokenizer.model"
@@ -86,6 +124,7 @@ def from_hf(hf_dir: Path, save: Path, tensor_parallel: int = 1, pipeline_paralle
     if mismatched:
         raise ConversionError(f"the Megatron config cannot express these HF settings "
                               f"(megatron, hf): {mismatched}")
+    stages.next("building the Megatron model")
     model = build_model(cfg)
     state = hf_to_megatron_state(hf_state, cfg)
     current = model.state_dict()
@@ -101,11 +140,10 @@ def from_hf(hf_dir: Path, save: Path, tensor_parallel: int = 1, pipeline_paralle
     with torch.no_grad():
         for name, tensor in state.items():
             current[name].copy_(tensor)
-    if save.exists():
-        import shutil
-
-        shutil.rmtree(save)
-    save_release_checkpoint(model, args, save)
+    stages.next(f"writing {save}")
+    save_release_checkpoint(model, args, partial)
+    publish(partial, save)
+    stages.close()
     return {"out": str(save), "tensor_parallel": tensor_parallel,
             "pipeline_parallel": pipeline_parallel,
             "seconds": round(time.perf_counter() - start, 2)}
