@@ -30,6 +30,7 @@ import torch
 
 from parcae_megatron.convert.errors import ConversionError
 from parcae_megatron.convert.hf_io import (
+    build_hf_model,
     load_hf_model,
     prepare_output,
     publish,
@@ -377,11 +378,9 @@ def official_to_hf_model(path: str | os.PathLike, *, rope: str = "interleaved",
     if rope == "rotate-half":
         _permute_qk(state, cfg, to_interleaved=False)
     cfg.dtype = dtype
-    model = ParcaeForCausalLM(cfg).to(dtype)
     state["lm_head.weight"] = state["transformer.wte.weight"]
-    model.load_state_dict(state, strict=True)
-    model.tie_weights()
-    return model.eval()
+    # Built on the meta device and filled in place: no throwaway random init.
+    return build_hf_model(cfg, state, dtype)
 
 
 def import_official(path: str | os.PathLike, out_dir: str | os.PathLike, *,
