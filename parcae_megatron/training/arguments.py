@@ -24,6 +24,7 @@ from parcae_megatron.model.config import (
     ParcaeConfigError,
 )
 from parcae_megatron.model.presets import PRESETS
+from parcae_megatron.paths import resolve_config
 from parcae_megatron.training import flag_policy
 
 # The Parcae block (spec §1.3) expressed as Megatron flags; always applied first.
@@ -123,7 +124,7 @@ def expand_argv(argv: list[str]) -> list[str]:
     from_yaml: list[str] = []
     preset = _flag_value(argv, "--preset")
     if config_path is not None:
-        path = Path(config_path)
+        path = resolve_config(config_path)
         if not path.is_file():
             raise ParcaeConfigError(f"config file not found: {config_path}")
         data = yaml.safe_load(path.read_text()) or {}
