@@ -103,11 +103,15 @@ def refused(monkeypatch, capsys, *argv: str) -> str:
      "--fp8-recipe delayed"),
     (["--bf16", "--transformer-impl", "transformer_engine", "--fp8-format", "e4m3",
       "--fp8-recipe", "custom", "--fp8-quantizer-factory", "x.y"], "--fp8-recipe custom"),
+    (["--bf16", "--transformer-impl", "transformer_engine", "--fp8-format", "hybrid",
+      "--fp8-recipe", "tensorwise", "--seq-length", "60", "--max-position-embeddings", "60"],
+     "--seq-length 60"),
 ])
 def test_unsupported_flag_is_refused(monkeypatch, capsys, flags, named):
     line = refused(monkeypatch, capsys, *CPU_FLAGS, *TINY, *flags)
     assert named in line, line
-    assert "is not supported by Parcae" in line or "fp8" in line or "fp4" in line, line
+    assert "is not supported by Parcae" in line or "FP8" in line or "fp8" in line \
+        or "fp4" in line, line
 
 
 def test_refused_flag_trains_nothing_through_the_entry_point(tmp_path):

@@ -169,6 +169,11 @@ def check_low_precision(args: argparse.Namespace) -> None:
             and not args.tp_only_amax_red:
         raise ParcaeConfigError(f"--fp8-recipe {args.fp8_recipe} is unsafe for a looped model "
                                 f"without --tp-only-amax-red: {_FP8_DELAYED}")
+    # TE's FP8 GEMMs need the token count divisible by 8 (16 for block scaling); compaction
+    # runs the loop on any number of sequences, so the sequence length alone must ensure it.
+    if args.fp8 is not None and args.seq_length % 16:
+        raise ParcaeConfigError(f"--seq-length {args.seq_length} must be a multiple of 16 under "
+                                "FP8: the loop runs on any number of sequences (compaction)")
 
 
 def apex_wgrad_fusion_available() -> bool:
