@@ -226,6 +226,7 @@ def parse_args_or_exit(argv: list[str]) -> argparse.Namespace:
     try:
         argv = expand_argv(argv)
         sys.argv = [sys.argv[0], *argv]
+        flag_policy.refuse_before_parsing(argv)
         flag_policy.refuse_unsupported(parse_args(extra_args_provider=add_parcae_args), argv)
         args = parse_and_validate_args(extra_args_provider=add_parcae_args)
         notes = flag_policy.adapt_fusions(args)

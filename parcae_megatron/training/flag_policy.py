@@ -71,6 +71,10 @@ REFUSALS: tuple[Refusal, ...] = (
     Refusal("--softmax-type", lambda a, g: a.softmax_type != "vanilla", _BLOCK),
     Refusal("--window-size", _set("window_size"), f"Parcae attention is fully causal; {_BLOCK}"),
     Refusal("--qk-l2-norm", _set("qk_l2_norm"), f"Parcae's QK-norm is RMS; {_BLOCK}"),
+    Refusal("--apply-residual-connection-post-layernorm",
+            _set("apply_residual_connection_post_layernorm"), f"Parcae is pre-norm; {_BLOCK}"),
+    Refusal("--spec", _set("spec"), "the layer spec is chosen by --transformer-impl "
+            "(parcae_megatron.model.layer_specs); a custom spec would be ignored"),
     # Position embedding: ParcaeModel always builds full rotate-half RoPE.
     Refusal("--position-embedding-type", lambda a, g: a.position_embedding_type != "rope",
             "ParcaeModel always uses rotary position embeddings"),
@@ -112,6 +116,11 @@ REFUSALS: tuple[Refusal, ...] = (
             _set("account_for_embedding_in_pipeline_split"), _PIPELINE),
     Refusal("--account-for-loss-in-pipeline-split", _set("account_for_loss_in_pipeline_split"),
             _PIPELINE),
+    # Full-layer recompute re-runs value embeddings in the backward pass, where the token ids
+    # they read from the model's shared TokenContext belong to another (sub-)batch.
+    Refusal("--recompute-granularity", lambda a, g: a.recompute_granularity == "full",
+            "full-layer recompute would re-read value-embedding token ids from shared state "
+            "that has moved on (selective recompute is fine)"),
     # CUDA graphs (0.19 names; --enable-cuda-graph / --external-cuda-graph are deprecated).
     Refusal("--cuda-graph-impl", lambda a, g: a.cuda_graph_impl != "none", _CUDA_GRAPHS),
     Refusal("--enable-cuda-graph", _set("enable_cuda_graph"), _CUDA_GRAPHS),
@@ -132,6 +141,13 @@ REFUSALS: tuple[Refusal, ...] = (
     Refusal("--fim-data", _set("fim_data"),
             "the Parcae datasets provider builds GPT pretraining data"),
 )
+
+
+def refuse_before_parsing(argv: list[str]) -> None:
+    """Flags Megatron acts on while parsing: ``--yaml-cfg`` replaces the whole command line."""
+    if any(a == "--yaml-cfg" or a.startswith("--yaml-cfg=") for a in argv):
+        raise ParcaeConfigError("--yaml-cfg is not supported by Parcae: use --config "
+                                "(a YAML of flags, expanded before parsing)")
 
 
 def refuse_unsupported(args: argparse.Namespace, argv: list[str]) -> None:
