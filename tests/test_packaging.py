@@ -29,9 +29,9 @@ def run(tmp_path: Path, *cmd: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_describe_and_a_benchmark_run_outside_the_checkout(tmp_path):
-    proc = run(tmp_path, sys.executable, "-m", "parcae_megatron.describe", "parcae-tiny")
-    assert '"flops_per_token"' in proc.stdout
+def test_a_benchmark_runs_outside_the_checkout(tmp_path):
+    """`python benchmarks/loop_overhead.py` (the documented usage) imports parcae_megatron
+    with neither the checkout as working directory nor PYTHONPATH pointing at it."""
     proc = run(tmp_path, sys.executable, str(ROOT / "benchmarks" / "loop_overhead.py"), "--help")
     assert "--quick" in proc.stdout
 
