@@ -19,7 +19,7 @@ from functools import partial
 import torch
 
 from parcae_megatron.platform import cpu_backend
-from parcae_megatron.training import guards, telemetry
+from parcae_megatron.training import guards, muon, telemetry
 from parcae_megatron.training.arguments import parcae_config_from_args, parse_args_or_exit
 from parcae_megatron.training.telemetry import TELEMETRY
 
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     TELEMETRY.configure(args)
     telemetry.install()
     guards.install()
+    muon.install()
     cfg = pretrain_cfg_container_from_args(args)
     try:
         pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step,
