@@ -86,6 +86,16 @@ def variance_rescale(x: torch.Tensor, moment2: torch.Tensor, beta2: float) -> to
     return x * (scale * (norm / new_norm.clamp_min(VARIANCE_EPS)))
 
 
+def matrix_pieces(shape: tuple[int, int], qkv_split) -> list[tuple[int, int]]:
+    """Shapes of the matrices Muon treats separately in a (global) parameter: q, k, v of a
+    fused QKV (Megatron interleaves them per query group), else the parameter itself."""
+    rows, cols = shape
+    if qkv_split is None:
+        return [(rows, cols)]
+    groups = rows // sum(qkv_split)
+    return [(groups * n, cols) for n in qkv_split]
+
+
 def lr_multiplier(rows: int, cols: int) -> float:
     """√max(1, rows/cols): the authors' per-matrix LR scale (×2 for the 4d×d up-projection)."""
     return math.sqrt(max(1.0, rows / cols))
@@ -249,6 +259,23 @@ def register() -> None:
         default_param_overrides={ADAMW_KEY: {"optimizer": "adam", "wd_mult": 0.0}})
 
 
+def recipe_overrides(overrides: dict | None, muon_lr: float | None = None,
+                     muon_start_wd: float | None = None,
+                     muon_end_wd: float | None = None) -> dict:
+    """Megatron's param-group overrides plus the Muon group's peak LR and weight-decay
+    schedule (per-group start/end: Megatron's global schedule may only increase)."""
+    muon_group: dict[str, float] = {}
+    if muon_lr is not None:
+        muon_group["max_lr"] = muon_lr
+    if muon_start_wd is not None:
+        muon_group["start_wd"] = muon_start_wd
+        muon_group["end_wd"] = muon_start_wd if muon_end_wd is None else muon_end_wd
+    overrides = dict(overrides or {})
+    if muon_group:
+        overrides[MUON_KEY] = muon_group
+    return overrides
+
+
 def momentum_at(step: float, start: float, end: float, warmup_iters: int) -> float:
     """Linear warm-up of the Muon momentum over ``warmup_iters`` optimizer steps."""
     if warmup_iters <= 0:
@@ -304,15 +331,8 @@ def install() -> None:
         config, overrides = build_config(args)
         if args.optimizer == NAME:
             config.muon_beta2 = args.muon_beta2
-            muon_group: dict[str, float] = {}
-            if args.muon_lr is not None:
-                muon_group["max_lr"] = args.muon_lr
-            if args.muon_start_weight_decay is not None:
-                # Per-group start/end: Megatron's global schedule may only increase.
-                muon_group["start_wd"] = args.muon_start_weight_decay
-                muon_group["end_wd"] = args.muon_end_weight_decay
-            if muon_group:
-                overrides = {**(overrides or {}), MUON_KEY: muon_group}
+            overrides = recipe_overrides(overrides, args.muon_lr, args.muon_start_weight_decay,
+                                         args.muon_end_weight_decay)
         return config, overrides
 
     def scheduler_class(*a: Any, **kw: Any) -> OptimizerParamScheduler:
