@@ -131,20 +131,25 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
     from megatron.training import get_args, get_tokenizer, print_rank_0
     from megatron.training.utils import get_blend_and_blend_per_split
 
+    from parcae_megatron.data.bestfit import BestFitDatasetConfig, dataset_class
+
     args = get_args()
     blend, blend_per_split = get_blend_and_blend_per_split(args)
-    config = GPTDatasetConfig(
+    config_class, extra = GPTDatasetConfig, {}
+    if args.packing == "bestfit":  # BOS-aligned best-fit rows (spec §2.3)
+        config_class, extra = BestFitDatasetConfig, {"packing_buffer": args.packing_buffer}
+    config = config_class(
         random_seed=args.seed, sequence_length=args.seq_length, blend=blend,
         blend_per_split=blend_per_split, split=args.split if blend is not None else None,
         path_to_cache=args.data_cache_path,
         mmap_bin_files=args.mmap_bin_files, tokenizer=get_tokenizer(),
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=args.eod_mask_loss,
-        create_attention_mask=False)
-    dataset_type = MockGPTDataset if args.mock_data else GPTDataset
+        create_attention_mask=False, **extra)
+    dataset_type = dataset_class(args.packing, args.mock_data)
     print_rank_0(f"> building {dataset_type.__name__} train/valid/test datasets")
     return BlendedMegatronDatasetBuilder(
         dataset_type, train_val_test_num_samples,

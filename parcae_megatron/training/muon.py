@@ -244,6 +244,15 @@ MUON_KEY = ParamKey(predicate=ParamPredicate(name="parcae_muon",
                                              fn=lambda p: not uses_adamw(p)))
 
 
+def tag_params_for_buffer_routing(model_chunks) -> None:
+    """Megatron's layer-wise distributed optimizer keeps Muon matrices in their own DDP
+    buffers; tag parameters by the same routing as the optimizer groups (``uses_adamw``)."""
+    for chunk in model_chunks:
+        for param in chunk.parameters():
+            if param.requires_grad:
+                param.is_managed_by_layer_wise_optimizer = not uses_adamw(param)
+
+
 def register() -> None:
     """Make ``--optimizer parcae_muon`` known to Megatron-Core's emerging-optimizer registry,
     and route parameters the authors' way for Megatron's own Muons too.
@@ -253,6 +262,11 @@ def register() -> None:
     for name in ("muon", "adaptive_muon"):  # Megatron's own Muons: same routing
         if name in _EMERGING_OPTIMIZERS:
             _EMERGING_OPTIMIZERS[name].default_param_overrides = {ADAMW_KEY: {"optimizer": "adam"}}
+    import megatron.core.optimizer.layer_wise_optimizer as layer_wise
+    import megatron.training.training as mtrain
+
+    layer_wise.tag_params_for_buffer_routing = tag_params_for_buffer_routing
+    mtrain.tag_params_for_buffer_routing = tag_params_for_buffer_routing
     _EMERGING_OPTIMIZERS[NAME] = EmergingOptimizerEntry(
         optimizer_cls=ParcaeMuon, init_state_fn=_eopt_init_state_fn,
         config_to_kwargs=_parcae_muon_config_to_kwargs,
