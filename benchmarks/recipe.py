@@ -84,8 +84,11 @@ def datasets(prefix: str, cache: str, packing: str, num_train: int, num_valid: i
 
 def build(recipe: bool, steps: int):
     """Model (same init every call), DDP, optimizer and scheduler for one recipe."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.optimizer import (
         OptimizerConfig,
         get_megatron_optimizer,

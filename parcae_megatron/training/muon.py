@@ -129,14 +129,20 @@ class ParcaeMuon(TensorParallelMuon):
         if self._meta is None:
             self._meta = {}
             for mp in self._model_params:
-                meta = (getattr(mp, "partition_dim", -1)
-                        if getattr(mp, "tensor_model_parallel", False) else -1,
-                        getattr(mp, "qkv_split_shapes", None)
-                        if self.split_qkv and getattr(mp, "is_qkv", False) else None)
+                meta = self._describe(mp)
                 self._meta[id(mp)] = meta
                 if getattr(mp, "main_param", None) is not None:
                     self._meta[id(mp.main_param)] = meta
+        if id(p) not in self._meta:  # a parameter Megatron created after construction
+            return self._describe(p)
         return self._meta[id(p)]
+
+    def _describe(self, p: torch.Tensor) -> tuple:
+        """(TP partition dim or -1, q/k/v row split or None) from Megatron's tags."""
+        return (getattr(p, "partition_dim", -1) if getattr(p, "tensor_model_parallel", False)
+                else -1,
+                getattr(p, "qkv_split_shapes", None)
+                if self.split_qkv and getattr(p, "is_qkv", False) else None)
 
     @torch.no_grad()
     def _init_group(self, group: dict, skip_non_grad_params: bool = True) -> None:
