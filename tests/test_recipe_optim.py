@@ -230,3 +230,25 @@ def test_decoupled_lr_reaches_embeddings_only():
     assert decoupled == {"embedding.word_embeddings.weight",
                          *(f"{s}.layers.1.self_attention.value_embedding.weight"
                            for s in ("prelude", "core", "coda"))}
+
+
+RECIPE_FLAGS = ["--optimizer", "parcae_muon", "--muon-lr", "3e-3", "--muon-tp-mode", "duplicated",
+                "--weight-decay-incr-style", "linear", "--start-weight-decay", "0",
+                "--end-weight-decay", "0", "--muon-start-weight-decay", "0.2",
+                "--muon-end-weight-decay", "0", "--muon-momentum-warmup-iters", "300",
+                "--packing", "bestfit"]
+
+
+@pytest.mark.slow
+def test_trainer_runs_the_recipe(tmp_path):
+    """The paper configs' optimizer and packing through the real entry point (the tiny CPU
+    config keeps the previous optimizer, see docs/recipe.md)."""
+    from tests.training_runs import TINY, records, train
+
+    out = tmp_path / "t.jsonl"
+    train(1, *TINY, *RECIPE_FLAGS, "--train-iters", "3", "--eval-interval", "100",
+          "--telemetry-path", str(out))
+    steps = records(out, "train")
+    assert [r["iteration"] for r in steps] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 and not r["skipped"]
+               for r in steps)
