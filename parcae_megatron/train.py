@@ -19,7 +19,7 @@ from functools import partial
 import torch
 
 from parcae_megatron.platform import cpu_backend
-from parcae_megatron.training import guards, telemetry
+from parcae_megatron.training import guards, muon, telemetry
 from parcae_megatron.training.arguments import parcae_config_from_args, parse_args_or_exit
 from parcae_megatron.training.telemetry import TELEMETRY
 
@@ -131,14 +131,18 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
     from megatron.training import get_args, get_tokenizer, print_rank_0
 
+    from parcae_megatron.data.bestfit import BestFitDatasetConfig, dataset_class
     from parcae_megatron.training.data import gpt_dataset_config_from_args
 
     args = get_args()
-    config = gpt_dataset_config_from_args(args, get_tokenizer())
-    dataset_type = MockGPTDataset if args.mock_data else GPTDataset
+    config_class, extra = GPTDatasetConfig, {}
+    if args.packing == "bestfit":  # BOS-aligned best-fit rows (spec §2.3)
+        config_class, extra = BestFitDatasetConfig, {"packing_buffer": args.packing_buffer}
+    config = gpt_dataset_config_from_args(args, get_tokenizer(), config_class, **extra)
+    dataset_type = dataset_class(args.packing, args.mock_data)
     print_rank_0(f"> building {dataset_type.__name__} train/valid/test datasets")
     return BlendedMegatronDatasetBuilder(
         dataset_type, train_val_test_num_samples,
@@ -176,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     TELEMETRY.configure(args)
     telemetry.install()
     guards.install()
+    muon.install()
     cfg = pretrain_cfg_container_from_args(args)
     try:
         pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step,

@@ -142,10 +142,11 @@ class ParcaeModel(LanguageModule):
                 module.token_context = self.token_context
                 module.weight.is_embedding_or_output_parameter = True
         if self.has_loop:
-            # Spec §2.2: B and C (like A_log, dt_bias) belong to the AdamW group; Megatron's
-            # Muon routes every 2-D parameter not flagged like this to Muon.
+            # Spec §2.2: B and C (like A_log, dt_bias) belong to the AdamW group. Their own
+            # flag (read by the optimizer routing), not Megatron's embedding flag, which would
+            # also give them --decoupled-lr.
             for param in (*self.injection.parameters(), *self.readout.parameters()):
-                param.is_embedding_or_output_parameter = True
+                param.adamw_only = True
 
     # ---------------------------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:

@@ -27,6 +27,8 @@ from parcae_megatron.model.presets import PRESETS
 from parcae_megatron.paths import resolve_config
 from parcae_megatron.training import flag_policy
 
+PACKINGS = ("concat", "bestfit")
+
 # The Parcae block (spec §1.3) expressed as Megatron flags; always applied first.
 BLOCK_ARGS = [
     "--normalization", "RMSNorm", "--norm-epsilon", "1e-5", "--disable-bias-linear",
@@ -86,7 +88,47 @@ def add_parcae_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--tp-only-amax-red", action="store_true",
                    help="FP8 delayed scaling: reduce amaxes within tensor parallelism only "
                         "(required for delayed scaling, see flag_policy)")
+    r = parser.add_argument_group("Parcae recipe", "the authors' optimizer and packing "
+                                  "(docs/recipe.md)")
+    r.add_argument("--muon-lr", type=float, default=None,
+                   help="peak LR of the Muon group (default: --lr); same schedule shape")
+    r.add_argument("--muon-start-weight-decay", type=float, default=None,
+                   help="Muon group's weight decay at step 0 (default: Megatron's schedule); "
+                        "follows --weight-decay-incr-style to --muon-end-weight-decay")
+    r.add_argument("--muon-end-weight-decay", type=float, default=None,
+                   help="Muon group's weight decay at the last step")
+    r.add_argument("--muon-beta2", type=float, default=0.95,
+                   help="parcae_muon: EMA rate of the factored second moment")
+    r.add_argument("--muon-momentum-warmup-start", type=float, default=0.85,
+                   help="parcae_muon: momentum at step 0, rising linearly to --muon-momentum")
+    r.add_argument("--muon-momentum-warmup-iters", type=int, default=300,
+                   help="parcae_muon: optimizer steps of the momentum warm-up (0: none)")
+    r.add_argument("--packing", choices=PACKINGS, default="concat",
+                   help="concat: Megatron's GPT samples (documents concatenated); bestfit: "
+                        "BOS-aligned best-fit packing with crop (the authors')")
+    r.add_argument("--packing-buffer", type=int, default=1000,
+                   help="bestfit: documents held in the best-fit buffer")
     return parser
+
+
+def _accept_parcae_optimizer() -> None:
+    """Let Megatron's ``--optimizer`` accept ``parcae_muon`` in every parse of the run
+    (Megatron re-parses sys.argv later, e.g. for fault tolerance)."""
+    import megatron.training.arguments as margs
+
+    if getattr(margs.add_megatron_arguments, "parcae", False):
+        return
+    add = margs.add_megatron_arguments
+
+    def add_megatron_arguments(parser):
+        parser = add(parser)
+        for action in parser._actions:
+            if "--optimizer" in action.option_strings and action.choices is not None:
+                action.choices = [*action.choices, "parcae_muon"]
+        return parser
+
+    add_megatron_arguments.parcae = True
+    margs.add_megatron_arguments = add_megatron_arguments
 
 
 def _flag_items(mapping: dict[str, Any]) -> list[str]:
@@ -179,6 +221,7 @@ def validate_parcae_args(args: argparse.Namespace) -> ParcaeConfig:
             f"world size {args.world_size} is not divisible by tensor x pipeline parallel size "
             f"{args.tensor_model_parallel_size} x {args.pipeline_model_parallel_size}")
     _check_data(args)
+    _check_recipe(args)
     # The tokenizer (and so the padded vocabulary) is only known after initialisation;
     # check the model with a vocabulary padded the way Megatron will pad it.
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
@@ -189,6 +232,26 @@ def validate_parcae_args(args: argparse.Namespace) -> ParcaeConfig:
         raise
     except (AssertionError, ValueError, TypeError) as exc:
         raise ParcaeConfigError(f"invalid configuration: {exc}") from exc
+
+
+def _check_recipe(args: argparse.Namespace) -> None:
+    muon_wd = (args.muon_start_weight_decay, args.muon_end_weight_decay)
+    if (muon_wd[0] is None) != (muon_wd[1] is None):
+        raise ParcaeConfigError("set both --muon-start-weight-decay and --muon-end-weight-decay")
+    if muon_wd[0] is not None and muon_wd[0] != muon_wd[1] \
+            and args.weight_decay_incr_style == "constant":
+        raise ParcaeConfigError("a Muon weight-decay schedule needs --weight-decay-incr-style "
+                                "linear or cosine")
+    if args.optimizer != "parcae_muon":
+        return
+    if args.muon_tp_mode != "duplicated":
+        raise ParcaeConfigError("--optimizer parcae_muon orthogonalises whole matrices under "
+                                "tensor parallelism: set --muon-tp-mode duplicated")
+    if not 1 <= args.muon_num_ns_steps <= 5:
+        raise ParcaeConfigError("--optimizer parcae_muon has 5 Polar Express coefficients: "
+                                "--muon-num-ns-steps must be 1..5")
+    if args.muon_momentum_warmup_iters < 0:
+        raise ParcaeConfigError("--muon-momentum-warmup-iters must be >= 0")
 
 
 def _check_data(args: argparse.Namespace) -> None:
@@ -223,6 +286,7 @@ def parse_args_or_exit(argv: list[str]) -> argparse.Namespace:
 
     if "-h" in argv or "--help" in argv:
         _tolerate_bad_help_strings()
+    _accept_parcae_optimizer()
     try:
         argv = expand_argv(argv)
         sys.argv = [sys.argv[0], *argv]

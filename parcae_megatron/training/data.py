@@ -12,9 +12,13 @@ import argparse
 import json
 
 
-def gpt_dataset_config_from_args(args: argparse.Namespace, tokenizer):
-    """``GPTDatasetConfig`` for indexed GPT datasets (or ``--mock-data``) from ``args``."""
+def gpt_dataset_config_from_args(args: argparse.Namespace, tokenizer, config_class=None,
+                                 **extra):
+    """``GPTDatasetConfig`` (or the subclass ``config_class`` with its ``extra`` fields) for
+    indexed GPT datasets (or ``--mock-data``) from ``args``."""
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    config_class = config_class or GPTDatasetConfig
     from megatron.training.utils import get_blend_and_blend_per_split
 
     blend, blend_per_split = get_blend_and_blend_per_split(args)
@@ -22,7 +26,7 @@ def gpt_dataset_config_from_args(args: argparse.Namespace, tokenizer):
     if args.per_dataset_sequences_path is not None:
         with open(args.per_dataset_sequences_path) as f:
             sequences_per_dataset = json.load(f)
-    return GPTDatasetConfig(
+    return config_class(
         random_seed=args.seed,
         sequence_length=args.seq_length,
         blend=blend,
@@ -46,4 +50,5 @@ def gpt_dataset_config_from_args(args: argparse.Namespace, tokenizer):
         # The model's causal kernel builds its own mask: a dataloader mask would be unused.
         create_attention_mask=False,
         context_parallel_size=args.context_parallel_size,
+        **extra,
     )

@@ -54,7 +54,55 @@ def forward_step(data_iterator, model):
     return output, loss_func
 
 
-def train(tp: int, pp: int, distopt: bool, preset: str, ckpt: str, save: bool) -> dict:
+def adam_optimizer(cfg, model, distopt: bool):
+    ddp = DistributedDataParallel(
+        config=cfg, module=model,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                 use_distributed_optimizer=distopt))
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=1.0,
+                        use_distributed_optimizer=distopt, adam_eps=1e-8), [ddp])
+    return ddp, optimizer, None
+
+
+def recipe_optimizer(cfg, model, distopt: bool):
+    """The authors' recipe: parcae_muon + AdamW, momentum warm-up (over 2 steps here, so the
+    run sees several values), Muon wd 0.2 → 0, clip 1. With ``distopt`` Megatron uses its
+    layer-wise distributed optimizer (whole matrices per DP rank), as ``pretrain`` does."""
+    from megatron.core.optimizer import get_standard_config_overrides
+    from megatron.training.training import wrap_model_chunks_with_ddp
+
+    from parcae_megatron.training import muon
+
+    muon.register()
+    ddp = wrap_model_chunks_with_ddp(
+        [model], cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+        use_layer_wise_distributed_optimizer=distopt)[0]
+    config = OptimizerConfig(optimizer="parcae_muon", lr=3e-3, min_lr=0.0, weight_decay=0.0,
+                             clip_grad=1.0, adam_beta1=0.8, adam_beta2=0.95, adam_eps=1e-10,
+                             use_layer_wise_distributed_optimizer=distopt,
+                             muon_tp_mode="duplicated", muon_nesterov=True,
+                             muon_fp32_matmul_prec="high",
+                             # megatron-core 0.19.2's layer-wise optimizer wraps its torch
+                             # optimizers (giving them a config) only when bf16 is set, and
+                             # its ChainedOptimizer asserts equal configs: with the model in
+                             # fp32 the "bf16" wrapper keeps every parameter fp32.
+                             bf16=distopt)
+    overrides = muon.recipe_overrides(get_standard_config_overrides(config), muon_lr=5e-3,
+                                      muon_start_wd=0.2, muon_end_wd=0.0)
+    optimizer = get_megatron_optimizer(config, [ddp], config_overrides=overrides)
+    scheduler = muon.RecipeParamScheduler(
+        optimizer, init_lr=0.0, max_lr=3e-3, min_lr=0.0, lr_warmup_steps=0,
+        lr_decay_steps=STEPS * GLOBAL_BATCH, lr_decay_style="constant", start_wd=0.0,
+        end_wd=0.0, wd_incr_steps=STEPS * GLOBAL_BATCH, wd_incr_style="linear",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=False,
+        momentum=0.95, momentum_warmup_start=0.85, momentum_warmup_iters=2,
+        samples_per_iteration=GLOBAL_BATCH)
+    return ddp, optimizer, scheduler
+
+
+def train(tp: int, pp: int, distopt: bool, preset: str, ckpt: str, save: bool,
+          recipe: bool = False) -> dict:
     init_distributed(tp, pp, seed=1234)
     cfg = make_config(tp, pp, preset)
     model = ParcaeModel(cfg, get_parcae_layer_local_spec())
@@ -65,13 +113,8 @@ def train(tp: int, pp: int, distopt: bool, preset: str, ckpt: str, save: bool) -
         state = dist_checkpointing.load(model.sharded_state_dict(), ckpt)
         model.load_state_dict(state)
     inner = model
-    ddp = DistributedDataParallel(
-        config=cfg, module=model,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                 use_distributed_optimizer=distopt))
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=1.0,
-                        use_distributed_optimizer=distopt, adam_eps=1e-8), [ddp])
+    ddp, optimizer, scheduler = (recipe_optimizer if recipe else adam_optimizer)(
+        cfg, model, distopt)
     cfg.finalize_model_grads_func = finalize_model_grads
     cfg.no_sync_func = ddp.no_sync
     dp = parallel_state.get_data_parallel_world_size()
@@ -89,6 +132,8 @@ def train(tp: int, pp: int, distopt: bool, preset: str, ckpt: str, save: bool) -
                                model=[ddp], num_microbatches=micro, seq_length=SEQ,
                                micro_batch_size=MBS, forward_only=False)
         _, grad_norm, _ = optimizer.step()
+        if scheduler is not None:
+            scheduler.step(GLOBAL_BATCH)
         loss = torch.zeros(1)
         if parallel_state.is_pipeline_last_stage():
             loss += sum(o["lm loss"] for o in out) / micro
@@ -97,22 +142,25 @@ def train(tp: int, pp: int, distopt: bool, preset: str, ckpt: str, save: bool) -
         norms.append(float(grad_norm))
     dist.barrier()
     return {"loss": losses, "grad_norm": norms, "tp": tp, "pp": pp, "dp": dp,
-            "distopt": distopt, "executed_iterations": inner.loop_stats.executed_iterations}
+            "distopt": distopt, "optimizer": "recipe" if recipe else "adam",
+            "executed_iterations": inner.loop_stats.executed_iterations}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layouts", required=True,
-                        help="';'-separated tp,pp,distopt triples, e.g. '1,1,0;2,1,0'")
+                        help="';'-separated tp,pp,distopt[,recipe] tuples, e.g. "
+                             "'1,1,0;2,1,0;2,1,1,1' (recipe 1: the authors' Muon recipe)")
     parser.add_argument("--preset", default="parcae-tiny")
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--save", action="store_true", help="write the reference checkpoint")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     results = []
-    for spec in args.layouts.split(";"):
-        tp, pp, distopt = (int(x) for x in spec.split(","))
-        results.append(train(tp, pp, bool(distopt), args.preset, args.ckpt, args.save))
+    for i, spec in enumerate(args.layouts.split(";")):
+        tp, pp, distopt, *recipe = (int(x) for x in spec.split(","))
+        results.append(train(tp, pp, bool(distopt), args.preset, args.ckpt,
+                             args.save and i == 0, bool(recipe and recipe[0])))
     if int(os.environ.get("RANK", 0)) == 0:
         with open(args.out, "w") as f:
             json.dump(results, f)

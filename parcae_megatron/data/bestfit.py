@@ -1,0 +1,194 @@
+"""BOS-aligned best-fit packing with crop (spec §2.3, the authors' "BestFit-Crop"), as a
+Megatron dataset over indexed datasets: ``--packing bestfit``.
+
+Each row holds ``seq_length + 1`` tokens (inputs and labels shifted by one) and is filled from a
+buffer of up to ``packing_buffer`` documents, refilled from the shuffled document stream before
+every pick: the longest buffered document that fits in the rest of the row is placed whole;
+when none fits, the shortest is cropped to fill the row and its remainder is dropped. Every row
+therefore starts at a document's first token (its ⟨bos⟩), and every document appears at most
+once per epoch, whole or as its cropped head. There is no cross-document masking and no
+position reset (as in the authors' code).
+
+The packing is a pure function of (documents, seed, sequence length, buffer size): it is
+computed once (rank 0), cached next to GPTDataset's indices, and row ``i`` is then read
+directly, so resuming mid-epoch gives exactly the rows a straight run would have seen.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy
+import torch
+from megatron.core.datasets.gpt_dataset import (
+    GPTDataset,
+    GPTDatasetConfig,
+    MockGPTDataset,
+    _build_document_index,
+)
+from megatron.core.utils import log_single_rank
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BestFitDatasetConfig(GPTDatasetConfig):
+    """GPTDatasetConfig plus the best-fit buffer size."""
+
+    packing_buffer: int = 1000
+    """Documents held in the best-fit buffer."""
+
+
+@dataclass
+class Packing:
+    """Rows as runs of document heads: row i is ``parts[row_ptr[i]:row_ptr[i+1]]``, each part
+    (document id, tokens taken from its start)."""
+
+    row_ptr: numpy.ndarray
+    parts: numpy.ndarray
+    cropped_tokens: int
+    """Tokens dropped from the ends of cropped documents."""
+
+
+def pack_best_fit(documents: Iterable[int], lengths: Sequence[int], row_length: int,
+                  buffer_size: int, max_rows: int | None = None) -> Packing:
+    """Best-fit packing of the document stream ``documents`` (ids into ``lengths``).
+
+    Stops after ``max_rows`` rows or when the stream runs out (a last partial row is dropped).
+    Ties go to the document that entered the buffer first.
+    """
+    stream: Iterator[int] = iter(documents)
+    keys: list[tuple[int, int]] = []  # (length, arrival) sorted: a best-fit search is a bisect
+    held: dict[int, int] = {}  # arrival -> document id
+    arrival = 0
+    row_ptr, parts, row_parts = [0], [], []
+    cropped = 0
+
+    def refill() -> None:
+        nonlocal arrival
+        while len(keys) < buffer_size:
+            doc = next(stream, None)
+            if doc is None:
+                return
+            n = int(lengths[doc])
+            if n == 0:
+                continue
+            bisect.insort(keys, (n, arrival))
+            held[arrival] = int(doc)
+            arrival += 1
+
+    while max_rows is None or len(row_ptr) - 1 < max_rows:
+        pos, row_parts = 0, []
+        while pos < row_length:
+            refill()
+            if not keys:
+                break
+            remaining = row_length - pos
+            i = bisect.bisect_right(keys, (remaining, arrival)) - 1
+            if i >= 0:  # the longest document that fits, the earliest of that length
+                i = bisect.bisect_left(keys, (keys[i][0], -1))
+                n, key = keys.pop(i)
+                take = n
+            else:  # nothing fits: crop the shortest
+                n, key = keys.pop(0)
+                take = remaining
+                cropped += n - remaining
+            row_parts.append((held.pop(key), take))
+            pos += take
+        if pos < row_length:
+            break
+        parts.extend(row_parts)
+        row_ptr.append(len(parts))
+    return Packing(numpy.asarray(row_ptr, dtype=numpy.int64),
+                   numpy.asarray(parts, dtype=numpy.int64).reshape(-1, 2), cropped)
+
+
+class BestFitGPTDataset(GPTDataset):
+    """GPTDataset whose samples are best-fit packed rows (see the module docstring).
+
+    Documents are streamed in GPTDataset's order (shuffled per epoch with the config's seed);
+    rows are not shuffled further, as in the authors' streaming loader.
+    """
+
+    @staticmethod
+    def _key_config_attributes() -> list[str]:
+        return [*GPTDataset._key_config_attributes(), "packing_buffer"]
+
+    def _document_stream(self) -> Iterator[int]:
+        rng = numpy.random.RandomState(self.config.random_seed)
+        while True:  # epochs, each a fresh shuffle of this split's documents
+            yield from _build_document_index(self.indices, 1, rng, False)
+
+    def _pack(self) -> Packing:
+        lengths = self.dataset.sequence_lengths
+        row = self.config.sequence_length + self.config.add_extra_token_to_sequence
+        if self.num_samples is None:  # one pass over the documents
+            stream = _build_document_index(self.indices, 1,
+                                           numpy.random.RandomState(self.config.random_seed),
+                                           False)
+            return pack_best_fit(stream, lengths, row, self.config.packing_buffer)
+        if int(numpy.sum(lengths[self.indices])) == 0:
+            raise ValueError(f"{self.dataset_path}: no tokens in the {self.index_split.name} "
+                             "split")
+        return pack_best_fit(self._document_stream(), lengths, row,
+                             self.config.packing_buffer, self.num_samples)
+
+    def _build_document_sample_shuffle_indices(self):
+        """Pack (or load the cached packing); returns (parts, row_ptr, None)."""
+        if self.config.defer_npy_index_mmap:
+            raise ValueError("--packing bestfit does not support deferred index loading")
+        path_to_cache = self.config.path_to_cache
+        if path_to_cache is None and not self.config.mock:
+            path_to_cache = os.path.join(self.dataset.path_prefix, "cache",
+                                         f"{type(self).__name__}_indices")
+        paths = {}
+        if path_to_cache:
+            base = f"{self.unique_description_hash}-{type(self).__name__}-{self.index_split.name}"
+            paths = {k: os.path.join(path_to_cache, f"{base}-{k}")
+                     for k in ("description.txt", "row_ptr.npy", "parts.npy")}
+        if paths and all(os.path.isfile(p) for p in paths.values()):
+            log_single_rank(logger, logging.INFO,
+                            f"Load the {type(self).__name__} {self.index_split.name} packing")
+            return (numpy.load(paths["parts.npy"], mmap_mode="r"),
+                    numpy.load(paths["row_ptr.npy"], mmap_mode="r"), None)
+        start = time.time()
+        packing = self._pack()
+        log_single_rank(
+            logger, logging.INFO,
+            f"> best-fit packed {len(packing.row_ptr) - 1} {self.index_split.name} rows from "
+            f"{len(packing.parts)} document heads in {time.time() - start:.1f}s "
+            f"({packing.cropped_tokens} tokens cropped)")
+        if paths and (not torch.distributed.is_initialized()
+                      or torch.distributed.get_rank() == 0):
+            os.makedirs(path_to_cache, exist_ok=True)
+            with open(paths["description.txt"], "w") as f:
+                f.write(self.unique_description)
+            numpy.save(paths["parts.npy"], packing.parts)
+            numpy.save(paths["row_ptr.npy"], packing.row_ptr)
+        return packing.parts, packing.row_ptr, None
+
+    def _query_document_sample_shuffle_indices(self, idx: int):
+        """Row ``idx``: its tokens, document ids and per-document token counts."""
+        lo, hi = int(self.sample_index[idx]), int(self.sample_index[idx + 1])
+        parts = self.document_index[lo:hi]
+        pieces = [self.dataset.get(int(doc), offset=0, length=int(n)) for doc, n in parts]
+        return (numpy.concatenate(pieces).astype(numpy.int64),
+                numpy.asarray(parts[:, 0], dtype=numpy.int64), [int(n) for n in parts[:, 1]])
+
+
+class MockBestFitGPTDataset(BestFitGPTDataset, MockGPTDataset):
+    """Best-fit packing over Megatron's mock documents (``--mock-data``)."""
+
+
+def dataset_class(packing: str, mock: bool) -> type[GPTDataset]:
+    """The dataset class for ``--packing`` (``concat``: Megatron's GPTDataset)."""
+    if packing == "bestfit":
+        return MockBestFitGPTDataset if mock else BestFitGPTDataset
+    return MockGPTDataset if mock else GPTDataset
+
+
