@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None) -> None:
         cpu_backend.patch_megatron_training()
         # Gradient-accumulation and RoPE fusion are switched off by flag_policy.adapt_fusions
         # when their kernels are missing, as on a GPU without APEX / Transformer Engine.
-        argv = ["--transformer-impl", "local", "--distributed-backend", "gloo",
-                "--use-cpu-initialization", *argv]
+        # No --use-cpu-initialization: the GPU init path runs on the CPU backend too, and
+        # the initial weights do not depend on it (model/init.py).
+        argv = ["--transformer-impl", "local", "--distributed-backend", "gloo", *argv]
     import megatron.training.initialize as megatron_init
     from megatron.core.enums import ModelType
     from megatron.training import pretrain

@@ -24,9 +24,9 @@ from tests.distributed import ROOT
 from tests.training_runs import train
 
 # What train.main prepends when the CPU backend activates (no --no-gradient-accumulation-fusion:
-# the fusion is switched off by detection, as on a GPU without APEX).
-CPU_FLAGS = ["--transformer-impl", "local", "--distributed-backend", "gloo",
-             "--use-cpu-initialization"]
+# the fusion is switched off by detection, as on a GPU without APEX; no
+# --use-cpu-initialization: the GPU init path runs there too).
+CPU_FLAGS = ["--transformer-impl", "local", "--distributed-backend", "gloo"]
 DATA = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "511"]
 TINY = ["--config", str(ROOT / "configs/parcae-tiny-cpu.yaml"), *DATA]
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None

@@ -1,15 +1,22 @@
 """Multi-rank worker for the layout-parity test (run under torchrun; CPU over gloo).
 
-``reference``: one process builds a tiny Parcae, saves it with dist_checkpointing and trains a
-few optimizer steps. ``layouts``: for each TP/PP/DP layout, every rank builds its shard, loads
-the reference checkpoint (Megatron reshards it), and trains the same steps on the same data
-through Megatron's DDP, optimizer and pipeline schedules. Rank 0 writes per-step loss and
-grad norm to JSON; the pytest side compares them.
+``reference``: one process builds a tiny Parcae (Megatron's GPU-style init path, as on a GPU
+without --use-cpu-initialization), saves it with dist_checkpointing and trains a few optimizer
+steps. ``layouts``: for each TP/PP/DP(/SP) layout, every rank builds its shard, loads the
+reference checkpoint (Megatron reshards it) or, for from-scratch layouts, keeps its own
+initialisation after checking it against the checkpoint, and trains the same steps on the
+same data through Megatron's DDP, optimizer and pipeline schedules. Rank 0 writes per-step
+loss and grad norm (and the init checks) to JSON; the pytest side compares them.
+
+A layout is ``tp,pp,distopt[,flags]``; flags: ``s`` sequence parallel, ``n`` from scratch
+(no checkpoint load), ``c`` --use-cpu-initialization, ``i`` check the init only (no training),
+``r`` the authors' optimizer recipe (parcae_muon) instead of Adam.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 from functools import partial
@@ -29,10 +36,11 @@ from parcae_megatron.platform.dist import init_distributed
 SEQ, MBS, GLOBAL_BATCH, STEPS = 16, 2, 8, 4
 
 
-def make_config(tp: int, pp: int, preset: str):
+def make_config(tp: int, pp: int, preset: str, sp: bool = False, cpu_init: bool = False):
     return preset_config(
         preset, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        use_cpu_initialization=True, pipeline_dtype=torch.float32, seq_length=SEQ,
+        sequence_parallel=sp, use_cpu_initialization=cpu_init, pipeline_dtype=torch.float32,
+        seq_length=SEQ,
         # exercise every part of the block from step 0: non-zero output projections
         output_layer_init_method=preset_config(preset).init_method)
 
@@ -55,65 +63,7 @@ def forward_step(data_iterator, model):
 
 
 def adam_optimizer(cfg, model, distopt: bool):
-    ddp = DistributedDataParallel(
-        config=cfg, module=model,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                 use_distributed_optimizer=distopt))
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=1.0,
-                        use_distributed_optimizer=distopt, adam_eps=1e-8), [ddp])
-    return ddp, optimizer, None
-
-
-def recipe_optimizer(cfg, model, distopt: bool):
-    """The authors' recipe: parcae_muon + AdamW, momentum warm-up (over 2 steps here, so the
-    run sees several values), Muon wd 0.2 → 0, clip 1. With ``distopt`` Megatron uses its
-    layer-wise distributed optimizer (whole matrices per DP rank), as ``pretrain`` does."""
-    from megatron.core.optimizer import get_standard_config_overrides
-    from megatron.training.training import wrap_model_chunks_with_ddp
-
-    from parcae_megatron.training import muon
-
-    muon.register()
-    ddp = wrap_model_chunks_with_ddp(
-        [model], cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
-        use_layer_wise_distributed_optimizer=distopt)[0]
-    config = OptimizerConfig(optimizer="parcae_muon", lr=3e-3, min_lr=0.0, weight_decay=0.0,
-                             clip_grad=1.0, adam_beta1=0.8, adam_beta2=0.95, adam_eps=1e-10,
-                             use_layer_wise_distributed_optimizer=distopt,
-                             muon_tp_mode="duplicated", muon_nesterov=True,
-                             muon_fp32_matmul_prec="high",
-                             # megatron-core 0.19.2's layer-wise optimizer wraps its torch
-                             # optimizers (giving them a config) only when bf16 is set, and
-                             # its ChainedOptimizer asserts equal configs: with the model in
-                             # fp32 the "bf16" wrapper keeps every parameter fp32.
-                             bf16=distopt)
-    overrides = muon.recipe_overrides(get_standard_config_overrides(config), muon_lr=5e-3,
-                                      muon_start_wd=0.2, muon_end_wd=0.0)
-    optimizer = get_megatron_optimizer(config, [ddp], config_overrides=overrides)
-    scheduler = muon.RecipeParamScheduler(
-        optimizer, init_lr=0.0, max_lr=3e-3, min_lr=0.0, lr_warmup_steps=0,
-        lr_decay_steps=STEPS * GLOBAL_BATCH, lr_decay_style="constant", start_wd=0.0,
-        end_wd=0.0, wd_incr_steps=STEPS * GLOBAL_BATCH, wd_incr_style="linear",
-        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=False,
-        momentum=0.95, momentum_warmup_start=0.85, momentum_warmup_iters=2,
-        samples_per_iteration=GLOBAL_BATCH)
-    return ddp, optimizer, scheduler
-
-
-def train(tp: int, pp: int, distopt: bool, preset: str, ckpt: str, save: bool,
-          recipe: bool = False) -> dict:
-    init_distributed(tp, pp, seed=1234)
-    cfg = make_config(tp, pp, preset)
-    model = ParcaeModel(cfg, get_parcae_layer_local_spec())
-    if save:
-        os.makedirs(ckpt, exist_ok=True)
-        dist_checkpointing.save(model.sharded_state_dict(), ckpt)
-    else:
-        state = dist_checkpointing.load(model.sharded_state_dict(), ckpt)
-        model.load_state_dict(state)
-    inner = model
-    ddp, optimizer, scheduler = (recipe_optimizer if recipe else adam_optimizer)(
+    ddp, optimizer, scheduler = (recipe_optimizer if "r" in flags else adam_optimizer)(
         cfg, model, distopt)
     cfg.finalize_model_grads_func = finalize_model_grads
     cfg.no_sync_func = ddp.no_sync
@@ -140,17 +90,18 @@ def train(tp: int, pp: int, distopt: bool, preset: str, ckpt: str, save: bool,
         dist.all_reduce(loss)  # sum over all ranks; only last-stage ranks contribute
         losses.append(float(loss) / (dp * tp))
         norms.append(float(grad_norm))
+    h0 = check_initial_state(inner)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, h0)
     dist.barrier()
-    return {"loss": losses, "grad_norm": norms, "tp": tp, "pp": pp, "dp": dp,
-            "distopt": distopt, "optimizer": "recipe" if recipe else "adam",
+    return {**result, "loss": losses, "grad_norm": norms, "h0": gathered,
             "executed_iterations": inner.loop_stats.executed_iterations}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layouts", required=True,
-                        help="';'-separated tp,pp,distopt[,recipe] tuples, e.g. "
-                             "'1,1,0;2,1,0;2,1,1,1' (recipe 1: the authors' Muon recipe)")
+                        help="';'-separated tp,pp,distopt[,flags], e.g. '1,1,0;2,1,0,sn;2,1,1,r'")
     parser.add_argument("--preset", default="parcae-tiny")
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--save", action="store_true", help="write the reference checkpoint")
@@ -158,9 +109,9 @@ def main() -> None:
     args = parser.parse_args()
     results = []
     for i, spec in enumerate(args.layouts.split(";")):
-        tp, pp, distopt, *recipe = (int(x) for x in spec.split(","))
-        results.append(train(tp, pp, bool(distopt), args.preset, args.ckpt,
-                             args.save and i == 0, bool(recipe and recipe[0])))
+        tp, pp, distopt, *flags = spec.split(",")
+        results.append(train(int(tp), int(pp), bool(int(distopt)), args.preset, args.ckpt,
+                             args.save and i == 0, "".join(flags)))
     if int(os.environ.get("RANK", 0)) == 0:
         with open(args.out, "w") as f:
             json.dump(results, f)
