@@ -86,7 +86,11 @@ def test_adaptive_cli_on_the_quickstart_model(quickstart_run, tmp_path):
     assert (tmp_path / "a.png").stat().st_size > 10_000
 
 
-def test_lambada_without_the_dataset_is_one_error_line(tmp_path):
+def test_lambada_without_the_dataset_is_one_error_line(tmp_path, monkeypatch):
+    from parcae_megatron.evaluate.lambada import hub_reachable
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    assert not hub_reachable(timeout=2)
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",

@@ -8,8 +8,30 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
+from urllib.parse import urlparse
 
 TASK = "lambada_openai"
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face Hub (``HF_ENDPOINT`` if set) accepts a TCP connection."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline_unless_reachable() -> None:
+    """Without a route to the Hub, make datasets read its local cache only (set before it is
+    imported), so a missing dataset fails at once instead of after network retries."""
+    if os.environ.get("HF_DATASETS_OFFLINE") != "1" and not hub_reachable():
+        os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+        if "datasets" in sys.modules:  # already imported: its config read the old value
+            sys.modules["datasets"].config.HF_HUB_OFFLINE = True
 
 
 class DatasetUnavailable(RuntimeError):
@@ -33,13 +55,14 @@ def run_lambada(hf_dir: str, iterations: list[int] | None, batch_size: int = 16,
                 device: str | None = None, dtype: str = "float32",
                 limit: int | None = None) -> dict:
     """Perplexity and accuracy of ``lambada_openai`` (0-shot) at each loop count."""
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise FileNotFoundError(f"not a Hugging Face model directory: {hf_dir}")
+    _offline_unless_reachable()
+    tasks = load_task()  # before the model: fail fast when the data is out of reach
     import lm_eval
     import torch
     from lm_eval.api.registry import get_model
 
-    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
-        raise FileNotFoundError(f"not a Hugging Face model directory: {hf_dir}")
-    tasks = load_task()  # before the model: fail fast when the data is out of reach
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lm = get_model("hf").create_from_arg_string(
         f"pretrained={hf_dir},trust_remote_code=True,dtype={dtype}",
