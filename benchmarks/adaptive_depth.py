@@ -16,13 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
-import torch
+# the repo root first: benchmarks/data_prep.py would otherwise shadow the data_prep package
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from parcae_megatron.evaluate.adaptive import adaptive_loss, best_saving
-from parcae_megatron.evaluate.runner import build_windows, load_hf_model, load_megatron_model
-from parcae_megatron.evaluate.scoring import score
+import torch  # noqa: E402
+
+from parcae_megatron.evaluate.adaptive import adaptive_loss, best_saving  # noqa: E402
+from parcae_megatron.evaluate.runner import (  # noqa: E402
+    build_windows,
+    load_hf_model,
+    load_megatron_model,
+)
+from parcae_megatron.evaluate.scoring import score  # noqa: E402
 
 
 def bench(model, windows, criterion: str, thresholds: list[float], max_t: int, seed: int,
