@@ -66,3 +66,92 @@ def test_loop_count_changes_the_output_and_defaults_to_config(model):
 def test_config_rejects_bad_values(bad, message):
     with pytest.raises(ValueError, match=message):
         ParcaeConfig(**bad)
+
+
+# --- adaptive depth (per-token early exit) -------------------------------------------------
+RULES = [("residual", None, 2), ("kl", None, 2), ("argmax", 0.0, 1)]
+
+
+def _mixed_threshold(model, ids, criterion: str, patience: int) -> float:
+    """A threshold at which tokens stop at different iterations (so the cache rule matters)."""
+    for eps in (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 1e-2, 1e-3, 1e-4):
+        with torch.no_grad():
+            its = model(ids, num_iterations=6, use_cache=False, exit_criterion=criterion,
+                        exit_threshold=eps, exit_patience=patience).iterations
+        if len(its.unique()) >= 2:
+            return eps
+    raise AssertionError(f"no threshold mixes exits for {criterion}")
+
+
+@pytest.mark.parametrize("criterion, threshold, patience", RULES)
+def test_adaptive_exit_at_zero_threshold_is_fixed_depth(model, criterion, threshold, patience):
+    ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fixed = model(ids, num_iterations=5, use_cache=False).logits
+        out = model(ids, num_iterations=5, use_cache=False, exit_criterion=criterion,
+                    exit_threshold=0.0, exit_patience=100)
+    assert torch.equal(out.logits, fixed)  # bit for bit
+    assert (out.iterations == 5).all() and out.iteration_histogram.tolist() == [0] * 5 + [24]
+
+
+def test_adaptive_exit_with_a_huge_threshold_stops_at_the_first_comparison(model):
+    ids = torch.randint(1, 256, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        res = model(ids, num_iterations=6, use_cache=False, exit_criterion="residual",
+                    exit_threshold=1e9)
+        kl = model(ids, num_iterations=6, use_cache=False, exit_criterion="kl",
+                   exit_threshold=1e9)
+        t1 = model(ids, num_iterations=1, use_cache=False).logits
+    # residual compares h_1 with h_0: one iteration, and the output is the T = 1 output
+    assert (res.iterations == 1).all() and res.iteration_histogram.tolist() == [0, 18, 0, 0, 0,
+                                                                                0, 0]
+    torch.testing.assert_close(res.logits, t1, rtol=0, atol=0)
+    assert (kl.iterations == 2).all()  # KL needs two read-outs
+
+
+@pytest.mark.parametrize("criterion, threshold, patience", RULES)
+def test_adaptive_exit_cached_decoding_equals_one_uncached_forward(model, criterion, threshold,
+                                                                  patience):
+    from transformers.cache_utils import DynamicCache
+
+    ids = torch.randint(1, 256, (3, 16), generator=torch.Generator().manual_seed(5))
+    eps = threshold if threshold is not None else _mixed_threshold(model, ids, criterion,
+                                                                   patience)
+    rule = dict(num_iterations=6, exit_criterion=criterion, exit_threshold=eps,
+                exit_patience=patience)
+    with torch.no_grad():
+        full = model(ids, use_cache=False, **rule)
+        cache = DynamicCache()
+        parts = [model(ids[:, :4], cache=cache, use_cache=True, **rule)]  # a prefill, then 1 by 1
+        parts += [model(ids[:, t: t + 1], cache=cache, use_cache=True, **rule)
+                  for t in range(4, 16)]
+    assert len(full.iterations.unique()) >= 2, full.iterations  # exits really differ
+    assert torch.equal(torch.cat([p.iterations for p in parts], 1), full.iterations)
+    torch.testing.assert_close(torch.cat([p.logits for p in parts], 1), full.logits,
+                               rtol=1e-4, atol=1e-4)
+    # the histogram counts every token once, per call and summed over the cache's calls
+    assert int(full.iteration_histogram.sum()) == ids.numel()
+    assert torch.equal(cache.parcae_iteration_histogram, full.iteration_histogram)
+    # generate() under the same rule: cached and uncached give the same tokens
+    cached = model.generate(ids[:, :6], max_new_tokens=8, do_sample=False, **rule)
+    plain = model.generate(ids[:, :6], max_new_tokens=8, do_sample=False, use_cache=False,
+                           **rule)
+    assert torch.equal(cached, plain)
+    with pytest.raises(ValueError, match="exit rule"):
+        model(ids[:, :1], cache=cache, num_iterations=6)
+
+
+def test_adaptive_histogram_skips_padding_and_rejects_bad_rules(model):
+    ids = torch.randint(1, 256, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=False, num_iterations=4,
+                    exit_criterion="residual", exit_threshold=0.2)
+    assert int(out.iteration_histogram.sum()) == 11 and out.iteration_histogram[0] == 0
+    with pytest.raises(ValueError, match="exit_criterion"):
+        model(ids, exit_criterion="entropy")
+    with pytest.raises(ValueError, match="exit_threshold"):
+        model(ids, exit_criterion="kl", exit_threshold=-1.0)
+    with pytest.raises(ValueError, match="exit_criterion"):
+        ParcaeConfig(exit_criterion="entropy")

@@ -1,7 +1,10 @@
-"""``python -m parcae_megatron.evaluate``: loss / perplexity / bits per byte vs loop count T.
+"""``python -m parcae_megatron.evaluate [loss|core|core-extended|adaptive|lambada] ...``.
 
-Scores a held-out token stream at each T (default 1, 2, 4, …, 2·μ_rec) and seed of the initial
-state, fits L(T) = L∞ + Z·exp(−z·T) (spec §5.3), prints a table and writes JSON and a PNG.
+``loss`` (the default when no subcommand is given): loss / perplexity / bits per byte of a
+held-out token stream at each T (default 1, 2, 4, …, 2·μ_rec) and seed of the initial state,
+with the fit L(T) = L∞ + Z·exp(−z·T) (spec §5.3). ``core`` / ``core-extended``: the paper's
+in-context benchmarks on the DCLM eval bundle. ``adaptive``: loss (and CORE) against mean
+iterations per token under per-token early exit. ``lambada``: lm-eval's lambada_openai.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     p = argparse.ArgumentParser(
-        prog="python -m parcae_megatron.evaluate",
+        prog="python -m parcae_megatron.evaluate [loss]",
         description="Validation loss, perplexity and bits per byte of a Parcae model at "
                     "several loop counts T and initial-state seeds, with the test-time law fit "
                     "L(T) = L_inf + Z*exp(-z*T).",
         epilog="example: python -m parcae_megatron.evaluate --hf exports/tiny --text "
-               "data/valid.jsonl --seq-length 128 --seeds 0 1 2 --out eval.json --plot eval.png")
+               "data/valid.jsonl --seq-length 128 --seeds 0 1 2 --out eval.json --plot eval.png"
+               "\n\nother subcommands: core, core-extended, adaptive, lambada (each with --help)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", metavar="DIR", help="Hugging Face export directory (safetensors)")
     src.add_argument("--load", metavar="CKPT", help="Megatron checkpoint directory")
@@ -53,8 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+SUBCOMMANDS = ("loss", "core", "core-extended", "adaptive", "lambada")
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS[1:]:
+        from parcae_megatron.evaluate import cli_extra
+
+        return cli_extra.main(argv[0], argv[1:])
+    if argv and argv[0] == "loss":
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     for path in (args.out, args.plot):
         if path and os.path.exists(path) and not args.overwrite:

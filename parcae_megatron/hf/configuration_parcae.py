@@ -11,6 +11,7 @@ import math
 from transformers import PretrainedConfig
 
 INJECTION_TYPES = ("diagonal", "diagonal_exact_zoh", "additive", "concat_linear")
+EXIT_CRITERIA = ("residual", "kl", "argmax")
 
 
 class ParcaeConfig(PretrainedConfig):
@@ -22,6 +23,10 @@ class ParcaeConfig(PretrainedConfig):
     std ``state_std``, ±3σ) or ``"zero"``; with ``state_seed`` set, h₀ at position p is a fixed
     function of (seed, p), so evaluation is reproducible and cached generation equals
     uncached generation; ``state_seed=None`` draws afresh on every forward (the authors' way).
+
+    Adaptive depth: ``exit_criterion`` (``None``, ``"residual"``, ``"kl"`` or ``"argmax"``),
+    ``exit_threshold`` (ε) and ``exit_patience`` (k) are the defaults of the forward arguments
+    of the same names; ``num_iterations`` is then the maximum loop count.
     """
 
     model_type = "parcae"
@@ -57,6 +62,9 @@ class ParcaeConfig(PretrainedConfig):
         initializer_range: float | None = None,
         tie_word_embeddings: bool = True,
         use_cache: bool = True,
+        exit_criterion: str | None = None,
+        exit_threshold: float = 0.0,
+        exit_patience: int = 2,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
@@ -90,6 +98,9 @@ class ParcaeConfig(PretrainedConfig):
         self.initializer_range = (initializer_range if initializer_range is not None
                                   else math.sqrt(2 / (5 * hidden_size)))
         self.use_cache = use_cache
+        self.exit_criterion = None if exit_criterion == "none" else exit_criterion
+        self.exit_threshold = exit_threshold
+        self.exit_patience = exit_patience
         kwargs.pop("num_hidden_layers", None)  # derived, see below
         super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
@@ -126,5 +137,10 @@ class ParcaeConfig(PretrainedConfig):
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.num_recurrent_layers and self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.exit_criterion is not None and self.exit_criterion not in EXIT_CRITERIA:
+            raise ValueError(f"exit_criterion must be one of {EXIT_CRITERIA} or None, "
+                             f"got {self.exit_criterion!r}")
+        if self.exit_threshold < 0 or self.exit_patience < 1:
+            raise ValueError("exit_threshold must be >= 0 and exit_patience >= 1")
         if self.value_embedding_gate_channels > self.hidden_size:
             raise ValueError("value_embedding_gate_channels exceeds hidden_size")

@@ -9,10 +9,15 @@ so their released weights load after at most a RoPE row permutation. Inference:
 * the loop count ``num_iterations`` is a per-call argument (default ``config.num_iterations``);
 * the KV cache holds one layer per *executed* attention layer: prelude, every iteration of every
   recurrent layer, coda (L_P + T·L_R + L_C), so a cache is tied to the T it was built with;
-* h₀ is seedable: with ``state_seed`` it depends only on (seed, position).
+* h₀ is seedable: with ``state_seed`` it depends only on (seed, position);
+* adaptive depth (``exit_criterion``): each token stops iterating once its state has converged,
+  with ``num_iterations`` as the maximum; see ``ParcaeForCausalLM.forward`` for the criteria and
+  the KV-cache rule that keeps cached and uncached decoding identical.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +26,42 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_parcae import ParcaeConfig
+from .configuration_parcae import EXIT_CRITERIA, ParcaeConfig
+
+
+@dataclass
+class ParcaeCausalLMOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus, under adaptive exit, the iterations each token used.
+
+    ``iterations`` [b, s]: the loop count at which each token of this call stopped;
+    ``iteration_histogram`` [T + 1]: how many (non-padding) tokens of this call stopped at
+    each r = 0 … T (entry 0 stays 0); both ``None`` at a fixed loop count.
+    """
+
+    iterations: torch.LongTensor | None = None
+    iteration_histogram: torch.LongTensor | None = None
+
+
+class KVHold:
+    """The last computed keys/values of this call's tokens, per looped attention role.
+
+    The adaptive-exit rule: at iteration r an exited token's keys/values are the ones of the last
+    iteration it computed, so later tokens (in this call or in later cached calls) attend to
+    those. ``active`` [b, s] marks the tokens still iterating.
+    """
+
+    def __init__(self, active: torch.Tensor) -> None:
+        self.active = active
+        self.kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, role: tuple, k: torch.Tensor, v: torch.Tensor):
+        """k, v [b, heads, s, hd] → the same with exited tokens' entries held."""
+        if role in self.kv:
+            keep = self.active[:, None, :, None]
+            k = torch.where(keep, k, self.kv[role][0])
+            v = torch.where(keep, v, self.kv[role][1])
+        self.kv[role] = (k, v)
+        return k, v
 
 
 def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,8 +125,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor | None, value_embedding: torch.Tensor | None,
-                cache: Cache | None, layer_idx: int) -> torch.Tensor:
-        """x [b, s, d] (already normed) → attention output [b, s, d]."""
+                cache: Cache | None, layer_idx: int,
+                hold: tuple[KVHold, tuple] | None = None) -> torch.Tensor:
+        """x [b, s, d] (already normed) → attention output [b, s, d]; ``hold`` = (store, role)
+        applies the adaptive-exit K/V rule before the cache sees the keys."""
         b, s, _ = x.shape
         q = self.c_q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -99,6 +141,8 @@ class Attention(nn.Module):
         q, k = rms_norm(q, self.qk_eps), rms_norm(k, self.qk_eps)
         q = apply_rope(q, *rope, self.interleaved)
         k = apply_rope(k, *rope, self.interleaved)
+        if hold is not None:
+            k, v = hold[0](hold[1], k, v)
         if cache is not None:
             k, v = cache.update(k, v, layer_idx)
         if mask is None:
@@ -133,9 +177,10 @@ class Block(nn.Module):
         self.norm_2 = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, rope, mask, value_embedding, cache, layer_idx) -> torch.Tensor:
+    def forward(self, x, rope, mask, value_embedding, cache, layer_idx,
+                hold=None) -> torch.Tensor:
         """x + attn(norm x), then + mlp(norm x)."""
-        x = x + self.attn(self.norm_1(x), rope, mask, value_embedding, cache, layer_idx)
+        x = x + self.attn(self.norm_1(x), rope, mask, value_embedding, cache, layer_idx, hold)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -289,16 +334,39 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         num_iterations: int | None = None,
         initial_state: torch.Tensor | None = None,
         state_seed: int | None = None,
+        exit_criterion: str | None = None,
+        exit_threshold: float | None = None,
+        exit_patience: int | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> ParcaeCausalLMOutput:
         """Logits [b, s, V] (and the mean next-token loss when ``labels`` are given).
 
         Args:
-            num_iterations: loop count T for this call (default ``config.num_iterations``).
+            num_iterations: loop count T for this call (default ``config.num_iterations``); the
+                maximum under adaptive exit.
             initial_state: h₀ [b, s, d]; overrides ``state_init``/``state_seed``.
             state_seed: seed of h₀ for this call (default ``config.state_seed``); a negative
                 seed draws a fresh h₀ from the global RNG, as the authors' code does.
-            cache: a ``Cache`` built by an earlier call with the same T.
+            cache: a ``Cache`` built by an earlier call with the same T (and exit rule).
+            exit_criterion: adaptive depth per token (default ``config.exit_criterion``):
+                ``"residual"`` stops after iteration r when ‖h_r − h_{r−1}‖/‖h_r‖ <
+                ``exit_threshold`` (h_0 is the initial state, so r = 1 can already stop);
+                ``"kl"`` when KL(p_r ‖ p_{r−1}) < ``exit_threshold`` between the next-token
+                distributions read out after successive iterations (r ≥ 2); ``"argmax"`` when
+                the read-out argmax was the same for ``exit_patience`` consecutive iterations
+                (r ≥ patience + 1). ``None`` or ``"none"``: every token runs T iterations.
+            exit_threshold: ε of ``residual``/``kl`` (default ``config.exit_threshold``);
+                ε = 0 never exits early, so the output equals the fixed-T output.
+            exit_patience: k of ``argmax`` (default ``config.exit_patience``).
+
+        Under adaptive exit an exited token keeps its last state and, at every later
+        iteration r, its keys/values are those of its last computed iteration: a later token
+        attending at iteration r to it (in this call, or through the cache) sees those. The
+        cache stores them in the iteration-r slots, so token-by-token cached decoding equals
+        one uncached forward under the same rule. The read-out for ``kl``/``argmax`` runs the
+        coda at every iteration with its own cache slots per iteration (appended after the
+        L_P + T·L_R + L_C regular ones), under the same rule. ``iterations`` in the output
+        holds each token's count.
         """
         if "past_key_values" in kwargs:  # transformers < 5.40 name
             cache = kwargs.pop("past_key_values")
@@ -306,12 +374,13 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         T = cfg.num_iterations if num_iterations is None else int(num_iterations)
         if cfg.num_recurrent_layers and T < 1:
             raise ValueError(f"num_iterations must be >= 1, got {T}")
+        rule = self._exit_rule(exit_criterion, exit_threshold, exit_patience)
         use_cache = cfg.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache()
         past = cache.get_seq_length() if cache is not None else 0
         if cache is not None:
-            self._check_cache(cache, T, past)
+            self._check_cache(cache, T, past, rule)
         b, s = input_ids.shape
         if position_ids is None:  # left-padded batches come with their own position ids
             position_ids = torch.arange(past, past + s, device=input_ids.device)[None]
@@ -325,6 +394,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         for i, block in enumerate(self.transformer.prelude):
             x = block(x, rope, mask, self._value_embedding(i, input_ids), cache, layer)
             layer += 1
+        iterations = histogram = None
         if n_r:
             if initial_state is not None:
                 h = initial_state.float()
@@ -334,12 +404,25 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
             e = self.transformer.ln_prelude(x) if "ln_prelude" in self.transformer else x
             decay, drive = self.transformer.adapter.prepare(e)
             ves = [self._value_embedding(n_p + j, input_ids) for j in range(n_r)]
-            for _ in range(T):
-                u = self.transformer.adapter.step(h, decay, drive).to(x.dtype)
-                for j, block in enumerate(self.transformer.core_block):
-                    u = block(u, rope, mask, ves[j], cache, layer)
-                    layer += 1
-                h = u.float()
+            if rule is None:
+                for _ in range(T):
+                    u = self.transformer.adapter.step(h, decay, drive).to(x.dtype)
+                    for j, block in enumerate(self.transformer.core_block):
+                        u = block(u, rope, mask, ves[j], cache, layer)
+                        layer += 1
+                    h = u.float()
+            else:
+                h, iterations = self._adaptive_loop(h, decay, drive, ves, x.dtype, rope, mask,
+                                                    cache, T, rule, input_ids)
+                layer += T * n_r
+                valid = (attention_mask[:, -s:].bool() if attention_mask is not None
+                         else torch.ones_like(iterations, dtype=torch.bool))
+                histogram = torch.bincount(iterations[valid].flatten().cpu(),
+                                           minlength=T + 1)
+                if cache is not None:  # generate(): the histogram over all its calls
+                    total = getattr(cache, "parcae_iteration_histogram", None)
+                    cache.parcae_iteration_histogram = (histogram.clone() if total is None
+                                                        else total + histogram)
             x = F.linear(h, self.transformer.C.weight.float()).to(x.dtype)
         for k, block in enumerate(self.transformer.coda):
             x = block(x, rope, mask, self._value_embedding(n_p + n_r + k, input_ids), cache,
@@ -353,15 +436,100 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                    labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+        return ParcaeCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None,
+                                    iterations=iterations, iteration_histogram=histogram)
 
-    def _check_cache(self, cache: Cache, T: int, past: int) -> None:
+    def _exit_rule(self, criterion, threshold, patience) -> tuple[str, float, int] | None:
+        """(criterion, ε, k) from the call's arguments or the config; None = fixed T."""
+        cfg = self.config
+        criterion = getattr(cfg, "exit_criterion", None) if criterion is None else criterion
+        if criterion in (None, "none") or not cfg.num_recurrent_layers:
+            return None
+        if criterion not in EXIT_CRITERIA:
+            raise ValueError(f"exit_criterion must be one of {EXIT_CRITERIA} or None, "
+                             f"got {criterion!r}")
+        threshold = getattr(cfg, "exit_threshold", 0.0) if threshold is None else threshold
+        patience = getattr(cfg, "exit_patience", 2) if patience is None else patience
+        if float(threshold) < 0 or int(patience) < 1:
+            raise ValueError(f"exit_threshold must be >= 0 and exit_patience >= 1, got "
+                             f"{threshold} and {patience}")
+        return criterion, float(threshold), int(patience)
+
+    def _adaptive_loop(self, h, decay, drive, ves, dtype, rope, mask, cache, T, rule,
+                       input_ids) -> tuple[torch.Tensor, torch.LongTensor]:
+        """The recurrence with per-token exit; returns (final states, iterations [b, s])."""
+        cfg = self.config
+        n_p, n_r, n_c = cfg.num_prelude_layers, cfg.num_recurrent_layers, cfg.num_coda_layers
+        criterion, threshold, patience = rule
+        active = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        iterations = torch.full(h.shape[:2], T, dtype=torch.long, device=h.device)
+        hold = KVHold(active)
+        probe_base = cfg.unrolled_layers(T)
+        prev_logp = prev_arg = None
+        stable = torch.zeros_like(iterations)
+        ran = 0
+        for r in range(1, T + 1):
+            hold.active = active
+            u = self.transformer.adapter.step(h, decay, drive).to(dtype)
+            for j, block in enumerate(self.transformer.core_block):
+                u = block(u, rope, mask, ves[j], cache, n_p + (r - 1) * n_r + j,
+                          (hold, ("core", j)))
+            h_new = u.float()
+            if criterion == "residual":
+                delta = (h_new - h).norm(dim=-1) / h_new.norm(dim=-1).clamp_min(1e-30)
+                done = delta < threshold
+            else:
+                logp = self._readout(h_new, dtype, rope, mask, input_ids, cache,
+                                     probe_base + (r - 1) * n_c, hold).log_softmax(-1)
+                done = torch.zeros_like(active)
+                if criterion == "kl" and prev_logp is not None:
+                    kl = (logp.exp() * (logp - prev_logp)).sum(-1).clamp_min(0.0)
+                    done = kl < threshold
+                elif criterion == "argmax":
+                    arg = logp.argmax(-1)
+                    if prev_arg is not None:
+                        stable = torch.where(arg == prev_arg, stable + 1, 0)
+                        done = stable >= patience
+                    prev_arg = arg
+                prev_logp = logp
+            h = torch.where(active[..., None], h_new, h)
+            iterations = torch.where(active & done, r, iterations)
+            active = active & ~done
+            ran = r
+            if not bool(active.any()):
+                break
+        if cache is not None:  # slots of iterations nobody ran hold the last K/V (the rule)
+            for r in range(ran + 1, T + 1):
+                for j in range(n_r):
+                    cache.update(*hold.kv[("core", j)], n_p + (r - 1) * n_r + j)
+                if criterion != "residual":
+                    for k in range(n_c):
+                        cache.update(*hold.kv[("probe", k)], probe_base + (r - 1) * n_c + k)
+        return h, iterations
+
+    def _readout(self, h, dtype, rope, mask, input_ids, cache, first_slot, hold) -> torch.Tensor:
+        """Logits the model would give if every token stopped at state ``h`` (fp32)."""
+        n_pr = self.config.num_prelude_layers + self.config.num_recurrent_layers
+        x = F.linear(h, self.transformer.C.weight.float()).to(dtype)
+        for k, block in enumerate(self.transformer.coda):
+            x = block(x, rope, mask, self._value_embedding(n_pr + k, input_ids), cache,
+                      first_slot + k, (hold, ("probe", k)))
+        return self.lm_head(self.transformer.ln_f(x)).float()
+
+    def _check_cache(self, cache: Cache, T: int, past: int, rule=None) -> None:
         needed = self.config.unrolled_layers(T)
+        if rule is not None and rule[0] != "residual":
+            needed += T * self.config.num_coda_layers  # read-out slots per iteration
         built_for = getattr(cache, "parcae_num_iterations", None)
         if past and built_for is not None and built_for != T:
             raise ValueError(f"this cache was built with num_iterations={built_for}; "
                              f"call again with the same loop count (got {T})")
+        if past and getattr(cache, "parcae_exit_rule", None) != rule:
+            raise ValueError(f"this cache was built with exit rule "
+                             f"{getattr(cache, 'parcae_exit_rule', None)}; call again with "
+                             f"the same rule (got {rule})")
         cache.parcae_num_iterations = T
+        cache.parcae_exit_rule = rule
         layers = getattr(cache, "layers", None)
         if layers is not None:  # generate() sizes caches by config.num_hidden_layers
             while len(layers) < needed:
