@@ -113,8 +113,11 @@ def forward_step(data_iterator, model):
     inner = unwrap_model(model)
     if model.training:
         if inner.has_loop:
-            if inner.depth_sampler.step != args.curr_iteration:
-                inner.depth_sampler.start_step(args.curr_iteration)
+            from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+            sampler, count = inner.depth_sampler, get_num_microbatches()
+            if sampler.step != args.curr_iteration or sampler.num_microbatches != count:
+                sampler.start_step(args.curr_iteration, count)
             # Megatron logs the step that starts at curr_iteration as iteration curr + 1.
             inner.record_state_stats = TELEMETRY.record_state_now(args.curr_iteration + 1)
         return model(tokens, labels=labels), partial(loss_func, loss_mask)

@@ -26,11 +26,13 @@ InjectionType = Literal["diagonal", "diagonal_exact_zoh", "additive", "concat_li
 StateInit = Literal["like_init", "zero"]
 DepthSampling = Literal["per_sequence", "per_batch", "fixed"]
 LoopExecution = Literal["compact", "masked"]
+DepthBalance = Literal["independent", "global"]
 
 INJECTION_TYPES = ("diagonal", "diagonal_exact_zoh", "additive", "concat_linear")
 STATE_INITS = ("like_init", "zero")
 DEPTH_SAMPLINGS = ("per_sequence", "per_batch", "fixed")
 LOOP_EXECUTIONS = ("compact", "masked")
+DEPTH_BALANCES = ("independent", "global")
 
 
 def half_squared_relu(x: torch.Tensor) -> torch.Tensor:
@@ -62,6 +64,9 @@ class ParcaeConfig(TransformerConfig):
     state_init: StateInit = "like_init"
     prelude_norm: bool = True
     depth_sampling: DepthSampling = "per_sequence"
+    depth_balance: DepthBalance = "independent"
+    """``independent``: each replica draws its own micro-batches' depths; ``global``: the
+    whole global batch is drawn per step and dealt so replicas do equal loop work."""
     per_batch_lognormal_sigma: float = 0.5
     """σ of Huginn's log-normal Poisson sampler (``depth_sampling='per_batch'``)."""
     loop_execution: LoopExecution = "compact"
@@ -198,6 +203,11 @@ class ParcaeConfig(TransformerConfig):
             fail(f"state_init must be one of {STATE_INITS}, got {self.state_init!r}")
         if self.depth_sampling not in DEPTH_SAMPLINGS:
             fail(f"depth_sampling must be one of {DEPTH_SAMPLINGS}, got {self.depth_sampling!r}")
+        if self.depth_balance not in DEPTH_BALANCES:
+            fail(f"depth_balance must be one of {DEPTH_BALANCES}, got {self.depth_balance!r}")
+        if self.depth_balance == "global" and self.depth_sampling != "per_sequence":
+            fail("depth_balance 'global' deals per-sequence depths: it needs depth_sampling "
+                 f"'per_sequence', got {self.depth_sampling!r}")
         if self.loop_execution not in LOOP_EXECUTIONS:
             fail(f"loop_execution must be one of {LOOP_EXECUTIONS}, got {self.loop_execution!r}")
         if self.num_recurrent_layers > 0:
