@@ -5,12 +5,23 @@ their values become v + g ⊙ E[s] with a per-head gate g = 2·sigmoid(W_g · x[
 normed block input x. Recurrent layers reuse their table on every loop iteration because the
 table lives in the (shared) layer. Under tensor parallelism the table and the gate are sharded
 by heads, like the values they are added to, so no communication is needed.
+
+No side channel carries the token ids. The model looks up a stack's table rows E[s] once
+per forward (``ParcaeModel.value_embedding_rows``) and hands them to the stack as the
+``context`` argument of Megatron's ``TransformerBlock``, which passes ``context`` from layer
+to layer and saves it with the inputs of a recomputed chunk (full activation recompute), so
+a recomputed layer sees exactly the rows it saw in its forward. ``ParcaeTransformerLayer``
+gives them to its attention for the duration of that one call (Megatron's layer has no
+argument through to its self-attention). Inside the loop the model selects the rows of the
+sequences still iterating, so the compaction index never reaches a layer.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -19,30 +30,11 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from parcae_megatron.model.init import qkv_orthogonal_init
-
-
-class TokenContext:
-    """Token ids of the micro-batch in flight, shared by all value-embedding layers.
-
-    The model sets ``ids`` ([b, s]) once per forward; inside the loop ``batch_index``
-    selects the sequences that are still iterating (compaction).
-    """
-
-    def __init__(self) -> None:
-        self.ids: torch.Tensor | None = None
-        self.batch_index: torch.Tensor | None = None
-
-    def active_ids(self) -> torch.Tensor:
-        """The ids of the sequences currently being processed."""
-        if self.ids is None:
-            raise RuntimeError("value embeddings need token ids: call the model with input_ids")
-        if self.batch_index is None:
-            return self.ids
-        return self.ids.index_select(0, self.batch_index)
 
 
 class HeadRMSNorm(torch.nn.Module):
@@ -93,13 +85,20 @@ class ValueEmbedding(MegatronModule):
                 bound = 1.0 / math.sqrt(self.gate_channels)
                 gate = torch.empty(groups, self.gate_channels).uniform_(-bound, bound)
                 self.gate_weight.copy_(gate[tp_rank * self.heads:(tp_rank + 1) * self.heads])
-        self.token_context: TokenContext | None = None
 
-    def forward(self, normed_input: torch.Tensor) -> torch.Tensor:
-        """g ⊙ E[s] shaped like Megatron's value tensor [s, b, heads, head_dim]."""
-        ids = self.token_context.active_ids()  # [b, s]
-        table = F.embedding(ids, self.weight).transpose(0, 1)  # [s, b, heads*hd]
-        table = table.reshape(*table.shape[:2], self.heads, self.head_dim)
+    @property
+    def width(self) -> int:
+        """Columns of this rank's table (its heads × head dim)."""
+        return self.heads * self.head_dim
+
+    def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Table rows E[s] of ``input_ids`` ([b, s]) as [s, b, heads·hd]."""
+        return F.embedding(input_ids, self.weight).transpose(0, 1)
+
+    def forward(self, normed_input: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """g ⊙ E[s] shaped like Megatron's value tensor [s, b, heads, head_dim], from the
+        normed block input and this layer's rows E[s] ([s, b, heads·hd])."""
+        table = rows.reshape(*rows.shape[:2], self.heads, self.head_dim)
         # The gate reads the replicated input but writes only this rank's heads: its input
         # gradient must be summed over TP ranks, like a column-parallel linear's.
         gate_in = copy_to_tensor_model_parallel_region(normed_input[..., : self.gate_channels],
@@ -139,10 +138,28 @@ class ParcaeSelfAttention(SelfAttention):
         super().__init__(qkv_config, submodules, layer_number, **kwargs)
         self.effective_layer = first_effective_layer + layer_number - 1
         self.value_embedding = None
+        self.value_rows_columns: slice | None = None
+        """This layer's columns in its stack's value-embedding rows (set by the model)."""
+        self._value_rows: torch.Tensor | None = None
         if submodules.value_embedding is not None and config.has_value_embedding(
                 self.effective_layer):
             self.value_embedding = submodules.value_embedding(
                 config, config.vocab_size, tp_group=self.pg_collection.tp)
+
+    @contextmanager
+    def value_rows_bound(self, stack_rows: torch.Tensor | None) -> Iterator[None]:
+        """Use ``stack_rows`` (the stack's rows, this layer's columns) for one call only."""
+        if self.value_embedding is None:
+            yield
+            return
+        if stack_rows is None:
+            raise RuntimeError("a value-embedding layer was called without its table rows: "
+                               "pass context=model.value_embedding_rows(stack, input_ids)")
+        self._value_rows = stack_rows[..., self.value_rows_columns]
+        try:
+            yield
+        finally:
+            self._value_rows = None
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None,
                                     output_gate: bool = False, split_qkv: bool = True):
@@ -154,6 +171,25 @@ class ParcaeSelfAttention(SelfAttention):
         if not split_qkv:
             raise NotImplementedError("value embeddings need split q/k/v (fused-QKV inference "
                                       "kernels are not supported)")
+        if self._value_rows is None:
+            raise RuntimeError("value embedding rows are bound only inside "
+                               "ParcaeTransformerLayer's attention call")
         query, key, value, *rest = out
-        value = value + self.value_embedding(hidden_states).to(value.dtype)
+        value = value + self.value_embedding(hidden_states, self._value_rows).to(value.dtype)
         return (query, key, value, *rest)
+
+
+class ParcaeTransformerLayer(TransformerLayer):
+    """Megatron's `TransformerLayer` whose ``context`` argument (unused: Parcae has no
+    cross-attention) carries the stack's value-embedding rows to its self-attention.
+
+    ``context`` is returned unchanged, so the block hands the same rows to every layer, and
+    Megatron's full recompute saves and restores it with the chunk's inputs.
+    """
+
+    def _forward_attention(self, hidden_states, attention_mask=None, context=None,
+                           *args, **kwargs):
+        with self.self_attention.value_rows_bound(context):
+            hidden_states, _ = super()._forward_attention(hidden_states, attention_mask, None,
+                                                          *args, **kwargs)
+        return hidden_states, context

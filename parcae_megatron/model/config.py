@@ -77,6 +77,9 @@ class ParcaeConfig(TransformerConfig):
     min_decay_rate: float = 1e-6
     """Floor on Δ·a, so Ā ≤ exp(-1e-6) < 1 holds in floating point for any parameters."""
     depth_seed: int = 514229
+    recompute_loop_iterations: bool = False
+    """Checkpoint each gradient iteration of the loop (non-reentrant): keep only the loop
+    state at iteration boundaries and re-run the iteration in the backward (spec §2.3)."""
 
     # --- value embeddings -----------------------------------------------------------------
     value_embeddings: bool = True
@@ -168,6 +171,8 @@ class ParcaeConfig(TransformerConfig):
                  "coda": self.num_coda_layers}[stack]
         cfg = copy.copy(self)
         cfg.num_layers = total
+        if token == "R" and self.recompute_loop_iterations and cfg.recompute_granularity == "full":
+            cfg.recompute_granularity = None  # the loop checkpoint already re-runs these layers
         per_stage = [s.count(token) * (self.num_recurrent_layers if token == "R" else 1)
                      for s in self.stage_layout()]
         cfg.pipeline_model_parallel_layout = PipelineParallelLayerLayout(
@@ -229,6 +234,12 @@ class ParcaeConfig(TransformerConfig):
             fail("value_embedding_gate_channels exceeds hidden_size")
         if self.sequence_parallel:
             fail("sequence_parallel is not supported by the looped model yet")
+        if self.recompute_loop_iterations:
+            if self.num_recurrent_layers == 0:
+                fail("recompute_loop_iterations needs a recurrent block")
+            if self.hidden_dropout or self.attention_dropout:
+                fail("recompute_loop_iterations needs dropout 0 (a re-run iteration would "
+                     "draw other masks)")
         self._validate_layout()
 
     def _validate_layout(self) -> None:

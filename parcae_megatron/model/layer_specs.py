@@ -16,12 +16,13 @@ from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_bac
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from parcae_megatron.model.attention import (
     HeadRMSNorm,
     ParcaeSelfAttention,
     ParcaeSelfAttentionSubmodules,
+    ParcaeTransformerLayer,
     ValueEmbedding,
 )
 
@@ -42,7 +43,7 @@ def get_parcae_layer_local_spec() -> ModuleSpec:
     backend = LocalSpecProvider()
     norm = backend.layer_norm(rms_norm=True)
     return ModuleSpec(
-        module=TransformerLayer,
+        module=ParcaeTransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
@@ -77,7 +78,7 @@ def get_parcae_layer_te_spec() -> ModuleSpec:
 
     backend = TESpecProvider()
     return ModuleSpec(
-        module=TransformerLayer,
+        module=ParcaeTransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=backend.layer_norm(rms_norm=True),
             self_attention=ModuleSpec(

@@ -67,6 +67,9 @@ def add_parcae_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="global: draw the global batch's depths per step and deal them so "
                         "data-parallel replicas do equal loop work")
     g.add_argument("--loop-execution", choices=LOOP_EXECUTIONS, default="compact")
+    g.add_argument("--recompute-loop-iterations", action="store_true",
+                   help="checkpoint each gradient iteration of the loop (store only the loop "
+                        "state between iterations); composes with --recompute-granularity")
     g.add_argument("--no-value-embeddings", dest="value_embeddings", action="store_false")
     g.add_argument("--qk-layernorm-epsilon", type=float, default=None,
                    help="QK-norm epsilon (default: --norm-epsilon)")
@@ -174,6 +177,15 @@ def validate_parcae_args(args: argparse.Namespace) -> ParcaeConfig:
         raise ParcaeConfigError(
             f"world size {args.world_size} is not divisible by tensor x pipeline parallel size "
             f"{args.tensor_model_parallel_size} x {args.pipeline_model_parallel_size}")
+    if (args.recompute_granularity == "full" and args.overlap_grad_reduce
+            and args.num_recurrent_layers and not args.recompute_loop_iterations):
+        # Reentrant recompute runs one backward per recurrent-block call, so DDP's grad-ready
+        # hook of a shared loop weight fires once per call and the count follows the sampled
+        # depths: the overlapped reduce could start before the last contribution.
+        raise ParcaeConfigError(
+            "--recompute-granularity full with --overlap-grad-reduce needs "
+            "--recompute-loop-iterations (the loop's layers are then recomputed per iteration "
+            "in one backward)")
     _check_data(args)
     # The tokenizer (and so the padded vocabulary) is only known after initialisation;
     # check the model with a vocabulary padded the way Megatron will pad it.
