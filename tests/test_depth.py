@@ -61,7 +61,7 @@ def test_keys_identical_across_model_parallel_ranks_distinct_across_replicas():
     db, gb = b.next(64)
     do, _ = other.next(64)
     assert torch.equal(da.total, db.total)
-    assert torch.equal(torch.randn(8, generator=ga), torch.randn(8, generator=gb))
+    assert ga == gb  # the h0 seed
     assert not torch.equal(da.total, do.total)
     assert not torch.equal(a.next(64)[0].total, da.total)  # next micro-batch differs
 

@@ -72,6 +72,10 @@ class ParcaeConfig(TransformerConfig):
     min_decay_rate: float = 1e-6
     """Floor on Δ·a, so Ā ≤ exp(-1e-6) < 1 holds in floating point for any parameters."""
     depth_seed: int = 514229
+    init_seed: int = 1234
+    """Seed of the initial weights: each parameter is drawn from a generator keyed by
+    (init_seed, its name), whatever the TP/PP layout (model/init.py). Training sets it to
+    ``--seed``."""
 
     # --- value embeddings -----------------------------------------------------------------
     value_embeddings: bool = True
@@ -110,7 +114,7 @@ class ParcaeConfig(TransformerConfig):
         # spec §1.7: std = sqrt(2 / (5 d)) for every matrix; output projections start at zero.
         self.init_method_std = math.sqrt(2.0 / (5.0 * self.hidden_size))
         if self.init_method is None:
-            self.init_method = orthogonal_init(self.init_method_std)
+            self.init_method = orthogonal_init(self.init_method_std, seed=self.init_seed)
         if self.output_layer_init_method is None:
             self.output_layer_init_method = zeros_init
         if self.embedding_init_method is None:
@@ -217,8 +221,6 @@ class ParcaeConfig(TransformerConfig):
                  f"tensor_model_parallel_size ({tp}); pad the vocabulary")
         if self.value_embeddings and self.value_embedding_gate_channels > self.hidden_size:
             fail("value_embedding_gate_channels exceeds hidden_size")
-        if self.sequence_parallel:
-            fail("sequence_parallel is not supported by the looped model yet")
         self._validate_layout()
 
     def _validate_layout(self) -> None:

@@ -13,10 +13,16 @@ import importlib.util
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
+from megatron.core.utils import get_pg_rank
 
 from parcae_megatron.model.attention import (
     HeadRMSNorm,
@@ -24,6 +30,36 @@ from parcae_megatron.model.attention import (
     ParcaeSelfAttentionSubmodules,
     ValueEmbedding,
 )
+from parcae_megatron.model.init import keyed_init
+from parcae_megatron.model.norm import RMSNorm
+
+
+class ParcaeTransformerLayer(TransformerLayer):
+    """Megatron's `TransformerLayer` whose MLP inits are bound to this layer's parameters.
+
+    Megatron's MLP takes its init methods from the config and learns its layer number only
+    after construction, so the layer hands it a config copy whose fc1/fc2 inits are keyed by
+    the global (effective) layer index: the initial weights do not depend on TP/PP (init.py).
+    ``first_effective_layer`` is where this layer's stack starts (prelude 0, recurrent L_P,
+    coda L_P + L_R).
+    """
+
+    def __init__(self, config, submodules: TransformerLayerSubmodules, layer_number: int = 1,
+                 first_effective_layer: int = 0, pg_collection=None, vp_stage=None,
+                 **kwargs) -> None:
+        pp_group = (pg_collection or ProcessGroupCollection.use_mpu_process_groups()).pp
+        number = layer_number + get_transformer_layer_offset(config, vp_stage,
+                                                             get_pg_rank(pp_group))
+        prefix = f"layers.{first_effective_layer + number - 1}.mlp"
+        d, ffn = config.hidden_size, config.ffn_hidden_size
+        if not config.gated_linear_unit:  # GLU's interleaved fc1 layout is not keyed
+            config = copy.copy(config)
+            config.init_method = keyed_init(config.init_method, f"{prefix}.linear_fc1.weight",
+                                            (ffn, d), 0)
+            config.output_layer_init_method = keyed_init(
+                config.output_layer_init_method, f"{prefix}.linear_fc2.weight", (d, ffn), 1)
+        super().__init__(config, submodules, layer_number, pg_collection=pg_collection,
+                         vp_stage=vp_stage, **kwargs)
 
 
 def te_available() -> bool:
@@ -40,9 +76,9 @@ def te_available() -> bool:
 def get_parcae_layer_local_spec() -> ModuleSpec:
     """Parcae block from Megatron-Core's own modules (runs on CPU and GPU)."""
     backend = LocalSpecProvider()
-    norm = backend.layer_norm(rms_norm=True)
+    norm = RMSNorm  # unlike torch's, supports sequence parallelism
     return ModuleSpec(
-        module=TransformerLayer,
+        module=ParcaeTransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
@@ -77,7 +113,7 @@ def get_parcae_layer_te_spec() -> ModuleSpec:
 
     backend = TESpecProvider()
     return ModuleSpec(
-        module=TransformerLayer,
+        module=ParcaeTransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=backend.layer_norm(rms_norm=True),
             self_attention=ModuleSpec(
@@ -114,6 +150,7 @@ def get_parcae_layer_spec(transformer_impl: str = "auto") -> ModuleSpec:
 def spec_for_stack(layer_spec: ModuleSpec, first_effective_layer: int) -> ModuleSpec:
     """A copy of ``layer_spec`` whose attention knows where its stack starts (for VE placement)."""
     spec = copy.deepcopy(layer_spec)
+    spec.params = {**spec.params, "first_effective_layer": first_effective_layer}
     spec.submodules.self_attention.params = {
         **spec.submodules.self_attention.params,
         "first_effective_layer": first_effective_layer,
