@@ -71,6 +71,24 @@ def test_from_scratch_init_is_layout_invariant(runs, layout):
         assert check["identical_shards"] == [], f"rank {rank}: duplicated TP shards"
 
 
+def test_initial_state_same_on_every_layout(runs):
+    """h0 of a micro-batch: the same full state on every layout (TP ranks hold the same
+    state, or with SP their shards of it), on the model's device, keyed by (seed, step,
+    micro-batch) rather than by the ranks."""
+    ref = [c for c in runs[(1, 1, 1, False, "")]["h0"] if c][0]
+    assert ref["shape"] == [16, 2, 64] and ref["on_model_device"]
+    for layout, run in runs.items():
+        if "h0" not in run:
+            continue
+        checks = [c for c in run["h0"] if c and c["dp_rank"] == 0]  # replica 0's micro-batch
+        assert checks, layout
+        for check in checks:
+            assert check["digest"] == ref["digest"], layout
+            assert check["on_model_device"], layout
+            if "s" not in layout[-1]:
+                assert check["tp_identical"], layout
+
+
 def test_reference_trains(runs):
     ref = runs[(1, 1, 1, False, "")]
     assert ref["executed_iterations"] > 0  # the loop ran with sampled depths

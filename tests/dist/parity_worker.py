@@ -15,6 +15,7 @@ A layout is ``tp,pp,distopt[,flags]``; flags: ``s`` sequence parallel, ``n`` fro
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 from functools import partial
@@ -81,6 +82,29 @@ def check_init(model: ParcaeModel, ckpt: str) -> dict:
             "checked_sharded": len(sharded)}
 
 
+def check_initial_state(model: ParcaeModel) -> dict | None:
+    """h0 of one training micro-batch on this TP group: the digest of the full state (the
+    shards concatenated under sequence parallelism), whether TP ranks hold the same state
+    (without SP), and whether it lives on the model's device."""
+    if not model.has_loop:
+        return None
+    cfg = model.config
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    model.train()
+    model.depth_sampler.start_step(STEPS + 7)
+    local = SEQ // tp if cfg.sequence_parallel else SEQ
+    x = torch.empty(local, MBS, cfg.hidden_size, device=next(model.parameters()).device)
+    _, h0 = model._depths_and_state(x, None, None, None, None)
+    shards = [torch.empty_like(h0) for _ in range(tp)]
+    dist.all_gather(shards, h0.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    full = torch.cat(shards) if cfg.sequence_parallel else shards[0]
+    return {"digest": hashlib.sha256(full.cpu().numpy().tobytes()).hexdigest(),
+            "shape": list(full.shape), "tp_identical": all(torch.equal(shards[0], t)
+                                                           for t in shards),
+            "on_model_device": h0.device == next(model.parameters()).device,
+            "dp_rank": parallel_state.get_data_parallel_rank()}
+
+
 def train(tp: int, pp: int, distopt: bool, preset: str, ckpt: str, save: bool,
           flags: str = "") -> dict:
     init_distributed(tp, pp, seed=1234)
@@ -133,8 +157,11 @@ def train(tp: int, pp: int, distopt: bool, preset: str, ckpt: str, save: bool,
         dist.all_reduce(loss)  # sum over all ranks; only last-stage ranks contribute
         losses.append(float(loss) / (dp * tp))
         norms.append(float(grad_norm))
+    h0 = check_initial_state(inner)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, h0)
     dist.barrier()
-    return {**result, "loss": losses, "grad_norm": norms,
+    return {**result, "loss": losses, "grad_norm": norms, "h0": gathered,
             "executed_iterations": inner.loop_stats.executed_iterations}
 
 
