@@ -9,7 +9,7 @@
     counted by the model itself over real forward passes, plus the wall-time ratio.
 (c) The initial loop state h₀: training-step time of one model with h₀ drawn on its device
     (the default: the replica's device generator) against drawn on the host and copied (a
-    CPU generator passed in), and the draw alone at the 1.3B shape's width. On the CPU
+    CPU generator passed in), and the draw alone at 1/16 of the 1.3B recipe's s·b·d. On the CPU
     backend host and device are the same memory, so the ratio is ~1 here; the GPU figure
     comes with the GPU acceptance run.
 (d) Tensor parallelism: a training step (forward + backward) at TP=2 with and without
@@ -142,7 +142,7 @@ def bench_initial_state(batch: int, repeats: int) -> dict:
     host = torch.Generator()
     t_device = step_time(train_step(model, ids, ids, depths=depths), repeats)
     t_host = step_time(train_step(model, ids, ids, depths=depths, generator=host), repeats)
-    shape = (512, 8, 2048)  # a quarter of the 1.3B recipe's s·b·d (2048 · 8 · 2048)
+    shape = (256, 8, 1024)  # 1/16 of the 1.3B recipe's s·b·d (2048 · 8 · 2048)
     x = torch.empty(shape, device=device)
 
     def draw_on_device():
