@@ -7,6 +7,14 @@
 (b) Executed recurrent iterations per sequence divided by the mean sampled depth, with
     compaction and with the authors' masking, at micro-batch 8 and 32 (Poisson μ_rec = 8),
     counted by the model itself over real forward passes, plus the wall-time ratio.
+(c) The initial loop state h₀: training-step time of one model with h₀ drawn on its device
+    (the default: the replica's device generator) against drawn on the host and copied (a
+    CPU generator passed in), and the draw alone at 1/16 of the 1.3B recipe's s·b·d. On the CPU
+    backend host and device are the same memory, so the ratio is ~1 here; the GPU figure
+    comes with the GPU acceptance run.
+(d) Tensor parallelism: a training step (forward + backward) at TP=2 with and without
+    sequence parallelism, two gloo ranks spawned by this script (CPU figures, for the
+    record: gloo collectives on 2 cores say nothing about NVLink).
 
 Usage: python benchmarks/loop_overhead.py [--quick]. The last line is one JSON object.
 """
@@ -15,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import time
 
 import torch
@@ -118,6 +128,73 @@ def bench_compaction(batch: int, microbatches: int) -> dict:
     return out
 
 
+def bench_initial_state(batch: int, repeats: int) -> dict:
+    """Step time with h0 drawn on the model's device vs on the host, same model and depths."""
+    cfg = ParcaeConfig(**WIDTH, num_prelude_layers=1, num_recurrent_layers=2, num_coda_layers=1,
+                       mean_recurrence=4, mean_backprop_depth=2, vocab_size=VOCAB,
+                       seq_length=SEQ)
+    model = ParcaeModel(cfg, get_parcae_layer_local_spec())
+    model.train()
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, VOCAB, (batch, SEQ), generator=gen).to(device)
+    depths = DepthSample.fixed(batch, 4, 2)
+    host = torch.Generator()
+    t_device = step_time(train_step(model, ids, ids, depths=depths), repeats)
+    t_host = step_time(train_step(model, ids, ids, depths=depths, generator=host), repeats)
+    shape = (256, 8, 1024)  # 1/16 of the 1.3B recipe's s·b·d (2048 · 8 · 2048)
+    x = torch.empty(shape, device=device)
+
+    def draw_on_device():
+        model._depths_and_state(x, None, depths, None, None)
+
+    def draw_on_host():
+        model._depths_and_state(x, None, depths, None, torch.Generator().manual_seed(3))
+
+    draw_device, draw_host = step_time(draw_on_device, repeats), step_time(draw_on_host, repeats)
+    return {"device": str(device), "micro_batch": batch, "step_device_h0_s": t_device,
+            "step_host_h0_s": t_host, "step_host_over_device": t_host / t_device,
+            "draw_shape": list(shape), "draw_device_s": draw_device, "draw_host_s": draw_host,
+            "draw_host_over_device": draw_host / draw_device}
+
+
+def _tp_worker(rank: int, port: int, batch: int, repeats: int, results) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    init_distributed(tensor_parallel=2)
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, VOCAB, (batch, SEQ), generator=gen)
+    depths = DepthSample.fixed(batch, 4, 2)
+    out = {}
+    for sp in (False, True):
+        cfg = ParcaeConfig(**WIDTH, num_prelude_layers=1, num_recurrent_layers=2,
+                           num_coda_layers=1, mean_recurrence=4, mean_backprop_depth=2,
+                           vocab_size=VOCAB, seq_length=SEQ, tensor_model_parallel_size=2,
+                           sequence_parallel=sp)
+        model = ParcaeModel(cfg, get_parcae_layer_local_spec())
+        model.train()
+        out["tp2_sp_step_s" if sp else "tp2_step_s"] = step_time(
+            train_step(model, ids, ids, depths=depths), repeats)
+    if rank == 0:
+        results.put(out)
+    torch.distributed.destroy_process_group()
+
+
+def bench_tensor_parallel(batch: int, repeats: int) -> dict:
+    """TP=2 step time with and without sequence parallelism (two spawned gloo ranks)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_tp_worker, args=(port, batch, repeats, results), nprocs=2)
+    out = results.get()
+    return {"micro_batch": batch, "seq": SEQ, **out,
+            "sp_over_no_sp": out["tp2_sp_step_s"] / out["tp2_step_s"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
@@ -126,7 +203,9 @@ def main() -> None:
     init_distributed()
     repeats = 2 if args.quick else 5
     results = {"step_time": [bench_step_time(T, 4, repeats) for T in (2, 4)],
-               "compaction": [bench_compaction(b, 4 if args.quick else 16) for b in (8, 32)]}
+               "compaction": [bench_compaction(b, 4 if args.quick else 16) for b in (8, 32)],
+               "initial_state": bench_initial_state(4, repeats),
+               "tensor_parallel": bench_tensor_parallel(4, repeats)}
     for row in results["step_time"]:
         print(f"T={row['T']:2d} executed layers={row['executed_layers']:2d}  "
               f"GPTModel {row['gpt_step_s'] * 1e3:7.1f} ms  Parcae (full bptt) "
@@ -138,6 +217,13 @@ def main() -> None:
               f"executed/mean compact {row['compact_over_mean_depth']:.3f}, "
               f"masked {row['masked_over_mean_depth']:.3f}; "
               f"masked/compact time {row['masked_over_compact_time']:.2f}")
+    h0 = results["initial_state"]
+    print(f"h0 on {h0['device']}: step host-drawn/device-drawn {h0['step_host_over_device']:.3f}; "
+          f"draw {h0['draw_shape']} device {h0['draw_device_s'] * 1e3:.1f} ms, host+copy "
+          f"{h0['draw_host_s'] * 1e3:.1f} ms (ratio {h0['draw_host_over_device']:.2f})")
+    tp = results["tensor_parallel"]
+    print(f"TP=2 step {tp['tp2_step_s'] * 1e3:.1f} ms, TP=2+SP {tp['tp2_sp_step_s'] * 1e3:.1f} ms "
+          f"(SP/no-SP {tp['sp_over_no_sp']:.3f}; CPU gloo, for the record)")
     print(json.dumps(results))
 
 

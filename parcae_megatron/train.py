@@ -167,8 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = [a for a in argv if a != "--validate-only"]
     if cpu_backend.maybe_activate():
         cpu_backend.patch_megatron_training()
+        # No --use-cpu-initialization: the GPU init path runs on the CPU backend too, and
+        # the initial weights do not depend on it (model/init.py).
         argv = ["--transformer-impl", "local", "--distributed-backend", "gloo",
-                "--use-cpu-initialization", "--no-gradient-accumulation-fusion", *argv]
+                "--no-gradient-accumulation-fusion", *argv]
     import megatron.training.initialize as megatron_init
     from megatron.core.enums import ModelType
     from megatron.training import pretrain

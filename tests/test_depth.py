@@ -62,7 +62,7 @@ def test_keys_identical_across_model_parallel_ranks_distinct_across_replicas():
     db, gb = b.next(64)
     do, _ = other.next(64)
     assert torch.equal(da.total, db.total)
-    assert torch.equal(torch.randn(8, generator=ga), torch.randn(8, generator=gb))
+    assert ga == gb  # the h0 seed
     assert not torch.equal(da.total, do.total)
     assert not torch.equal(a.next(64)[0].total, da.total)  # next micro-batch differs
 
@@ -208,7 +208,7 @@ def test_global_sampler_slices_resume_and_dp_invariance():
             db, gb = b.next(4)
             assert torch.equal(da.total, layout[r, j]) and torch.equal(da.total, db.total)
             assert torch.equal(da.grad, da.total.clamp_max(cfg.mean_backprop_depth))
-            assert torch.equal(torch.randn(4, generator=ga), torch.randn(4, generator=gb))
+            assert ga == gb  # the h0 seed, identical on every TP/PP rank of the replica
         with pytest.raises(RuntimeError, match="announced 3"):
             a.next(4)
     s = DepthSampler(cfg, dp_rank=1, dp_size=2)

@@ -53,7 +53,7 @@ def test_parameter_counts_match_paper(megatron_single, preset):
 
 
 def tiny_model(**overrides) -> ParcaeModel:
-    cfg = preset_config("parcae-tiny", use_cpu_initialization=True, **overrides)
+    cfg = preset_config("parcae-tiny", **overrides)
     return ParcaeModel(cfg, get_parcae_layer_local_spec())
 
 
@@ -219,7 +219,7 @@ def test_bf16_keeps_loop_state_and_injection_fp32(megatron_single):
 
 
 def test_transformer_baseline_has_no_loop(megatron_single):
-    cfg = preset_config("transformer-tiny", use_cpu_initialization=True)
+    cfg = preset_config("transformer-tiny")
     model = ParcaeModel(cfg, get_parcae_layer_local_spec())
     assert not model.has_loop and model.coda is None
     ids, labels, _ = _batch(b=2)
@@ -248,3 +248,26 @@ def test_eval_initial_state_fresh_per_forward_and_reproducible(megatron_single):
         assert not torch.equal(first, second)  # h0 is redrawn on every forward (spec §1.6)
         model.depth_sampler.eval_draws = 0
         assert torch.equal(model(ids), first)  # ...from a keyed generator: reproducible
+
+
+def test_initial_state_on_device_keyed_by_step_and_microbatch(megatron_single):
+    """h0 comes from the replica's generator on the model's device, reseeded from (seed,
+    step, micro-batch): reproducible on resume, fresh per micro-batch and step."""
+    model = tiny_model()
+    model.train()
+    device = next(model.parameters()).device
+    x = torch.empty(12, 3, 64, device=device)
+
+    def draw(step: int, skip: int = 0) -> torch.Tensor:
+        model.depth_sampler.start_step(step)
+        for _ in range(skip):
+            model.depth_sampler.next(3)
+        return model._depths_and_state(x, None, None, None, None)[1]
+
+    h0 = draw(5)
+    assert h0.device == device and h0.dtype == torch.float32 and h0.shape == x.shape
+    assert set(model._state_generators) == {device}  # one generator per device, reused
+    std = model.config.init_method_std
+    assert float(h0.abs().max()) <= 3 * std and 0.5 * std < float(h0.std()) < std
+    assert torch.equal(draw(5), h0)  # a resumed run redraws the same state
+    assert not torch.equal(draw(6), h0) and not torch.equal(draw(5, skip=1), h0)

@@ -149,7 +149,8 @@ def parity_run(nproc: int, ckpt: Path, out: Path, *layout: str) -> dict[int, flo
 
 def test_layouts_match_single_process_through_entry_point(start_checkpoint, tmp_path):
     reference = parity_run(1, start_checkpoint, tmp_path / "ref.jsonl")
-    layouts = {"tp2": ["--tensor-model-parallel-size", "2"],
+    # TP=2 without SP, and every layout from scratch, are in test_parallel_parity.py.
+    layouts = {"tp2-sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
                "pp2": ["--pipeline-model-parallel-size", "2"],
                "dp2-distopt": ["--use-distributed-optimizer"]}
     for name, flags in layouts.items():

@@ -4,16 +4,19 @@ Value embeddings (spec §1.3): some layers own a token-indexed table E ∈ R^{V 
 their values become v + g ⊙ E[s] with a per-head gate g = 2·sigmoid(W_g · x[..., :32]) on the
 normed block input x. Recurrent layers reuse their table on every loop iteration because the
 table lives in the (shared) layer. Under tensor parallelism the table and the gate are sharded
-by heads, like the values they are added to, so no communication is needed.
+by heads, like the values they are added to. With sequence parallelism the block input is
+sharded along the sequence while the values (after the QKV all-gather) cover the whole
+sequence, so the gate's 32 input channels are all-gathered along the sequence too (their
+gradient is reduce-scattered back, as for the QKV input).
 
 No side channel carries the token ids. The model looks up a stack's table rows E[s] once
 per forward (``ParcaeModel.value_embedding_rows``) and hands them to the stack as the
 ``context`` argument of Megatron's ``TransformerBlock``, which passes ``context`` from layer
 to layer and saves it with the inputs of a recomputed chunk (full activation recompute), so
 a recomputed layer sees exactly the rows it saw in its forward. ``ParcaeTransformerLayer``
-gives them to its attention for the duration of that one call (Megatron's layer has no
-argument through to its self-attention). Inside the loop the model selects the rows of the
-sequences still iterating, so the compaction index never reaches a layer.
+(layer_specs.py) gives them to its attention for the duration of that one call (Megatron's
+layer has no argument through to its self-attention). Inside the loop the model selects the
+rows of the sequences still iterating, so the compaction index never reaches a layer.
 """
 
 from __future__ import annotations
@@ -27,14 +30,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from parcae_megatron.model.init import qkv_orthogonal_init
+from parcae_megatron.model.init import ParcaeInit, keyed_init
 
 
 class HeadRMSNorm(torch.nn.Module):
@@ -58,7 +63,8 @@ class HeadRMSNorm(torch.nn.Module):
 class ValueEmbedding(MegatronModule):
     """A gated value-embedding table for one attention layer, sharded by heads over TP."""
 
-    def __init__(self, config, vocab_size: int, tp_group=None) -> None:
+    def __init__(self, config, vocab_size: int, tp_group=None,
+                 key: str = "value_embedding") -> None:
         super().__init__(config=config)
         tp_size = get_pg_size(tp_group)
         tp_rank = get_pg_rank(tp_group)
@@ -75,15 +81,16 @@ class ValueEmbedding(MegatronModule):
         set_tensor_model_parallel_attributes(self.weight, True, 1, 1)
         set_tensor_model_parallel_attributes(self.gate_weight, True, 0, 1)
         if config.perform_initialization and self.weight.device.type != "meta":
-            # Draw the full tables (PyTorch defaults, spec §1.7) and keep this rank's heads,
-            # so the initial model does not depend on the TP size.
+            # Draw the full tables (PyTorch defaults, spec §1.7) keyed by this parameter and
+            # keep this rank's heads, so the initial model does not depend on the layout.
+            seed = config.init_seed
+            table = ParcaeInit("normal", 1.0, seed, f"{key}.weight",
+                               (vocab_size, groups * self.head_dim)).full()
+            gate = ParcaeInit("uniform", 1.0 / math.sqrt(self.gate_channels), seed,
+                              f"{key}.gate_weight", (groups, self.gate_channels)).full()
             with torch.no_grad():
-                full = torch.randn(vocab_size, groups * self.head_dim)
-                cols = slice(tp_rank * self.heads * self.head_dim,
-                             (tp_rank + 1) * self.heads * self.head_dim)
-                self.weight.copy_(full[:, cols])
-                bound = 1.0 / math.sqrt(self.gate_channels)
-                gate = torch.empty(groups, self.gate_channels).uniform_(-bound, bound)
+                width = self.heads * self.head_dim
+                self.weight.copy_(table[:, tp_rank * width:(tp_rank + 1) * width])
                 self.gate_weight.copy_(gate[tp_rank * self.heads:(tp_rank + 1) * self.heads])
 
     @property
@@ -100,9 +107,15 @@ class ValueEmbedding(MegatronModule):
         normed block input and this layer's rows E[s] ([s, b, heads·hd])."""
         table = rows.reshape(*rows.shape[:2], self.heads, self.head_dim)
         # The gate reads the replicated input but writes only this rank's heads: its input
-        # gradient must be summed over TP ranks, like a column-parallel linear's.
-        gate_in = copy_to_tensor_model_parallel_region(normed_input[..., : self.gate_channels],
-                                                       group=self.tp_group)
+        # gradient must be summed over TP ranks, like a column-parallel linear's. Under
+        # sequence parallelism the input is this rank's sequence shard: gather the full
+        # sequence (backward: reduce-scatter, which also sums over ranks).
+        gate_in = normed_input[..., : self.gate_channels]
+        if self.config.sequence_parallel:
+            gate_in = gather_from_sequence_parallel_region(
+                gate_in, tensor_parallel_output_grad=True, group=self.tp_group)
+        else:
+            gate_in = copy_to_tensor_model_parallel_region(gate_in, group=self.tp_group)
         gate = 2.0 * torch.sigmoid(F.linear(gate_in, self.gate_weight))
         return gate.unsqueeze(-1) * table
 
@@ -133,10 +146,23 @@ class ParcaeSelfAttention(SelfAttention):
 
     def __init__(self, config, submodules: ParcaeSelfAttentionSubmodules, layer_number: int,
                  first_effective_layer: int = 0, **kwargs) -> None:
-        qkv_config = copy.copy(config)  # Q, K and V are each orthogonal (spec §1.7)
-        qkv_config.init_method = qkv_orthogonal_init(config.kv_channels, config.init_method_std)
-        super().__init__(qkv_config, submodules, layer_number, **kwargs)
-        self.effective_layer = first_effective_layer + layer_number - 1
+        effective_layer = first_effective_layer + layer_number - 1
+        prefix = f"layers.{effective_layer}.self_attention"
+        hd, d = config.kv_channels, config.hidden_size
+        groups = config.num_query_groups or config.num_attention_heads
+        # Q, K and V are each orthogonal (spec §1.7); inits keyed by parameter (model/init.py).
+        qkv = ({"kind": "qkv_orthogonal", "head_dim": hd}
+               if getattr(config.init_method, "kind", None) == "orthogonal" else {})
+        init_config = copy.copy(config)
+        init_config.init_method = keyed_init(
+            config.init_method, f"{prefix}.linear_qkv.weight",
+            ((config.num_attention_heads + 2 * groups) * hd, d), 0, **qkv)
+        init_config.output_layer_init_method = keyed_init(
+            config.output_layer_init_method, f"{prefix}.linear_proj.weight",
+            (d, config.num_attention_heads * hd), 1)
+        super().__init__(init_config, submodules, layer_number, **kwargs)
+        self.config = config
+        self.effective_layer = effective_layer
         self.value_embedding = None
         self.value_rows_columns: slice | None = None
         """This layer's columns in its stack's value-embedding rows (set by the model)."""
@@ -144,7 +170,8 @@ class ParcaeSelfAttention(SelfAttention):
         if submodules.value_embedding is not None and config.has_value_embedding(
                 self.effective_layer):
             self.value_embedding = submodules.value_embedding(
-                config, config.vocab_size, tp_group=self.pg_collection.tp)
+                config, config.vocab_size, tp_group=self.pg_collection.tp,
+                key=f"{prefix}.value_embedding")
 
     @contextmanager
     def value_rows_bound(self, stack_rows: torch.Tensor | None) -> Iterator[None]:
@@ -178,18 +205,3 @@ class ParcaeSelfAttention(SelfAttention):
         value = value + self.value_embedding(hidden_states, self._value_rows).to(value.dtype)
         return (query, key, value, *rest)
 
-
-class ParcaeTransformerLayer(TransformerLayer):
-    """Megatron's `TransformerLayer` whose ``context`` argument (unused: Parcae has no
-    cross-attention) carries the stack's value-embedding rows to its self-attention.
-
-    ``context`` is returned unchanged, so the block hands the same rows to every layer, and
-    Megatron's full recompute saves and restores it with the chunk's inputs.
-    """
-
-    def _forward_attention(self, hidden_states, attention_mask=None, context=None,
-                           *args, **kwargs):
-        with self.self_attention.value_rows_bound(context):
-            hidden_states, _ = super()._forward_attention(hidden_states, attention_mask, None,
-                                                          *args, **kwargs)
-        return hidden_states, context

@@ -80,6 +80,10 @@ class ParcaeConfig(TransformerConfig):
     recompute_loop_iterations: bool = False
     """Checkpoint each gradient iteration of the loop (non-reentrant): keep only the loop
     state at iteration boundaries and re-run the iteration in the backward (spec §2.3)."""
+    init_seed: int = 1234
+    """Seed of the initial weights: each parameter is drawn from a generator keyed by
+    (init_seed, its name), whatever the TP/PP layout (model/init.py). Training sets it to
+    ``--seed``."""
 
     # --- value embeddings -----------------------------------------------------------------
     value_embeddings: bool = True
@@ -118,7 +122,7 @@ class ParcaeConfig(TransformerConfig):
         # spec §1.7: std = sqrt(2 / (5 d)) for every matrix; output projections start at zero.
         self.init_method_std = math.sqrt(2.0 / (5.0 * self.hidden_size))
         if self.init_method is None:
-            self.init_method = orthogonal_init(self.init_method_std)
+            self.init_method = orthogonal_init(self.init_method_std, seed=self.init_seed)
         if self.output_layer_init_method is None:
             self.output_layer_init_method = zeros_init
         if self.embedding_init_method is None:
@@ -232,8 +236,6 @@ class ParcaeConfig(TransformerConfig):
                  f"tensor_model_parallel_size ({tp}); pad the vocabulary")
         if self.value_embeddings and self.value_embedding_gate_channels > self.hidden_size:
             fail("value_embedding_gate_channels exceeds hidden_size")
-        if self.sequence_parallel:
-            fail("sequence_parallel is not supported by the looped model yet")
         if self.recompute_loop_iterations:
             if self.num_recurrent_layers == 0:
                 fail("recompute_loop_iterations needs a recurrent block")

@@ -7,7 +7,8 @@ Draws are keyed by (seed, step, global micro-batch index), where the global inde
 ``local_microbatch * dp_size + dp_rank`` follows Megatron's data sampler order. So they are
 identical on every TP/PP rank of a data-parallel replica (no broadcast needed), differ across
 replicas and micro-batches, do not depend on the DP layout, and resume deterministically.
-The same generator then draws the initial loop state h₀.
+The same key, on another stream, seeds the device generator that draws the initial loop
+state h₀ (``next`` returns that seed).
 
 With ``depth_balance='global'`` the depths of the whole global batch are instead drawn at once
 from the generator keyed by (seed, step) and dealt to replicas so that each does the same loop
@@ -24,9 +25,9 @@ import torch
 
 from parcae_megatron.model.depth_balance import deal_depths
 
-# Generator streams: 0 training micro-batches, 1 evaluation h₀, 2 and 3 the global batch's
-# depths and the balance-preserving relabelling (``depth_balance='global'``).
-_EVAL_STREAM, _GLOBAL_DEPTH_STREAM, _GLOBAL_PERM_STREAM = 1, 2, 3
+# Generator streams beyond DEPTH/EVAL_STATE/STATE (0-2): the global batch's depths and the
+# balance-preserving relabelling (``depth_balance='global'``).
+_GLOBAL_DEPTH_STREAM, _GLOBAL_PERM_STREAM = 3, 4
 
 
 @dataclass
@@ -48,12 +49,20 @@ class DepthSample:
                    torch.full((batch_size,), min(grad, total), dtype=torch.long))
 
 
-def depth_generator(seed: int, step: int, global_microbatch: int,
-                    stream: int = 0) -> torch.Generator:
-    """A CPU generator keyed by (seed, step, global micro-batch); ``stream`` 1 is evaluation."""
+DEPTH_STREAM, EVAL_STATE_STREAM, STATE_STREAM = 0, 1, 2
+
+
+def draw_seed(seed: int, step: int, global_microbatch: int, stream: int = DEPTH_STREAM) -> int:
+    """A 64-bit seed that is a pure function of (seed, stream, step, global micro-batch)."""
     key = [seed, stream, step, global_microbatch]
     state = np.random.SeedSequence(key).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return int(state[0]) << 32 | int(state[1])
+
+
+def depth_generator(seed: int, step: int, global_microbatch: int,
+                    stream: int = DEPTH_STREAM) -> torch.Generator:
+    """A CPU generator keyed by (seed, step, global micro-batch) on ``stream``."""
+    return torch.Generator().manual_seed(draw_seed(seed, step, global_microbatch, stream))
 
 
 def sample_depths(scheme: str, batch_size: int, mean_recurrence: int, mean_backprop_depth: int,
@@ -137,18 +146,18 @@ class DepthSampler:
         self.step, self.microbatch = step, 0
         self.num_microbatches = num_microbatches
 
-    def next(self, batch_size: int) -> tuple[DepthSample, torch.Generator]:
-        """Depths for the next micro-batch and the generator to draw its h₀ from."""
-        gen = depth_generator(self.seed, self.step,
-                              self.microbatch * self.dp_size + self.dp_rank)
+    def next(self, batch_size: int) -> tuple[DepthSample, int]:
+        """Depths for the next micro-batch (drawn on the host) and the seed of its h₀."""
+        global_microbatch = self.microbatch * self.dp_size + self.dp_rank
         if self.balance == "global":
             total = self._replica_depths(batch_size)[self.microbatch]
             depths = DepthSample(total, total.clamp_max(self.mean_backprop_depth))
         else:
+            gen = depth_generator(self.seed, self.step, global_microbatch)
             depths = sample_depths(self.scheme, batch_size, self.mean_recurrence,
                                    self.mean_backprop_depth, gen, self.sigma)
         self.microbatch += 1
-        return depths, gen
+        return depths, draw_seed(self.seed, self.step, global_microbatch, STATE_STREAM)
 
     def _replica_depths(self, batch_size: int) -> torch.Tensor:
         """This replica's [micro-batches, batch] share of the step's dealt global batch."""
@@ -163,11 +172,11 @@ class DepthSampler:
             self._dealt = (key, layout[self.dp_rank])
         return self._dealt[1]
 
-    def eval_generator(self) -> torch.Generator:
-        """A generator for h₀ of an evaluation forward: fresh per call, identical across the
-        TP/PP ranks of a replica (they evaluate the same micro-batches in the same order)."""
+    def eval_seed(self) -> int:
+        """The h₀ seed of an evaluation forward: fresh per call, identical across the TP/PP
+        ranks of a replica (they evaluate the same micro-batches in the same order)."""
         self.eval_draws += 1
-        return depth_generator(self.seed, self.eval_draws, self.dp_rank, stream=_EVAL_STREAM)
+        return draw_seed(self.seed, self.eval_draws, self.dp_rank, EVAL_STATE_STREAM)
 
     def state_dict(self) -> dict:
         """Position of the sampler (the draws themselves are a pure function of it)."""

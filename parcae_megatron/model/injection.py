@@ -11,6 +11,10 @@ u_t = Ā ⊙ h_t + B̄ e feeds the recurrent block, h_{t+1} = F_R(u_t) (spec §1
 All parameters and arithmetic are fp32 whatever the model dtype (spec §2.3): the modules
 refuse dtype casts of their parameters. Loop-invariant terms (Ā and B̄e) are computed once per
 forward by ``prepare`` and reused by every ``step``.
+
+Everything here is per token, so it runs unchanged on a sequence-parallel shard; the
+parameters are replicated over TP and flagged ``sequence_parallel`` so Megatron sums their
+gradients over the TP group.
 """
 
 from __future__ import annotations
@@ -22,11 +26,16 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-from parcae_megatron.model.init import orthogonal_init, truncated_normal_
+from parcae_megatron.model.init import ParcaeInit
+from parcae_megatron.model.norm import mark_sequence_parallel
 
 
 class Fp32ParamsModule(MegatronModule):
     """A MegatronModule whose float parameters stay fp32 through ``.bfloat16()``/``.half()``."""
+
+    def finish_init(self, config) -> None:
+        """Flag the parameters for sequence-parallel gradient reduction."""
+        mark_sequence_parallel(self, config)
 
     def _apply(self, fn, recurse=True):
         def keep_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -64,6 +73,7 @@ class DiagonalInjection(Fp32ParamsModule):
                 # Δ0 = -ln(init_decay) and a0 = 1 give Ā0 = init_decay (√0.2 ≈ 0.44721).
                 self.dt_bias.fill_(inverse_softplus(-math.log(config.init_decay)))
                 torch.nn.init.eye_(self.B)
+        self.finish_init(config)
 
     def delta(self) -> torch.Tensor:
         """Δ = softplus(dt_bias), per channel."""
@@ -97,6 +107,9 @@ class DiagonalInjection(Fp32ParamsModule):
 class AdditiveInjection(Fp32ParamsModule):
     """u = h + e: Ā = B̄ = I (the marginally stable baseline)."""
 
+    def __init__(self, config) -> None:
+        super().__init__(config=config)
+
     def prepare(self, e: torch.Tensor) -> Prepared:
         """The drive is e itself."""
         return Prepared(None, e.float())
@@ -114,7 +127,9 @@ class ConcatLinearInjection(Fp32ParamsModule):
         d = config.hidden_size
         self.weight = torch.nn.Parameter(torch.empty(d, 2 * d, dtype=torch.float32))
         if self.weight.device.type != "meta":
-            truncated_normal_(self.weight.data, std=config.init_method_std)
+            ParcaeInit("trunc_normal", config.init_method_std, config.init_seed,
+                       "injection.weight", (d, 2 * d))(self.weight.data)
+        self.finish_init(config)
 
     def prepare(self, e: torch.Tensor) -> Prepared:
         """W_e e, computed once per forward."""
@@ -134,7 +149,9 @@ class Readout(Fp32ParamsModule):
         super().__init__(config=config)
         d = config.hidden_size
         self.weight = torch.nn.Parameter(torch.empty(d, d, dtype=torch.float32))
-        orthogonal_init(config.init_method_std)(self.weight.data)
+        ParcaeInit("orthogonal", config.init_method_std, config.init_seed, "readout.weight",
+                   (d, d))(self.weight.data)
+        self.finish_init(config)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """C h in fp32."""
@@ -149,7 +166,7 @@ def build_injection(config) -> MegatronModule:
     if kind == "diagonal_exact_zoh":
         return DiagonalInjection(config, exact_zoh=True)
     if kind == "additive":
-        return AdditiveInjection(config=config)
+        return AdditiveInjection(config)
     if kind == "concat_linear":
         return ConcatLinearInjection(config)
     raise ValueError(f"unknown injection_type {kind!r}")

@@ -13,18 +13,65 @@ import importlib.util
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
+from megatron.core.utils import get_pg_rank
 
 from parcae_megatron.model.attention import (
     HeadRMSNorm,
     ParcaeSelfAttention,
     ParcaeSelfAttentionSubmodules,
-    ParcaeTransformerLayer,
     ValueEmbedding,
 )
+from parcae_megatron.model.init import keyed_init
+from parcae_megatron.model.norm import RMSNorm
+
+
+class ParcaeTransformerLayer(TransformerLayer):
+    """Megatron's `TransformerLayer` whose MLP inits are bound to this layer's parameters and
+    whose ``context`` argument carries the stack's value-embedding rows.
+
+    Megatron's MLP takes its init methods from the config and learns its layer number only
+    after construction, so the layer hands it a config copy whose fc1/fc2 inits are keyed by
+    the global (effective) layer index: the initial weights do not depend on TP/PP (init.py).
+    ``first_effective_layer`` is where this layer's stack starts (prelude 0, recurrent L_P,
+    coda L_P + L_R).
+    """
+
+    def __init__(self, config, submodules: TransformerLayerSubmodules, layer_number: int = 1,
+                 first_effective_layer: int = 0, pg_collection=None, vp_stage=None,
+                 **kwargs) -> None:
+        pp_group = (pg_collection or ProcessGroupCollection.use_mpu_process_groups()).pp
+        number = layer_number + get_transformer_layer_offset(config, vp_stage,
+                                                             get_pg_rank(pp_group))
+        prefix = f"layers.{first_effective_layer + number - 1}.mlp"
+        d, ffn = config.hidden_size, config.ffn_hidden_size
+        if not config.gated_linear_unit:  # GLU's interleaved fc1 layout is not keyed
+            config = copy.copy(config)
+            config.init_method = keyed_init(config.init_method, f"{prefix}.linear_fc1.weight",
+                                            (ffn, d), 0)
+            config.output_layer_init_method = keyed_init(
+                config.output_layer_init_method, f"{prefix}.linear_fc2.weight", (d, ffn), 1)
+        super().__init__(config, submodules, layer_number, pg_collection=pg_collection,
+                         vp_stage=vp_stage, **kwargs)
+
+    def _forward_attention(self, hidden_states, attention_mask=None, context=None,
+                           *args, **kwargs):
+        """``context`` (unused by Megatron here: Parcae has no cross-attention) carries the
+        stack's value-embedding rows to this layer's self-attention for this call, and is
+        returned unchanged, so the block hands the same rows to every layer and Megatron's
+        full recompute saves and restores it with the chunk's inputs (attention.py)."""
+        with self.self_attention.value_rows_bound(context):
+            hidden_states, _ = super()._forward_attention(hidden_states, attention_mask, None,
+                                                          *args, **kwargs)
+        return hidden_states, context
 
 
 def te_available() -> bool:
@@ -41,7 +88,7 @@ def te_available() -> bool:
 def get_parcae_layer_local_spec() -> ModuleSpec:
     """Parcae block from Megatron-Core's own modules (runs on CPU and GPU)."""
     backend = LocalSpecProvider()
-    norm = backend.layer_norm(rms_norm=True)
+    norm = RMSNorm  # unlike torch's, supports sequence parallelism
     return ModuleSpec(
         module=ParcaeTransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -115,6 +162,7 @@ def get_parcae_layer_spec(transformer_impl: str = "auto") -> ModuleSpec:
 def spec_for_stack(layer_spec: ModuleSpec, first_effective_layer: int) -> ModuleSpec:
     """A copy of ``layer_spec`` whose attention knows where its stack starts (for VE placement)."""
     spec = copy.deepcopy(layer_spec)
+    spec.params = {**spec.params, "first_effective_layer": first_effective_layer}
     spec.submodules.self_attention.params = {
         **spec.submodules.self_attention.params,
         "first_effective_layer": first_effective_layer,

@@ -8,6 +8,12 @@ The loop runs per-sequence depths with *compaction*: iteration j runs the recurr
 only on the sequences still iterating (gather/scatter on the batch dim), so executed work
 follows Σ T_i instead of b · max T_i (the authors' masking, kept as ``loop_execution='masked'``).
 
+Sequence parallelism works as in Megatron's GPTModel: the embedding reduce-scatters to
+sequence shards, every norm and the whole loop (h, injection, readout) run on this rank's
+shard, attention/MLP gather and reduce-scatter inside their linears, and the output layer
+gathers the sequence. h₀ of a shard is that shard of the replica's full h₀, so the model
+computes the same function at any TP size, with or without SP.
+
 Value-embedding rows reach the layers as the blocks' ``context`` argument (attention.py): each
 stack's rows are looked up once per forward, and the loop passes each iteration the rows of
 the sequences it runs. With ``recompute_loop_iterations`` every gradient iteration is a
@@ -16,6 +22,7 @@ non-reentrant checkpoint: only the loop state at iteration boundaries is kept fo
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +41,7 @@ from torch import Tensor
 from parcae_megatron.model.attention import ParcaeSelfAttention, ValueEmbedding
 from parcae_megatron.model.config import ParcaeConfig
 from parcae_megatron.model.depth import DepthSample, DepthSampler
-from parcae_megatron.model.init import truncated_normal_
+from parcae_megatron.model.init import keyed_init, truncated_normal_
 from parcae_megatron.model.injection import Prepared, Readout, build_injection
 from parcae_megatron.model.layer_specs import get_parcae_layer_spec, spec_for_stack
 
@@ -85,10 +92,17 @@ class ParcaeModel(LanguageModule):
         spec = transformer_layer_spec or get_parcae_layer_spec()
         norm = spec.submodules.input_layernorm
         self.input_tensor: Tensor | None = None
+        self._state_generators: dict[torch.device, torch.Generator] = {}
+        # The tied embedding / output weight, keyed like any other parameter (init.py).
+        embedding_init = keyed_init(config.embedding_init_method,
+                                    "embedding.word_embeddings.weight",
+                                    (config.vocab_size, config.hidden_size), 0)
 
         if self.pre_process:
+            embedding_config = copy.copy(config)
+            embedding_config.embedding_init_method = embedding_init
             self.embedding = LanguageModelEmbedding(
-                config=config, vocab_size=config.vocab_size,
+                config=embedding_config, vocab_size=config.vocab_size,
                 max_sequence_length=config.seq_length, position_embedding_type="rope")
         self.rotary_pos_emb = RotaryEmbedding(
             kv_channels=config.kv_channels, rotary_percent=1.0,
@@ -126,7 +140,7 @@ class ParcaeModel(LanguageModule):
                                    eps=config.layernorm_epsilon)
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size, config.vocab_size, config=config,
-                init_method=config.init_method, bias=False, skip_bias_add=False,
+                init_method=embedding_init, bias=False, skip_bias_add=False,
                 gather_output=False, skip_weight_param_allocation=self.pre_process)
         if self.pre_process or self.post_process:
             self.setup_embeddings_and_output_layer()
@@ -183,13 +197,14 @@ class ParcaeModel(LanguageModule):
 
         Loop depth: ``depths`` if given; else ``num_iterations`` for every sequence; else
         sampled per ``config.depth_sampling`` in training mode and μ_rec in eval mode.
-        ``initial_state`` ([s, b, d]) or ``generator`` make h₀ reproducible.
+        ``initial_state`` ([s, b, d], the full sequence; a sequence-parallel rank takes its
+        shard) or ``generator`` make h₀ reproducible; by default h₀ is drawn on the device.
         """
         if self.pre_process:
             hidden = self.embedding(input_ids=input_ids, position_ids=position_ids)
         else:
             hidden = self.input_tensor
-        rope = self.rotary_pos_emb(hidden.shape[0])
+        rope = self.rotary_pos_emb(self._full_sequence_length(hidden))
         if self.prelude is not None:
             hidden = self.prelude(hidden_states=hidden, attention_mask=attention_mask,
                                   rotary_pos_emb=rope,
@@ -211,29 +226,54 @@ class ParcaeModel(LanguageModule):
         return self.compute_language_model_loss(labels, logits)
 
     # ---------------------------------------------------------------------------------
+    def _full_sequence_length(self, x: Tensor) -> int:
+        """The sequence length of ``x`` ([s, b, ...]) before sequence-parallel sharding."""
+        if self.config.sequence_parallel:
+            return x.shape[0] * parallel_state.get_tensor_model_parallel_world_size()
+        return x.shape[0]
+
+    def _sequence_shard(self, full: Tensor, local_length: int) -> Tensor:
+        """This TP rank's sequence shard of ``full`` (itself without sequence parallelism)."""
+        if full.shape[0] == local_length:
+            return full
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        return full.narrow(0, rank * local_length, local_length)
+
+    def state_generator(self, device: torch.device, seed: int) -> torch.Generator:
+        """This replica's generator on ``device``, reseeded with ``seed`` (one per device,
+        reused: reseeding is cheap, allocating a CUDA generator per micro-batch is not)."""
+        gen = self._state_generators.get(device)
+        if gen is None:
+            gen = self._state_generators[device] = torch.Generator(device=device)
+        return gen.manual_seed(seed)
+
     def _depths_and_state(self, x: Tensor, num_iterations, depths, initial_state, generator):
         cfg = self.config
         batch = x.shape[1]
+        seed = None
         if depths is None:
             if num_iterations is not None:
                 depths = DepthSample.fixed(batch, num_iterations,
                                            cfg.mean_backprop_depth if self.training else 0)
             elif self.training:
-                depths, sampled_gen = self.depth_sampler.next(batch)
-                generator = generator or sampled_gen
+                depths, seed = self.depth_sampler.next(batch)
             else:
                 depths = DepthSample.fixed(batch, cfg.mean_recurrence, 0)
-        if generator is None and initial_state is None and cfg.state_init != "zero":
-            generator = self.depth_sampler.eval_generator()
+        full_shape = (self._full_sequence_length(x), *x.shape[1:])
         if initial_state is not None:
             h0 = initial_state.to(device=x.device, dtype=torch.float32)
         elif cfg.state_init == "zero":
             h0 = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         else:
-            # Drawn on the CPU from the replica's generator: identical across TP ranks.
-            h0 = truncated_normal_(torch.empty(x.shape, dtype=torch.float32),
+            if generator is None:
+                # On the model's device from the replica's keyed generator: identical on all
+                # TP ranks, reproducible from (seed, step, micro-batch), no host copy.
+                seed = self.depth_sampler.eval_seed() if seed is None else seed
+                generator = self.state_generator(x.device, seed)
+            h0 = truncated_normal_(torch.empty(full_shape, dtype=torch.float32,
+                                               device=generator.device),
                                    cfg.init_method_std, generator).to(x.device)
-        return depths, h0
+        return depths, self._sequence_shard(h0, x.shape[0])
 
     def _loop(self, x: Tensor, mask, rope, rows: Tensor | None, num_iterations, depths,
               initial_state, generator) -> Tensor:
@@ -274,8 +314,13 @@ class ParcaeModel(LanguageModule):
         if record:
             with torch.no_grad():
                 hd = h.detach()
-                stats.state_norm.append(float(hd.norm(dim=-1).mean()))
-                stats.residual_norm.append(float((hd - prev).norm(dim=-1).mean()))
+                norms = torch.stack([hd.norm(dim=-1).mean(), (hd - prev).norm(dim=-1).mean()])
+                if self.config.sequence_parallel:  # equal shards: the mean of the means
+                    torch.distributed.all_reduce(
+                        norms, group=parallel_state.get_tensor_model_parallel_group())
+                    norms /= parallel_state.get_tensor_model_parallel_world_size()
+                stats.state_norm.append(float(norms[0]))
+                stats.residual_norm.append(float(norms[1]))
         return self.readout(h).to(x.dtype)
 
     def _iterate(self, h: Tensor, prepared: Prepared, rows: Tensor | None, active: Tensor,

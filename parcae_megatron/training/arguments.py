@@ -156,6 +156,7 @@ def parcae_config_from_args(args: argparse.Namespace,
 
     saved = args.vocab_size
     args.vocab_size = vocab_size or args.padded_vocab_size
+    args.init_seed = args.seed  # copied into ParcaeConfig.init_seed by field name
     try:
         return core_transformer_config_from_args(args, config_class=ParcaeConfig)
     finally:

@@ -1,15 +1,21 @@
 """Multi-rank worker for the layout-parity test (run under torchrun; CPU over gloo).
 
-``reference``: one process builds a tiny Parcae, saves it with dist_checkpointing and trains a
-few optimizer steps. ``layouts``: for each TP/PP/DP layout, every rank builds its shard, loads
-the reference checkpoint (Megatron reshards it), and trains the same steps on the same data
-through Megatron's DDP, optimizer and pipeline schedules. Rank 0 writes per-step loss and
-grad norm to JSON; the pytest side compares them.
+``reference``: one process builds a tiny Parcae (Megatron's GPU-style init path, as on a GPU
+without --use-cpu-initialization), saves it with dist_checkpointing and trains a few optimizer
+steps. ``layouts``: for each TP/PP/DP(/SP) layout, every rank builds its shard, loads the
+reference checkpoint (Megatron reshards it) or, for from-scratch layouts, keeps its own
+initialisation after checking it against the checkpoint, and trains the same steps on the
+same data through Megatron's DDP, optimizer and pipeline schedules. Rank 0 writes per-step
+loss and grad norm (and the init checks) to JSON; the pytest side compares them.
+
+A layout is ``tp,pp,distopt[,flags]``; flags: ``s`` sequence parallel, ``n`` from scratch
+(no checkpoint load), ``c`` --use-cpu-initialization, ``i`` check the init only (no training).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 from functools import partial
@@ -29,10 +35,11 @@ from parcae_megatron.platform.dist import init_distributed
 SEQ, MBS, GLOBAL_BATCH, STEPS = 16, 2, 8, 4
 
 
-def make_config(tp: int, pp: int, preset: str):
+def make_config(tp: int, pp: int, preset: str, sp: bool = False, cpu_init: bool = False):
     return preset_config(
         preset, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        use_cpu_initialization=True, pipeline_dtype=torch.float32, seq_length=SEQ,
+        sequence_parallel=sp, use_cpu_initialization=cpu_init, pipeline_dtype=torch.float32,
+        seq_length=SEQ,
         # exercise every part of the block from step 0: non-zero output projections
         output_layer_init_method=preset_config(preset).init_method)
 
@@ -54,13 +61,68 @@ def forward_step(data_iterator, model):
     return output, loss_func
 
 
-def train(tp: int, pp: int, distopt: bool, preset: str, ckpt: str, save: bool) -> dict:
+def check_init(model: ParcaeModel, ckpt: str) -> dict:
+    """Compare this rank's freshly initialised shard with the reference checkpoint (the TP=1
+    full weights), and TP shards of the row-sharded matrices with each other."""
+    fresh = {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt))
+    loaded = model.state_dict()
+    mismatches = [k for k, v in fresh.items() if not torch.equal(v, loaded[k])]
+    model.load_state_dict(fresh, strict=False)  # train from the fresh init
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    sharded = [k for k in fresh if k.endswith(("linear_qkv.weight", "linear_fc1.weight",
+                                               "word_embeddings.weight", "value_embedding.weight"))]
+    same = []
+    for k in sharded:
+        shards = [torch.empty_like(fresh[k]) for _ in range(tp)]
+        dist.all_gather(shards, fresh[k].contiguous(),
+                        group=parallel_state.get_tensor_model_parallel_group())
+        same += [k] if any(torch.equal(shards[0], s) for s in shards[1:]) else []
+    return {"init_mismatches": mismatches, "identical_shards": same, "checked": len(fresh),
+            "checked_sharded": len(sharded)}
+
+
+def check_initial_state(model: ParcaeModel) -> dict | None:
+    """h0 of one training micro-batch on this TP group: the digest of the full state (the
+    shards concatenated under sequence parallelism), whether TP ranks hold the same state
+    (without SP), and whether it lives on the model's device."""
+    if not model.has_loop:
+        return None
+    cfg = model.config
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    model.train()
+    model.depth_sampler.start_step(STEPS + 7)
+    local = SEQ // tp if cfg.sequence_parallel else SEQ
+    x = torch.empty(local, MBS, cfg.hidden_size, device=next(model.parameters()).device)
+    _, h0 = model._depths_and_state(x, None, None, None, None)
+    shards = [torch.empty_like(h0) for _ in range(tp)]
+    dist.all_gather(shards, h0.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    full = torch.cat(shards) if cfg.sequence_parallel else shards[0]
+    return {"digest": hashlib.sha256(full.cpu().numpy().tobytes()).hexdigest(),
+            "shape": list(full.shape), "tp_identical": all(torch.equal(shards[0], t)
+                                                           for t in shards),
+            "on_model_device": h0.device == next(model.parameters()).device,
+            "dp_rank": parallel_state.get_data_parallel_rank()}
+
+
+def train(tp: int, pp: int, distopt: bool, preset: str, ckpt: str, save: bool,
+          flags: str = "") -> dict:
     init_distributed(tp, pp, seed=1234)
-    cfg = make_config(tp, pp, preset)
+    cfg = make_config(tp, pp, preset, sp="s" in flags, cpu_init="c" in flags)
     model = ParcaeModel(cfg, get_parcae_layer_local_spec())
+    result = {"tp": tp, "pp": pp, "distopt": distopt, "flags": flags,
+              "dp": parallel_state.get_data_parallel_world_size()}
     if save:
         os.makedirs(ckpt, exist_ok=True)
         dist_checkpointing.save(model.sharded_state_dict(), ckpt)
+    elif "n" in flags or "i" in flags:
+        checks = check_init(model, ckpt)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, checks)
+        result["init"] = gathered
+        if "i" in flags:
+            dist.barrier()
+            return result
     else:
         state = dist_checkpointing.load(model.sharded_state_dict(), ckpt)
         model.load_state_dict(state)
@@ -95,15 +157,18 @@ def train(tp: int, pp: int, distopt: bool, preset: str, ckpt: str, save: bool) -
         dist.all_reduce(loss)  # sum over all ranks; only last-stage ranks contribute
         losses.append(float(loss) / (dp * tp))
         norms.append(float(grad_norm))
+    h0 = check_initial_state(inner)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, h0)
     dist.barrier()
-    return {"loss": losses, "grad_norm": norms, "tp": tp, "pp": pp, "dp": dp,
-            "distopt": distopt, "executed_iterations": inner.loop_stats.executed_iterations}
+    return {**result, "loss": losses, "grad_norm": norms, "h0": gathered,
+            "executed_iterations": inner.loop_stats.executed_iterations}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layouts", required=True,
-                        help="';'-separated tp,pp,distopt triples, e.g. '1,1,0;2,1,0'")
+                        help="';'-separated tp,pp,distopt[,flags], e.g. '1,1,0;2,1,0,sn'")
     parser.add_argument("--preset", default="parcae-tiny")
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--save", action="store_true", help="write the reference checkpoint")
@@ -111,8 +176,9 @@ def main() -> None:
     args = parser.parse_args()
     results = []
     for spec in args.layouts.split(";"):
-        tp, pp, distopt = (int(x) for x in spec.split(","))
-        results.append(train(tp, pp, bool(distopt), args.preset, args.ckpt, args.save))
+        tp, pp, distopt, *flags = spec.split(",")
+        results.append(train(int(tp), int(pp), bool(int(distopt)), args.preset, args.ckpt,
+                             args.save, "".join(flags)))
     if int(os.environ.get("RANK", 0)) == 0:
         with open(args.out, "w") as f:
             json.dump(results, f)
