@@ -1,7 +1,8 @@
 """Activation recompute (issue 12): Megatron's full (uniform / block) and selective recompute
 and the per-iteration loop checkpoint give the gradients of no recompute at TP=1 (DP=2),
-TP=2 and PP=2 (1F1B, several micro-batches in flight), with per-sequence depths and
-compaction; loop checkpointing keeps only the loop state; invalid combinations are refused."""
+TP=2 (with and without sequence parallelism) and PP=2 (1F1B, several micro-batches in
+flight), with per-sequence depths and compaction; loop checkpointing keeps only the loop
+state; invalid combinations are refused."""
 
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ MODES = ("full-uniform", "full-block", "selective", "loop", "loop+full", "loop+s
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("recompute") / "results.json"
-    torchrun(2, WORKER, "--layouts", "1,1;2,1;1,2", "--out", str(out), timeout=1200)
-    return {(r["tp"], r["pp"]): r for r in json.loads(out.read_text())}
+    torchrun(2, WORKER, "--layouts", "1,1;2,1;2,1,1;1,2", "--out", str(out), timeout=1200)
+    return {(r["tp"], r["pp"], r["sp"]): r for r in json.loads(out.read_text())}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [(1, 1), (2, 1), (1, 2)], ids=["tp1-dp2", "tp2", "pp2"])
+@pytest.mark.parametrize("layout", [(1, 1, 0), (2, 1, 0), (2, 1, 1), (1, 2, 0)],
+                         ids=["tp1-dp2", "tp2", "tp2-sp", "pp2"])
 def test_recompute_modes_match_no_recompute(runs, layout):
     result = runs[layout]
     stats = result["stats"]

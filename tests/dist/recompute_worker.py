@@ -50,7 +50,8 @@ def forward_step(data_iterator, model):
     return output, loss_func
 
 
-def gradients(tp: int, pp: int, recompute: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def gradients(tp: int, pp: int, recompute: dict,
+              sp: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Gradient buffers of one step on this rank, and loop statistics."""
     init_distributed(tp, pp, seed=1234)
     base = preset_config("parcae-tiny")
@@ -58,7 +59,8 @@ def gradients(tp: int, pp: int, recompute: dict) -> tuple[dict[str, torch.Tensor
                         pipeline_model_parallel_size=pp, use_cpu_initialization=True,
                         pipeline_dtype=torch.float32, seq_length=SEQ,
                         output_layer_init_method=base.init_method,  # non-zero projections
-                        mean_recurrence=4, mean_backprop_depth=2, **recompute)
+                        mean_recurrence=4, mean_backprop_depth=2, sequence_parallel=sp,
+                        **recompute)
     model = ParcaeModel(cfg, get_parcae_layer_local_spec())
     ddp = DistributedDataParallel(config=cfg, module=model, ddp_config=(
         DistributedDataParallelConfig(grad_reduce_in_fp32=True)))
@@ -84,11 +86,11 @@ def gradients(tp: int, pp: int, recompute: dict) -> tuple[dict[str, torch.Tensor
     return grads, dict(zip(("executed", "sequences", "sampled"), counts.tolist()))
 
 
-def compare(tp: int, pp: int) -> dict:
-    ref, stats = gradients(tp, pp, {})
-    out = {"tp": tp, "pp": pp, "stats": stats}
+def compare(tp: int, pp: int, sp: int = 0) -> dict:
+    ref, stats = gradients(tp, pp, {}, bool(sp))
+    out = {"tp": tp, "pp": pp, "sp": sp, "stats": stats}
     for name, recompute in MODES.items():
-        got, _ = gradients(tp, pp, recompute)
+        got, _ = gradients(tp, pp, recompute, bool(sp))
         worst = torch.zeros(1, dtype=torch.float64)
         for key, g in ref.items():
             scale = g.double().norm().clamp_min(1e-30)
@@ -103,7 +105,8 @@ def compare(tp: int, pp: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layouts", required=True, help="';'-separated tp,pp pairs")
+    parser.add_argument("--layouts", required=True,
+                        help="';'-separated tp,pp[,sp] layouts")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     results = [compare(*(int(x) for x in spec.split(","))) for spec in args.layouts.split(";")]
