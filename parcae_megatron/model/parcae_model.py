@@ -16,6 +16,7 @@ non-reentrant checkpoint: only the loop state at iteration boundaries is kept fo
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +57,17 @@ class LoopStats:
     """Mean over tokens of ‖h_T‖ per forward (only while ``record_state_stats``)."""
     residual_norm: list = field(default_factory=list)
     """Mean over tokens of ‖h_T − h_{T−1}‖ per forward (only while ``record_state_stats``)."""
+
+
+def output_layer_config(config: ParcaeConfig) -> ParcaeConfig:
+    """``config`` for Megatron's own output layer: without APEX's fused wgrad kernel it runs
+    unfused, while Transformer Engine layers keep their own fused wgrad accumulation."""
+    if not config.gradient_accumulation_fusion or \
+            tensor_parallel.layers._grad_accum_fusion_available:
+        return config
+    unfused = copy.copy(config)
+    unfused.gradient_accumulation_fusion = False
+    return unfused
 
 
 class ParcaeModel(LanguageModule):
@@ -125,7 +137,7 @@ class ParcaeModel(LanguageModule):
             self.final_norm = norm(config=config, hidden_size=config.hidden_size,
                                    eps=config.layernorm_epsilon)
             self.output_layer = tensor_parallel.ColumnParallelLinear(
-                config.hidden_size, config.vocab_size, config=config,
+                config.hidden_size, config.vocab_size, config=output_layer_config(config),
                 init_method=config.init_method, bias=False, skip_bias_add=False,
                 gather_output=False, skip_weight_param_allocation=self.pre_process)
         if self.pre_process or self.post_process:
