@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from launch.sbatch import LaunchError
+from parcae_megatron.paths import resolve_config
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,7 @@ def safe_name(text: str) -> str:
 def _config_path(value: object, base: Path, where: str) -> Path:
     if not isinstance(value, str) or not value:
         raise LaunchError(f"{where}: the config must be a path, got {value!r}")
-    path = Path(value)
-    if not path.is_file() and not path.is_absolute() and (base / path).is_file():
-        path = base / path
+    path = resolve_config(value, base)
     if not path.is_file():
         raise LaunchError(f"{where}: config file not found: {value}")
     return path.resolve()

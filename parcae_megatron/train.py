@@ -134,19 +134,13 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
     from megatron.training import get_args, get_tokenizer, print_rank_0
-    from megatron.training.utils import get_blend_and_blend_per_split
+
+    from parcae_megatron.training.data import gpt_dataset_config_from_args
 
     args = get_args()
-    blend, blend_per_split = get_blend_and_blend_per_split(args)
-    config = GPTDatasetConfig(
-        random_seed=args.seed, sequence_length=args.seq_length, blend=blend,
-        blend_per_split=blend_per_split, split=args.split if blend is not None else None,
-        path_to_cache=args.data_cache_path,
-        mmap_bin_files=args.mmap_bin_files, tokenizer=get_tokenizer(),
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=args.eod_mask_loss,
-        create_attention_mask=False)
+    config = gpt_dataset_config_from_args(args, get_tokenizer())
     dataset_type = MockGPTDataset if args.mock_data else GPTDataset
     print_rank_0(f"> building {dataset_type.__name__} train/valid/test datasets")
     return BlendedMegatronDatasetBuilder(
@@ -168,9 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     if cpu_backend.maybe_activate():
         cpu_backend.patch_megatron_training()
         # No --use-cpu-initialization: the GPU init path runs on the CPU backend too, and
-        # the initial weights do not depend on it (model/init.py).
-        argv = ["--transformer-impl", "local", "--distributed-backend", "gloo",
-                "--no-gradient-accumulation-fusion", *argv]
+        # the initial weights do not depend on it (model/init.py). Gradient-accumulation and
+        # RoPE fusion are switched off by flag_policy.adapt_fusions when their kernels are
+        # missing, as on a GPU without APEX / Transformer Engine.
+        argv = ["--transformer-impl", "local", "--distributed-backend", "gloo", *argv]
     import megatron.training.initialize as megatron_init
     from megatron.core.enums import ModelType
     from megatron.training import pretrain

@@ -34,4 +34,7 @@ if [ "${1:-}" = "--gpu" ]; then REQ=requirements-gpu.txt; fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r "$REQ"
+# The project itself, editable: `import parcae_megatron`, `torchrun -m parcae_megatron.train`,
+# the benchmarks and the parcae-* commands work from any directory.
+.venv/bin/python -m pip install --quiet --no-deps -e .
 .venv/bin/python -c 'import torch, megatron.core; print("torch", torch.__version__, "megatron-core", megatron.core.__version__)'

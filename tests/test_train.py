@@ -167,8 +167,6 @@ def test_layouts_match_single_process_through_entry_point(start_checkpoint, tmp_
     (["--preset", "parcae-9b"], "unknown preset 'parcae-9b'"),
     (["--tensor-model-parallel-size", "2"], "world size (1) is not divisible"),
     (["--injection-type", "mamba"], "invalid choice: 'mamba'"),
-    (["--recompute-granularity", "full", "--overlap-grad-reduce"],
-     "--recompute-granularity full with --overlap-grad-reduce needs --recompute-loop-iterations"),
 ])
 def test_invalid_configs_fail_fast(flags, message):
     proc = train(1, *TINY, *flags, "--validate-only", check=False, timeout=120)

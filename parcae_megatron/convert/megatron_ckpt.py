@@ -85,6 +85,7 @@ def single_process_config(args: argparse.Namespace):
     args.transformer_impl = "local"
     # GPU-only kernels/recipes of the training run do not change the weights.
     args.gradient_accumulation_fusion = False
+    args.apply_rope_fusion = False
     args.fp8 = None
     for name in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
                  "pipeline_model_parallel_layout", "virtual_pipeline_model_parallel_size"):

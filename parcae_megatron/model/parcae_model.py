@@ -65,6 +65,17 @@ class LoopStats:
     """Mean over tokens of ‖h_T − h_{T−1}‖ per forward (only while ``record_state_stats``)."""
 
 
+def output_layer_config(config: ParcaeConfig) -> ParcaeConfig:
+    """``config`` for Megatron's own output layer: without APEX's fused wgrad kernel it runs
+    unfused, while Transformer Engine layers keep their own fused wgrad accumulation."""
+    if not config.gradient_accumulation_fusion or \
+            tensor_parallel.layers._grad_accum_fusion_available:
+        return config
+    unfused = copy.copy(config)
+    unfused.gradient_accumulation_fusion = False
+    return unfused
+
+
 class ParcaeModel(LanguageModule):
     """Parcae looped language model (or, with no recurrent layers, its Transformer baseline).
 
@@ -139,7 +150,7 @@ class ParcaeModel(LanguageModule):
             self.final_norm = norm(config=config, hidden_size=config.hidden_size,
                                    eps=config.layernorm_epsilon)
             self.output_layer = tensor_parallel.ColumnParallelLinear(
-                config.hidden_size, config.vocab_size, config=config,
+                config.hidden_size, config.vocab_size, config=output_layer_config(config),
                 init_method=embedding_init, bias=False, skip_bias_add=False,
                 gather_output=False, skip_weight_param_allocation=self.pre_process)
         if self.pre_process or self.post_process:

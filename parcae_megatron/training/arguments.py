@@ -25,14 +25,17 @@ from parcae_megatron.model.config import (
     ParcaeConfigError,
 )
 from parcae_megatron.model.presets import PRESETS
+from parcae_megatron.paths import resolve_config
+from parcae_megatron.training import flag_policy
 
 # The Parcae block (spec §1.3) expressed as Megatron flags; always applied first.
 BLOCK_ARGS = [
     "--normalization", "RMSNorm", "--norm-epsilon", "1e-5", "--disable-bias-linear",
     "--qk-layernorm", "--position-embedding-type", "rope", "--rotary-base", "50000",
     "--hidden-dropout", "0.0", "--attention-dropout", "0.0", "--no-bias-gelu-fusion",
-    "--no-bias-dropout-fusion", "--no-masked-softmax-fusion", "--no-rope-fusion",
-    "--no-persist-layer-norm",
+    "--no-bias-dropout-fusion", "--no-masked-softmax-fusion", "--no-persist-layer-norm",
+    # RoPE fusion stays on (Megatron's default): TE's fused kernel is the same rotate-half
+    # map; flag_policy.adapt_fusions turns it off where Transformer Engine is missing.
     # Non-finite steps are skipped and counted (training/guards.py) instead of aborting.
     "--no-check-for-nan-in-loss-and-grad",
 ]
@@ -85,6 +88,11 @@ def add_parcae_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="steps between stability telemetry (state norms, spectra)")
     g.add_argument("--max-consecutive-skipped", type=int, default=10,
                    help="stop the run after this many non-finite steps in a row")
+    # TransformerConfig.tp_only_amax_red has no Megatron-LM flag in 0.19; the config builder
+    # copies this attribute into the model config.
+    g.add_argument("--tp-only-amax-red", action="store_true",
+                   help="FP8 delayed scaling: reduce amaxes within tensor parallelism only "
+                        "(required for delayed scaling, see flag_policy)")
     return parser
 
 
@@ -123,7 +131,7 @@ def expand_argv(argv: list[str]) -> list[str]:
     from_yaml: list[str] = []
     preset = _flag_value(argv, "--preset")
     if config_path is not None:
-        path = Path(config_path)
+        path = resolve_config(config_path)
         if not path.is_file():
             raise ParcaeConfigError(f"config file not found: {config_path}")
         data = yaml.safe_load(path.read_text()) or {}
@@ -178,15 +186,6 @@ def validate_parcae_args(args: argparse.Namespace) -> ParcaeConfig:
         raise ParcaeConfigError(
             f"world size {args.world_size} is not divisible by tensor x pipeline parallel size "
             f"{args.tensor_model_parallel_size} x {args.pipeline_model_parallel_size}")
-    if (args.recompute_granularity == "full" and args.overlap_grad_reduce
-            and args.num_recurrent_layers and not args.recompute_loop_iterations):
-        # Reentrant recompute runs one backward per recurrent-block call, so DDP's grad-ready
-        # hook of a shared loop weight fires once per call and the count follows the sampled
-        # depths: the overlapped reduce could start before the last contribution.
-        raise ParcaeConfigError(
-            "--recompute-granularity full with --overlap-grad-reduce needs "
-            "--recompute-loop-iterations (the loop's layers are then recomputed per iteration "
-            "in one backward)")
     _check_data(args)
     # The tokenizer (and so the padded vocabulary) is only known after initialisation;
     # check the model with a vocabulary padded the way Megatron will pad it.
@@ -221,22 +220,32 @@ def _check_data(args: argparse.Namespace) -> None:
 
 
 def parse_args_or_exit(argv: list[str]) -> argparse.Namespace:
-    """Megatron's parse + validate with Parcae's checks; one clear message and exit 2 on error."""
+    """Megatron's parse + validate with Parcae's checks; one clear message and exit 2 on error.
+
+    Flags ParcaeModel cannot honour are refused on the raw parse, before Megatron's
+    validation acts on them; fusions are then adapted to the installed kernels.
+    """
     import sys
 
-    from megatron.training.arguments import parse_and_validate_args
+    from megatron.training.arguments import parse_and_validate_args, parse_args
 
     if "-h" in argv or "--help" in argv:
         _tolerate_bad_help_strings()
     try:
         argv = expand_argv(argv)
         sys.argv = [sys.argv[0], *argv]
+        flag_policy.refuse_before_parsing(argv)
+        flag_policy.refuse_unsupported(parse_args(extra_args_provider=add_parcae_args), argv)
         args = parse_and_validate_args(extra_args_provider=add_parcae_args)
+        notes = flag_policy.adapt_fusions(args)
         validate_parcae_args(args)
     except (ParcaeConfigError, AssertionError, ValueError) as exc:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {_describe_error(exc)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in notes:
+            print(f"parcae: {note}", flush=True)
     return args
 
 

@@ -1,0 +1,240 @@
+"""Which Megatron flags a Parcae run honours, refuses, or adapts to the installed kernels.
+
+Megatron-LM's command line describes a GPTModel; ``ParcaeModel`` is built from the same
+arguments but fixes its block (spec §1.3), its initialisation (spec §1.7) and its layout
+(the loop on one pipeline stage). A flag it cannot honour is refused here, before Megatron's
+own validation and before any rank starts, with one message naming the flag — never
+silently ignored. Kernel fusions that need an optional extension are switched off with one
+log line when the extension is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from parcae_megatron.model.config import ParcaeConfigError
+
+_PIPELINE = "the loop must stay on one stage: place stages with --parcae-pipeline-layout"
+_BLOCK = "the Parcae block (spec §1.3) is fixed, and checkpoints / HF export assume it"
+_CUDA_GRAPHS = ("CUDA graphs need static shapes and call counts; the loop's depth and "
+                "compacted batch change every micro-batch")
+# With delayed scaling Transformer Engine all-reduces amaxes over the amax group (TP x DP by
+# default) when an FP8 region exits; every TransformerBlock call is a region, and loop call
+# counts differ between data-parallel replicas (depths are drawn per replica).
+_FP8_DELAYED = ("delayed scaling reduces amaxes over TP x DP at every FP8 region exit and "
+                "loop call counts differ between data-parallel replicas (mismatched "
+                "collectives); use --fp8-recipe tensorwise (current scaling) or add "
+                "--tp-only-amax-red")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A Megatron flag ParcaeModel cannot honour, and why."""
+
+    flag: str
+    applies: Callable[[argparse.Namespace, Callable[[str], bool]], bool]
+    reason: str
+
+
+def _set(name: str) -> Callable:
+    return lambda args, given: bool(getattr(args, name, None))
+
+
+def _given(flag: str) -> Callable:
+    return lambda args, given: given(flag)
+
+
+REFUSALS: tuple[Refusal, ...] = (
+    # Model structure.
+    Refusal("--untie-embeddings-and-output-weights", _set("untie_embeddings_and_output_weights"),
+            "Parcae ties the input embedding and the output layer"),
+    Refusal("--num-experts", _set("num_experts"), "mixture-of-experts layers are not "
+            "part of the Parcae block"),
+    Refusal("--mtp-num-layers", _set("mtp_num_layers"), "multi-token prediction is not "
+            "supported by ParcaeModel"),
+    Refusal("--multi-latent-attention", _set("multi_latent_attention"), _BLOCK),
+    Refusal("--experimental-attention-variant", _set("experimental_attention_variant"), _BLOCK),
+    Refusal("--heterogeneous-layers-config-path", _set("heterogeneous_layers_config_path"),
+            _BLOCK),
+    Refusal("--heterogeneous-layers-config-encoded-json",
+            _set("heterogeneous_layers_config_encoded_json"), _BLOCK),
+    Refusal("--normalization", lambda a, g: a.normalization != "RMSNorm",
+            f"Parcae uses RMSNorm; {_BLOCK}"),
+    Refusal("--swiglu", _set("swiglu"), f"the Parcae MLP is 0.5·ReLU²; {_BLOCK}"),
+    Refusal("--squared-relu", _set("squared_relu"), f"the Parcae MLP is 0.5·ReLU²; {_BLOCK}"),
+    Refusal("--quick-geglu", _set("quick_geglu"), f"the Parcae MLP is 0.5·ReLU²; {_BLOCK}"),
+    Refusal("--add-qkv-bias", _set("add_qkv_bias"), f"Parcae linears have no bias; {_BLOCK}"),
+    Refusal("--attention-output-gate", _set("attention_output_gate"), _BLOCK),
+    Refusal("--softmax-type", lambda a, g: a.softmax_type != "vanilla", _BLOCK),
+    Refusal("--window-size", _set("window_size"), f"Parcae attention is fully causal; {_BLOCK}"),
+    Refusal("--qk-l2-norm", _set("qk_l2_norm"), f"Parcae's QK-norm is RMS; {_BLOCK}"),
+    Refusal("--apply-residual-connection-post-layernorm",
+            _set("apply_residual_connection_post_layernorm"), f"Parcae is pre-norm; {_BLOCK}"),
+    Refusal("--spec", _set("spec"), "the layer spec is chosen by --transformer-impl "
+            "(parcae_megatron.model.layer_specs); a custom spec would be ignored"),
+    # Position embedding: ParcaeModel always builds full rotate-half RoPE.
+    Refusal("--position-embedding-type", lambda a, g: a.position_embedding_type != "rope",
+            "ParcaeModel always uses rotary position embeddings"),
+    Refusal("--rotary-percent", lambda a, g: a.rotary_percent != 1.0,
+            "ParcaeModel rotates the whole head dimension"),
+    Refusal("--rotary-interleaved", _set("rotary_interleaved"),
+            "Parcae's RoPE is rotate-half (checkpoints and HF export assume it)"),
+    Refusal("--rotary-seq-len-interpolation-factor",
+            _set("rotary_seq_len_interpolation_factor"), "ParcaeModel does not scale RoPE"),
+    Refusal("--use-rope-scaling", _set("use_rope_scaling"), "ParcaeModel does not scale RoPE"),
+    # Initialisation (spec §1.7) is fixed by ParcaeConfig.
+    Refusal("--init-method-std", _given("--init-method-std"),
+            "Parcae initialises every matrix with std sqrt(2 / (5 · hidden size)) (spec §1.7); "
+            "the value would be overwritten"),
+    Refusal("--init-method-xavier-uniform", _set("init_method_xavier_uniform"),
+            "Parcae's initialisation is fixed (spec §1.7)"),
+    Refusal("--embedding-init-method-std", _set("embedding_init_method_std"),
+            "Parcae's initialisation is fixed (spec §1.7)"),
+    # Parallelism.
+    Refusal("--context-parallel-size", lambda a, g: a.context_parallel_size > 1,
+            "context parallelism is not supported: the batch is never sharded along the "
+            "sequence for it"),
+    Refusal("--hierarchical-context-parallel-sizes",
+            _set("hierarchical_context_parallel_sizes"), "context parallelism is not supported"),
+    Refusal("--hybrid-context-parallel", _set("hybrid_context_parallel"),
+            "context parallelism is not supported"),
+    Refusal("--num-layers-per-virtual-pipeline-stage",
+            _set("num_layers_per_virtual_pipeline_stage"),
+            f"virtual pipeline stages are not supported; {_PIPELINE}"),
+    Refusal("--num-virtual-stages-per-pipeline-rank", _set("num_virtual_stages_per_pipeline_rank"),
+            f"virtual pipeline stages are not supported; {_PIPELINE}"),
+    Refusal("--pipeline-model-parallel-layout", _set("pipeline_model_parallel_layout"),
+            _PIPELINE),
+    Refusal("--decoder-first-pipeline-num-layers", _set("decoder_first_pipeline_num_layers"),
+            _PIPELINE),
+    Refusal("--decoder-last-pipeline-num-layers", _set("decoder_last_pipeline_num_layers"),
+            _PIPELINE),
+    Refusal("--account-for-embedding-in-pipeline-split",
+            _set("account_for_embedding_in_pipeline_split"), _PIPELINE),
+    Refusal("--account-for-loss-in-pipeline-split", _set("account_for_loss_in_pipeline_split"),
+            _PIPELINE),
+    # Megatron's full recompute is reentrant: one backward per recurrent-block call, so DDP's
+    # grad-ready hook of a shared loop weight fires once per call and the count follows the
+    # sampled depths; an overlapped reduce could start before the last contribution.
+    Refusal("--recompute-granularity",
+            lambda a, g: (a.recompute_granularity == "full" and a.overlap_grad_reduce
+                          and bool(a.num_recurrent_layers)
+                          and not a.recompute_loop_iterations),
+            "full recompute with --overlap-grad-reduce needs --recompute-loop-iterations "
+            "(the loop's layers are then recomputed per iteration inside one backward)"),
+    # CUDA graphs (0.19 names; --enable-cuda-graph / --external-cuda-graph are deprecated).
+    Refusal("--cuda-graph-impl", lambda a, g: a.cuda_graph_impl != "none", _CUDA_GRAPHS),
+    Refusal("--enable-cuda-graph", _set("enable_cuda_graph"), _CUDA_GRAPHS),
+    Refusal("--external-cuda-graph", _set("external_cuda_graph"), _CUDA_GRAPHS),
+    # Low precision: layer-selective BF16 counts layers per TransformerBlock (per stack here).
+    Refusal("--first-last-layers-bf16", _set("first_last_layers_bf16"),
+            "ParcaeModel's prelude, loop and coda are separate blocks, so 'first/last layers' "
+            "would be counted per block"),
+    # Data: the model takes causal attention over whole sequences and positions 0..s-1.
+    Refusal("--reset-position-ids", _set("reset_position_ids"),
+            "ParcaeModel applies RoPE at positions 0..s-1 of every sequence and ignores "
+            "per-document position ids"),
+    Refusal("--reset-attention-mask", _set("reset_attention_mask"),
+            "ParcaeModel uses a causal attention kernel and takes no per-document mask"),
+    Refusal("--dataloader-inter-document-masking", _set("dataloader_inter_document_masking"),
+            "ParcaeModel attends across document boundaries (no packed-sequence masks)"),
+    Refusal("--sft", _set("sft"), "the Parcae datasets provider builds GPT pretraining data"),
+    Refusal("--fim-data", _set("fim_data"),
+            "the Parcae datasets provider builds GPT pretraining data"),
+)
+
+
+def refuse_before_parsing(argv: list[str]) -> None:
+    """Flags Megatron acts on while parsing: ``--yaml-cfg`` replaces the whole command line."""
+    if any(a == "--yaml-cfg" or a.startswith("--yaml-cfg=") for a in argv):
+        raise ParcaeConfigError("--yaml-cfg is not supported by Parcae: use --config "
+                                "(a YAML of flags, expanded before parsing)")
+
+
+def refuse_unsupported(args: argparse.Namespace, argv: list[str]) -> None:
+    """Raise ``ParcaeConfigError`` naming the first flag ParcaeModel cannot honour.
+
+    ``argv`` is the expanded command line (config, preset and flags), used for flags whose
+    presence matters rather than their value.
+    """
+    def given(flag: str) -> bool:
+        return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+    for refusal in REFUSALS:
+        if refusal.applies(args, given):
+            raise ParcaeConfigError(f"{refusal.flag} is not supported by Parcae: "
+                                    f"{refusal.reason}")
+    check_low_precision(args)
+
+
+def check_low_precision(args: argparse.Namespace) -> None:
+    """FP8/FP4 must run on Transformer Engine layers and be safe for a looped model.
+
+    Current scaling (``tensorwise``) and block scaling (``blockwise``, ``mxfp8``) quantise
+    each tensor from its own values and reduce nothing across data-parallel replicas, so
+    any number of FP8 regions per micro-batch is safe. Delayed scaling (and a custom recipe,
+    which may be delayed) is safe only with the amax reduction confined to the tensor-parallel
+    group, whose ranks run the same loop.
+    """
+    for flag, value in (("--fp8-format", args.fp8), ("--fp4-format", args.fp4)):
+        if value is not None and args.transformer_impl != "transformer_engine":
+            raise ParcaeConfigError(
+                f"{flag} needs --transformer-impl transformer_engine: low-precision GEMMs are "
+                f"Transformer Engine layers, the {args.transformer_impl} spec would run "
+                "in high precision")
+    if args.fp8 is not None and args.fp8_recipe in ("delayed", "custom") \
+            and not args.tp_only_amax_red:
+        raise ParcaeConfigError(f"--fp8-recipe {args.fp8_recipe} is unsafe for a looped model "
+                                f"without --tp-only-amax-red: {_FP8_DELAYED}")
+    # TE's FP8 GEMMs need the token count divisible by 8 (16 for block scaling); compaction
+    # runs the loop on any number of sequences, so the sequence length alone must ensure it.
+    if args.fp8 is not None and args.seq_length % 16:
+        raise ParcaeConfigError(f"--seq-length {args.seq_length} must be a multiple of 16 under "
+                                "FP8: the loop runs on any number of sequences (compaction)")
+
+
+def apex_wgrad_fusion_available() -> bool:
+    """Whether APEX's ``fused_weight_gradient_mlp_cuda`` (Megatron's fused wgrad) imports."""
+    from megatron.core.tensor_parallel import layers
+
+    return bool(layers._grad_accum_fusion_available)
+
+
+def rope_fusion_available() -> bool:
+    """Whether Megatron's fused RoPE kernel (from Transformer Engine) is importable."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    from megatron.core.models.common.embeddings import rope_utils
+
+    return rope_utils.fused_apply_rotary_pos_emb is not None
+
+
+def adapt_fusions(args: argparse.Namespace) -> list[str]:
+    """Switch off fusions whose kernels are missing; returns one log line per change.
+
+    * Gradient-accumulation fusion (Megatron's default): Megatron's own linear layers need
+      APEX's ``fused_weight_gradient_mlp_cuda`` and ``ColumnParallelLinear`` raises at
+      construction without it. With the local spec every linear is Megatron's, so the fusion
+      is turned off; with Transformer Engine the flag stays on for TE's own fused wgrad
+      accumulation and ParcaeModel builds its (Megatron) output layer unfused.
+    * RoPE fusion: Megatron's fused RoPE is Transformer Engine's kernel; rotate-half, the
+      same map as the unfused path (computed in fp32 instead of the input dtype).
+    """
+    notes: list[str] = []
+    if args.gradient_accumulation_fusion and not apex_wgrad_fusion_available():
+        if args.transformer_impl == "transformer_engine":
+            notes.append("APEX fused_weight_gradient_mlp_cuda not found: the output layer "
+                         "runs without gradient-accumulation fusion (Transformer Engine layers "
+                         "keep their fused wgrad accumulation)")
+        else:
+            args.gradient_accumulation_fusion = False
+            notes.append("APEX fused_weight_gradient_mlp_cuda not found: gradient-accumulation "
+                         "fusion turned off")
+    if args.apply_rope_fusion and not rope_fusion_available():
+        args.apply_rope_fusion = False
+        notes.append("RoPE fusion turned off: its kernel comes from Transformer Engine, "
+                     "which is not installed")
+    return notes
