@@ -113,8 +113,11 @@ def forward_step(data_iterator, model):
     inner = unwrap_model(model)
     if model.training:
         if inner.has_loop:
-            if inner.depth_sampler.step != args.curr_iteration:
-                inner.depth_sampler.start_step(args.curr_iteration)
+            from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+            sampler, count = inner.depth_sampler, get_num_microbatches()
+            if sampler.step != args.curr_iteration or sampler.num_microbatches != count:
+                sampler.start_step(args.curr_iteration, count)
             # Megatron logs the step that starts at curr_iteration as iteration curr + 1.
             inner.record_state_stats = TELEMETRY.record_state_now(args.curr_iteration + 1)
         return model(tokens, labels=labels), partial(loss_func, loss_mask)
@@ -162,10 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = [a for a in argv if a != "--validate-only"]
     if cpu_backend.maybe_activate():
         cpu_backend.patch_megatron_training()
-        # Gradient-accumulation and RoPE fusion are switched off by flag_policy.adapt_fusions
-        # when their kernels are missing, as on a GPU without APEX / Transformer Engine.
         # No --use-cpu-initialization: the GPU init path runs on the CPU backend too, and
-        # the initial weights do not depend on it (model/init.py).
+        # the initial weights do not depend on it (model/init.py). Gradient-accumulation and
+        # RoPE fusion are switched off by flag_policy.adapt_fusions when their kernels are
+        # missing, as on a GPU without APEX / Transformer Engine.
         argv = ["--transformer-impl", "local", "--distributed-backend", "gloo", *argv]
     import megatron.training.initialize as megatron_init
     from megatron.core.enums import ModelType

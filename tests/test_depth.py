@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from parcae_megatron.model import preset_config
@@ -88,3 +89,139 @@ def test_dp_layout_invariance_and_resume():
     g1, g2, g3 = depth_generator(1, 2, 3), depth_generator(1, 2, 3), depth_generator(2, 2, 3)
     x1, x2, x3 = (torch.randint(0, 2**30, (4,), generator=g) for g in (g1, g2, g3))
     assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+
+
+# ---- loop-balanced data parallelism (depth_balance='global') -------------------------------
+
+def _balance_group(replicas: int, microbatches: int, batch: int):
+    """Every element of the balance-preserving group H as a map layout -> layout."""
+    import itertools
+
+    rep = list(itertools.permutations(range(replicas)))
+    cell = list(itertools.product(itertools.permutations(range(microbatches)),
+                                  repeat=replicas))
+    pos = list(itertools.product(itertools.permutations(range(batch)),
+                                 repeat=replicas * microbatches))
+    for pr in rep:
+        for pc in cell:
+            for pp in pos:
+                def apply(layout, pr=pr, pc=pc, pp=pp):
+                    out = layout[list(pr)].clone()
+                    for r in range(replicas):
+                        out[r] = out[r, list(pc[r])]
+                        for j in range(microbatches):
+                            out[r, j] = out[r, j, list(pp[r * microbatches + j])]
+                    return out
+                yield apply
+
+
+def test_balanced_dealing_keeps_marginal_exactly_by_enumeration():
+    """Exact check of the argument in depth_balance.py on a 3-point law: every slot of the
+    symmetrised layout has the draws' law; the bare balanced layout does not."""
+    import itertools
+
+    from parcae_megatron.model.depth_balance import balanced_layout
+
+    law = {1: 0.2, 2: 0.5, 7: 0.3}
+    for shape in ((2, 1, 2), (2, 2, 1), (1, 2, 2)):
+        group = list(_balance_group(*shape))
+        size = math.prod(shape)
+        sym = torch.zeros(size, 3, dtype=torch.float64)
+        bare = torch.zeros(size, 3, dtype=torch.float64)
+        values = sorted(law)
+        for draw in itertools.product(values, repeat=size):
+            p = math.prod(law[v] for v in draw)
+            layout = balanced_layout(list(draw), *shape)
+            onehot = torch.stack([(layout.flatten() == v) for v in values], 1).double()
+            bare += p * onehot
+            for g in group:
+                sym += p / len(group) * torch.stack(
+                    [(g(layout).flatten() == v) for v in values], 1).double()
+        expected = torch.tensor([law[v] for v in values], dtype=torch.float64)
+        assert torch.allclose(sym, expected.expand_as(sym), atol=1e-12), shape
+        assert not torch.allclose(bare, expected.expand_as(bare), atol=1e-3), shape
+
+
+def test_balanced_dealing_is_balanced():
+    from parcae_megatron.model.depth import global_batch_depths
+
+    for replicas, micro, batch in ((32, 1, 8), (8, 4, 8), (32, 8, 1)):
+        worst = 0.0
+        for step in range(20):
+            layout = global_batch_depths(7, step, 8, replicas, micro, batch)
+            load = layout.sum((1, 2)).float()
+            worst = max(worst, float(load.max() / load.mean()))
+            # the `replicas` largest depths sit in distinct replicas
+            top = layout.flatten().sort(descending=True).values[replicas - 1]
+            assert int((layout > top).flatten(1).any(1).sum()) == int((layout > top).sum())
+        assert worst <= 1.05, (replicas, micro, batch, worst)
+
+
+def test_global_sampler_marginal_chi_square():
+    """Each slot (replica, micro-batch, position) of the real sampler follows
+    max(1, Poisson(8)) (chi-square per slot); the unsymmetrised layout fails the same test."""
+    from scipy.stats import chi2, poisson
+
+    from parcae_megatron.model.depth import global_batch_depths
+    from parcae_megatron.model.depth_balance import balanced_layout
+
+    replicas, micro, batch, steps, mu = 4, 2, 4, 800, 8
+    dealt = torch.stack([global_batch_depths(11, s, mu, replicas, micro, batch)
+                         for s in range(steps)]).flatten(1)  # [steps, slots]
+    bare = torch.stack([balanced_layout(row.tolist(), replicas, micro, batch).flatten()
+                        for row in dealt])
+    edges = list(range(4, 13))  # bins: <=4, 5..12, >=13
+    cdf = poisson.cdf(edges, mu)
+    probs = torch.tensor([cdf[0], *(cdf[1:] - cdf[:-1]), 1 - cdf[-1]])  # T=max(1,N) <= 4 iff N <= 4
+
+    def p_value(samples: torch.Tensor) -> float:
+        binned = torch.bucketize(samples.double(), torch.tensor(edges).double() + 0.5)
+        counts = torch.bincount(binned, minlength=len(probs)).double()
+        expected = probs.double() * len(samples)
+        stat = float(((counts - expected) ** 2 / expected).sum())
+        return float(chi2.sf(stat, len(probs) - 1))
+
+    sym_p = [p_value(dealt[:, s]) for s in range(dealt.shape[1])]
+    assert min(sym_p) > 1e-4, sym_p  # 32 slots, deterministic seeds
+    means = dealt.double().mean(0)
+    assert float((means - (mu + math.exp(-mu))).abs().max()) < 0.3
+    assert min(p_value(bare[:, s]) for s in range(bare.shape[1])) < 1e-20
+
+
+def test_global_sampler_slices_resume_and_dp_invariance():
+    cfg = preset_config("parcae-tiny", mean_recurrence=8, depth_balance="global")
+    from parcae_megatron.model.depth import global_batch_depths
+
+    # The step's multiset of depths does not depend on the DP layout (global batch 32).
+    multisets = [global_batch_depths(cfg.depth_seed, 4, 8, r, 32 // (r * 4), 4).flatten()
+                 .sort().values for r in (1, 2, 8)]
+    assert all(torch.equal(multisets[0], m) for m in multisets[1:])
+    # Each replica's sampler returns its slice, micro-batch by micro-batch, identically on
+    # every TP/PP rank of the replica; resume from a state reproduces the next draw.
+    layout = global_batch_depths(cfg.depth_seed, 4, 8, 2, 3, 4)
+    for r in range(2):
+        a, b = DepthSampler(cfg, dp_rank=r, dp_size=2), DepthSampler(cfg, dp_rank=r, dp_size=2)
+        for s in (a, b):
+            s.start_step(4, num_microbatches=3)
+        for j in range(3):
+            da, ga = a.next(4)
+            db, gb = b.next(4)
+            assert torch.equal(da.total, layout[r, j]) and torch.equal(da.total, db.total)
+            assert torch.equal(da.grad, da.total.clamp_max(cfg.mean_backprop_depth))
+            assert ga == gb  # the h0 seed, identical on every TP/PP rank of the replica
+        with pytest.raises(RuntimeError, match="announced 3"):
+            a.next(4)
+    s = DepthSampler(cfg, dp_rank=1, dp_size=2)
+    s.start_step(4, 3)
+    s.next(4)
+    fresh = DepthSampler(cfg, dp_rank=1, dp_size=2)
+    fresh.load_state_dict(s.state_dict())
+    fresh.num_microbatches = 3
+    assert torch.equal(fresh.next(4)[0].total, s.next(4)[0].total)
+
+
+def test_global_balance_needs_per_sequence_sampling():
+    from parcae_megatron.model.config import ParcaeConfigError
+
+    with pytest.raises(ParcaeConfigError, match="depth_balance 'global'.*per_sequence"):
+        preset_config("parcae-tiny", depth_balance="global", depth_sampling="per_batch")

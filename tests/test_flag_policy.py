@@ -93,8 +93,8 @@ def refused(monkeypatch, capsys, *argv: str) -> str:
     (["--apply-residual-connection-post-layernorm"], "--apply-residual-connection-post-layernorm"),
     (["--spec", "my.module", "my_spec"], "--spec"),
     (["--yaml-cfg", "x.yaml"], "--yaml-cfg"),
-    (["--recompute-granularity", "full", "--recompute-method", "uniform"],
-     "--recompute-granularity"),
+    (["--recompute-granularity", "full", "--recompute-method", "uniform",
+      "--overlap-grad-reduce"], "--recompute-granularity"),
     (["--first-last-layers-bf16"], "--first-last-layers-bf16"),
     (["--reset-position-ids"], "--reset-position-ids"),
     (["--reset-attention-mask"], "--reset-attention-mask"),
@@ -221,3 +221,19 @@ def test_dataset_config_carries_megatron_data_flags(monkeypatch):
     assert cfg.eod_mask_loss is True and cfg.mid_level_dataset_surplus == 0.01
     assert cfg.num_dataset_builder_threads == 2
     assert (cfg.reset_position_ids, cfg.reset_attention_mask) == (False, False)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--recompute-granularity", "full", "--recompute-method", "uniform",
+     "--recompute-num-layers", "1"],
+    ["--recompute-granularity", "full", "--recompute-method", "block",
+     "--recompute-num-layers", "1", "--overlap-grad-reduce", "--recompute-loop-iterations"],
+    ["--recompute-granularity", "selective", "--recompute-loop-iterations"],
+])
+def test_recompute_modes_are_accepted(monkeypatch, flags):
+    """Value-embedding rows travel as an argument, so every recompute mode is valid
+    (tests/test_recompute.py checks the gradients)."""
+    args = parse(monkeypatch, *CPU_FLAGS, *TINY, *flags)
+    cfg = parcae_config_from_args(args, vocab_size=512)
+    assert cfg.recompute_granularity == flags[1]
+    assert cfg.recompute_loop_iterations == ("--recompute-loop-iterations" in flags)

@@ -107,16 +107,18 @@ def _grads(model) -> dict[str, torch.Tensor]:
 def _reference_loss(model: ParcaeModel, ids, labels, h0, total: int, grad: int):
     """A naive loop over one sequence built from the model's own submodules."""
     x = model.embedding(input_ids=ids, position_ids=None)
-    model.token_context.ids, model.token_context.batch_index = ids, None
     rope = model.rotary_pos_emb(x.shape[0])
-    x = model.prelude(hidden_states=x, attention_mask=None, rotary_pos_emb=rope)
+    x = model.prelude(hidden_states=x, attention_mask=None, rotary_pos_emb=rope,
+                      context=model.value_embedding_rows(model.prelude, ids))
     prepared = model.injection.prepare(model.prelude_norm(x))
     h = h0
     for t in range(total):
-        with torch.set_grad_enabled(t >= total - grad):
+        with torch.set_grad_enabled(t >= total - grad):  # rows looked up per iteration here
             h = model.core(hidden_states=model.injection.step(h, prepared), attention_mask=None,
-                           rotary_pos_emb=rope)
-    x = model.coda(hidden_states=model.readout(h), attention_mask=None, rotary_pos_emb=rope)
+                           rotary_pos_emb=rope,
+                           context=model.value_embedding_rows(model.core, ids))
+    x = model.coda(hidden_states=model.readout(h), attention_mask=None, rotary_pos_emb=rope,
+                   context=model.value_embedding_rows(model.coda, ids))
     weight = model.embedding.word_embeddings.weight
     logits, _ = model.output_layer(model.final_norm(x), weight=weight)
     return model.compute_language_model_loss(labels, logits)

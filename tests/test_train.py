@@ -224,3 +224,18 @@ def test_too_many_consecutive_non_finite_steps_stop_the_run(tmp_path):
     code, err, _ = _nan_run(tmp_path, "2,3,4,5", "--max-consecutive-skipped", "2")
     assert code == 3
     assert "3 consecutive optimizer steps had non-finite gradients (last at iteration 4)" in err
+
+
+def test_global_depth_balance_through_entry_point(tmp_path):
+    """``--depth-balance global`` with gradient accumulation (4 micro-batches of 2): each step
+    runs exactly the dealt global batch's depths (the sampler learns the micro-batch count
+    from Megatron's calculator)."""
+    from parcae_megatron.model.depth import global_batch_depths
+
+    telemetry = tmp_path / "t.jsonl"
+    train(1, *TINY, "--train-iters", "2", "--micro-batch-size", "2", "--eval-iters", "0",
+          "--depth-balance", "global", "--telemetry-path", str(telemetry))
+    for r in records(telemetry, "train"):
+        layout = global_batch_depths(514229, r["iteration"] - 1, 4, 1, 4, 2)
+        assert abs(r["depth_mean"] * 8 - int(layout.sum())) < 1e-6, r
+        assert r["depth_max"] == int(layout.max())

@@ -8,12 +8,23 @@ by heads, like the values they are added to. With sequence parallelism the block
 sharded along the sequence while the values (after the QKV all-gather) cover the whole
 sequence, so the gate's 32 input channels are all-gathered along the sequence too (their
 gradient is reduce-scattered back, as for the QKV input).
+
+No side channel carries the token ids. The model looks up a stack's table rows E[s] once
+per forward (``ParcaeModel.value_embedding_rows``) and hands them to the stack as the
+``context`` argument of Megatron's ``TransformerBlock``, which passes ``context`` from layer
+to layer and saves it with the inputs of a recomputed chunk (full activation recompute), so
+a recomputed layer sees exactly the rows it saw in its forward. ``ParcaeTransformerLayer``
+(layer_specs.py) gives them to its attention for the duration of that one call (Megatron's
+layer has no argument through to its self-attention). Inside the loop the model selects the
+rows of the sequences still iterating, so the compaction index never reaches a layer.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -29,26 +40,6 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from parcae_megatron.model.init import ParcaeInit, keyed_init
-
-
-class TokenContext:
-    """Token ids of the micro-batch in flight, shared by all value-embedding layers.
-
-    The model sets ``ids`` ([b, s]) once per forward; inside the loop ``batch_index``
-    selects the sequences that are still iterating (compaction).
-    """
-
-    def __init__(self) -> None:
-        self.ids: torch.Tensor | None = None
-        self.batch_index: torch.Tensor | None = None
-
-    def active_ids(self) -> torch.Tensor:
-        """The ids of the sequences currently being processed."""
-        if self.ids is None:
-            raise RuntimeError("value embeddings need token ids: call the model with input_ids")
-        if self.batch_index is None:
-            return self.ids
-        return self.ids.index_select(0, self.batch_index)
 
 
 class HeadRMSNorm(torch.nn.Module):
@@ -101,13 +92,20 @@ class ValueEmbedding(MegatronModule):
                 width = self.heads * self.head_dim
                 self.weight.copy_(table[:, tp_rank * width:(tp_rank + 1) * width])
                 self.gate_weight.copy_(gate[tp_rank * self.heads:(tp_rank + 1) * self.heads])
-        self.token_context: TokenContext | None = None
 
-    def forward(self, normed_input: torch.Tensor) -> torch.Tensor:
-        """g ⊙ E[s] shaped like Megatron's value tensor [s, b, heads, head_dim]."""
-        ids = self.token_context.active_ids()  # [b, s]
-        table = F.embedding(ids, self.weight).transpose(0, 1)  # [s, b, heads*hd]
-        table = table.reshape(*table.shape[:2], self.heads, self.head_dim)
+    @property
+    def width(self) -> int:
+        """Columns of this rank's table (its heads × head dim)."""
+        return self.heads * self.head_dim
+
+    def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Table rows E[s] of ``input_ids`` ([b, s]) as [s, b, heads·hd]."""
+        return F.embedding(input_ids, self.weight).transpose(0, 1)
+
+    def forward(self, normed_input: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """g ⊙ E[s] shaped like Megatron's value tensor [s, b, heads, head_dim], from the
+        normed block input and this layer's rows E[s] ([s, b, heads·hd])."""
+        table = rows.reshape(*rows.shape[:2], self.heads, self.head_dim)
         # The gate reads the replicated input but writes only this rank's heads: its input
         # gradient must be summed over TP ranks, like a column-parallel linear's. Under
         # sequence parallelism the input is this rank's sequence shard: gather the full
@@ -166,11 +164,29 @@ class ParcaeSelfAttention(SelfAttention):
         self.config = config
         self.effective_layer = effective_layer
         self.value_embedding = None
+        self.value_rows_columns: slice | None = None
+        """This layer's columns in its stack's value-embedding rows (set by the model)."""
+        self._value_rows: torch.Tensor | None = None
         if submodules.value_embedding is not None and config.has_value_embedding(
                 self.effective_layer):
             self.value_embedding = submodules.value_embedding(
                 config, config.vocab_size, tp_group=self.pg_collection.tp,
                 key=f"{prefix}.value_embedding")
+
+    @contextmanager
+    def value_rows_bound(self, stack_rows: torch.Tensor | None) -> Iterator[None]:
+        """Use ``stack_rows`` (the stack's rows, this layer's columns) for one call only."""
+        if self.value_embedding is None:
+            yield
+            return
+        if stack_rows is None:
+            raise RuntimeError("a value-embedding layer was called without its table rows: "
+                               "pass context=model.value_embedding_rows(stack, input_ids)")
+        self._value_rows = stack_rows[..., self.value_rows_columns]
+        try:
+            yield
+        finally:
+            self._value_rows = None
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None,
                                     output_gate: bool = False, split_qkv: bool = True):
@@ -182,6 +198,10 @@ class ParcaeSelfAttention(SelfAttention):
         if not split_qkv:
             raise NotImplementedError("value embeddings need split q/k/v (fused-QKV inference "
                                       "kernels are not supported)")
+        if self._value_rows is None:
+            raise RuntimeError("value embedding rows are bound only inside "
+                               "ParcaeTransformerLayer's attention call")
         query, key, value, *rest = out
-        value = value + self.value_embedding(hidden_states).to(value.dtype)
+        value = value + self.value_embedding(hidden_states, self._value_rows).to(value.dtype)
         return (query, key, value, *rest)
+

@@ -26,11 +26,13 @@ InjectionType = Literal["diagonal", "diagonal_exact_zoh", "additive", "concat_li
 StateInit = Literal["like_init", "zero"]
 DepthSampling = Literal["per_sequence", "per_batch", "fixed"]
 LoopExecution = Literal["compact", "masked"]
+DepthBalance = Literal["independent", "global"]
 
 INJECTION_TYPES = ("diagonal", "diagonal_exact_zoh", "additive", "concat_linear")
 STATE_INITS = ("like_init", "zero")
 DEPTH_SAMPLINGS = ("per_sequence", "per_batch", "fixed")
 LOOP_EXECUTIONS = ("compact", "masked")
+DEPTH_BALANCES = ("independent", "global")
 
 
 def half_squared_relu(x: torch.Tensor) -> torch.Tensor:
@@ -62,6 +64,9 @@ class ParcaeConfig(TransformerConfig):
     state_init: StateInit = "like_init"
     prelude_norm: bool = True
     depth_sampling: DepthSampling = "per_sequence"
+    depth_balance: DepthBalance = "independent"
+    """``independent``: each replica draws its own micro-batches' depths; ``global``: the
+    whole global batch is drawn per step and dealt so replicas do equal loop work."""
     per_batch_lognormal_sigma: float = 0.5
     """σ of Huginn's log-normal Poisson sampler (``depth_sampling='per_batch'``)."""
     loop_execution: LoopExecution = "compact"
@@ -72,6 +77,9 @@ class ParcaeConfig(TransformerConfig):
     min_decay_rate: float = 1e-6
     """Floor on Δ·a, so Ā ≤ exp(-1e-6) < 1 holds in floating point for any parameters."""
     depth_seed: int = 514229
+    recompute_loop_iterations: bool = False
+    """Checkpoint each gradient iteration of the loop (non-reentrant): keep only the loop
+    state at iteration boundaries and re-run the iteration in the backward (spec §2.3)."""
     init_seed: int = 1234
     """Seed of the initial weights: each parameter is drawn from a generator keyed by
     (init_seed, its name), whatever the TP/PP layout (model/init.py). Training sets it to
@@ -167,6 +175,8 @@ class ParcaeConfig(TransformerConfig):
                  "coda": self.num_coda_layers}[stack]
         cfg = copy.copy(self)
         cfg.num_layers = total
+        if token == "R" and self.recompute_loop_iterations and cfg.recompute_granularity == "full":
+            cfg.recompute_granularity = None  # the loop checkpoint already re-runs these layers
         per_stage = [s.count(token) * (self.num_recurrent_layers if token == "R" else 1)
                      for s in self.stage_layout()]
         cfg.pipeline_model_parallel_layout = PipelineParallelLayerLayout(
@@ -202,6 +212,11 @@ class ParcaeConfig(TransformerConfig):
             fail(f"state_init must be one of {STATE_INITS}, got {self.state_init!r}")
         if self.depth_sampling not in DEPTH_SAMPLINGS:
             fail(f"depth_sampling must be one of {DEPTH_SAMPLINGS}, got {self.depth_sampling!r}")
+        if self.depth_balance not in DEPTH_BALANCES:
+            fail(f"depth_balance must be one of {DEPTH_BALANCES}, got {self.depth_balance!r}")
+        if self.depth_balance == "global" and self.depth_sampling != "per_sequence":
+            fail("depth_balance 'global' deals per-sequence depths: it needs depth_sampling "
+                 f"'per_sequence', got {self.depth_sampling!r}")
         if self.loop_execution not in LOOP_EXECUTIONS:
             fail(f"loop_execution must be one of {LOOP_EXECUTIONS}, got {self.loop_execution!r}")
         if self.num_recurrent_layers > 0:
@@ -221,6 +236,12 @@ class ParcaeConfig(TransformerConfig):
                  f"tensor_model_parallel_size ({tp}); pad the vocabulary")
         if self.value_embeddings and self.value_embedding_gate_channels > self.hidden_size:
             fail("value_embedding_gate_channels exceeds hidden_size")
+        if self.recompute_loop_iterations:
+            if self.num_recurrent_layers == 0:
+                fail("recompute_loop_iterations needs a recurrent block")
+            if self.hidden_dropout or self.attention_dropout:
+                fail("recompute_loop_iterations needs dropout 0 (a re-run iteration would "
+                     "draw other masks)")
         self._validate_layout()
 
     def _validate_layout(self) -> None:

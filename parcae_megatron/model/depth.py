@@ -9,6 +9,10 @@ identical on every TP/PP rank of a data-parallel replica (no broadcast needed), 
 replicas and micro-batches, do not depend on the DP layout, and resume deterministically.
 The same key, on another stream, seeds the device generator that draws the initial loop
 state h₀ (``next`` returns that seed).
+
+With ``depth_balance='global'`` the depths of the whole global batch are instead drawn at once
+from the generator keyed by (seed, step) and dealt to replicas so that each does the same loop
+work (see ``depth_balance.py`` for why each sequence keeps the exact marginal).
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from parcae_megatron.model.depth_balance import deal_depths
+
+# Generator streams beyond DEPTH/EVAL_STATE/STATE (0-2): the global batch's depths and the
+# balance-preserving relabelling (``depth_balance='global'``).
+_GLOBAL_DEPTH_STREAM, _GLOBAL_PERM_STREAM = 3, 4
 
 
 @dataclass
@@ -61,8 +71,7 @@ def sample_depths(scheme: str, batch_size: int, mean_recurrence: int, mean_backp
     if scheme == "fixed":
         return DepthSample.fixed(batch_size, mean_recurrence, mean_backprop_depth)
     if scheme == "per_sequence":
-        rates = torch.full((batch_size,), float(mean_recurrence))
-        total = torch.poisson(rates, generator=generator).long().clamp_min(1)
+        total = draw_per_sequence(batch_size, mean_recurrence, generator)
         return DepthSample(total, total.clamp_max(mean_backprop_depth))
     if scheme == "per_batch":
         # Huginn: τ ~ N(ln(μ_rec - μ_bwd) - σ²/2, σ), n ~ Poisson(e^τ) + 1, k = μ_bwd.
@@ -93,9 +102,29 @@ def expected_max_depth(mean_recurrence: float, batch_size: int) -> float:
         pmf *= mean_recurrence / k
 
 
+def draw_per_sequence(count: int, mean_recurrence: int,
+                      generator: torch.Generator) -> torch.Tensor:
+    """``count`` iid draws of T = max(1, Poisson(μ_rec))."""
+    rates = torch.full((count,), float(mean_recurrence))
+    return torch.poisson(rates, generator=generator).long().clamp_min(1)
+
+
+def global_batch_depths(seed: int, step: int, mean_recurrence: int, replicas: int,
+                        microbatches: int, batch: int) -> torch.Tensor:
+    """Step ``step``'s per-sequence depths for the whole global batch, dealt to
+    [replicas, micro-batches, batch] with equal loop work per replica (and per micro-batch).
+
+    The multiset of depths depends only on (seed, step, global batch size), not on the layout.
+    """
+    total = draw_per_sequence(replicas * microbatches * batch, mean_recurrence,
+                              depth_generator(seed, step, 0, stream=_GLOBAL_DEPTH_STREAM))
+    return deal_depths(total, replicas, microbatches, batch,
+                       depth_generator(seed, step, 0, stream=_GLOBAL_PERM_STREAM))
+
+
 class DepthSampler:
-    """Stateful sampler the training loop advances: ``start_step(step)`` then one ``next`` per
-    micro-batch. ``state_dict`` makes it part of a checkpoint."""
+    """Stateful sampler the training loop advances: ``start_step(step, num_microbatches)``
+    then one ``next`` per micro-batch. ``state_dict`` makes it part of a checkpoint."""
 
     def __init__(self, config, dp_rank: int = 0, dp_size: int = 1) -> None:
         self.scheme = config.depth_sampling
@@ -103,23 +132,45 @@ class DepthSampler:
         self.mean_backprop_depth = config.mean_backprop_depth
         self.sigma = config.per_batch_lognormal_sigma
         self.seed = config.depth_seed
+        self.balance = getattr(config, "depth_balance", "independent")
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.step = 0
         self.microbatch = 0
+        self.num_microbatches = 1
         self.eval_draws = 0
+        self._dealt: tuple[tuple[int, int, int], torch.Tensor] | None = None
 
-    def start_step(self, step: int) -> None:
-        """Begin optimizer step ``step`` (resets the micro-batch counter)."""
+    def start_step(self, step: int, num_microbatches: int = 1) -> None:
+        """Begin optimizer step ``step`` of ``num_microbatches`` micro-batches per replica
+        (resets the micro-batch counter; the count matters for ``depth_balance='global'``)."""
         self.step, self.microbatch = step, 0
+        self.num_microbatches = num_microbatches
 
     def next(self, batch_size: int) -> tuple[DepthSample, int]:
         """Depths for the next micro-batch (drawn on the host) and the seed of its h₀."""
         global_microbatch = self.microbatch * self.dp_size + self.dp_rank
-        gen = depth_generator(self.seed, self.step, global_microbatch)
+        if self.balance == "global":
+            total = self._replica_depths(batch_size)[self.microbatch]
+            depths = DepthSample(total, total.clamp_max(self.mean_backprop_depth))
+        else:
+            gen = depth_generator(self.seed, self.step, global_microbatch)
+            depths = sample_depths(self.scheme, batch_size, self.mean_recurrence,
+                                   self.mean_backprop_depth, gen, self.sigma)
         self.microbatch += 1
-        depths = sample_depths(self.scheme, batch_size, self.mean_recurrence,
-                               self.mean_backprop_depth, gen, self.sigma)
         return depths, draw_seed(self.seed, self.step, global_microbatch, STATE_STREAM)
+
+    def _replica_depths(self, batch_size: int) -> torch.Tensor:
+        """This replica's [micro-batches, batch] share of the step's dealt global batch."""
+        if self.microbatch >= self.num_microbatches:
+            raise RuntimeError(
+                f"depth_balance='global': micro-batch {self.microbatch + 1} of step {self.step} "
+                f"but start_step announced {self.num_microbatches}")
+        key = (self.step, self.num_microbatches, batch_size)
+        if self._dealt is None or self._dealt[0] != key:
+            layout = global_batch_depths(self.seed, self.step, self.mean_recurrence,
+                                         self.dp_size, self.num_microbatches, batch_size)
+            self._dealt = (key, layout[self.dp_rank])
+        return self._dealt[1]
 
     def eval_seed(self) -> int:
         """The h₀ seed of an evaluation forward: fresh per call, identical across the TP/PP

@@ -35,7 +35,8 @@ from parcae_megatron.model.norm import RMSNorm
 
 
 class ParcaeTransformerLayer(TransformerLayer):
-    """Megatron's `TransformerLayer` whose MLP inits are bound to this layer's parameters.
+    """Megatron's `TransformerLayer` whose MLP inits are bound to this layer's parameters and
+    whose ``context`` argument carries the stack's value-embedding rows.
 
     Megatron's MLP takes its init methods from the config and learns its layer number only
     after construction, so the layer hands it a config copy whose fc1/fc2 inits are keyed by
@@ -60,6 +61,17 @@ class ParcaeTransformerLayer(TransformerLayer):
                 config.output_layer_init_method, f"{prefix}.linear_fc2.weight", (d, ffn), 1)
         super().__init__(config, submodules, layer_number, pg_collection=pg_collection,
                          vp_stage=vp_stage, **kwargs)
+
+    def _forward_attention(self, hidden_states, attention_mask=None, context=None,
+                           *args, **kwargs):
+        """``context`` (unused by Megatron here: Parcae has no cross-attention) carries the
+        stack's value-embedding rows to this layer's self-attention for this call, and is
+        returned unchanged, so the block hands the same rows to every layer and Megatron's
+        full recompute saves and restores it with the chunk's inputs (attention.py)."""
+        with self.self_attention.value_rows_bound(context):
+            hidden_states, _ = super()._forward_attention(hidden_states, attention_mask, None,
+                                                          *args, **kwargs)
+        return hidden_states, context
 
 
 def te_available() -> bool:

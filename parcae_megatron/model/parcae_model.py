@@ -13,6 +13,11 @@ sequence shards, every norm and the whole loop (h, injection, readout) run on th
 shard, attention/MLP gather and reduce-scatter inside their linears, and the output layer
 gathers the sequence. h₀ of a shard is that shard of the replica's full h₀, so the model
 computes the same function at any TP size, with or without SP.
+
+Value-embedding rows reach the layers as the blocks' ``context`` argument (attention.py): each
+stack's rows are looked up once per forward, and the loop passes each iteration the rows of
+the sequences it runs. With ``recompute_loop_iterations`` every gradient iteration is a
+non-reentrant checkpoint: only the loop state at iteration boundaries is kept for backward.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import (
@@ -32,7 +38,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from torch import Tensor
 
-from parcae_megatron.model.attention import TokenContext, ValueEmbedding
+from parcae_megatron.model.attention import ParcaeSelfAttention, ValueEmbedding
 from parcae_megatron.model.config import ParcaeConfig
 from parcae_megatron.model.depth import DepthSample, DepthSampler
 from parcae_megatron.model.init import keyed_init, truncated_normal_
@@ -97,7 +103,6 @@ class ParcaeModel(LanguageModule):
         spec = transformer_layer_spec or get_parcae_layer_spec()
         norm = spec.submodules.input_layernorm
         self.input_tensor: Tensor | None = None
-        self.token_context = TokenContext()
         self._state_generators: dict[torch.device, torch.Generator] = {}
         # The tied embedding / output weight, keyed like any other parameter (init.py).
         embedding_init = keyed_init(config.embedding_init_method,
@@ -152,8 +157,10 @@ class ParcaeModel(LanguageModule):
             self.setup_embeddings_and_output_layer()
         for module in self.modules():
             if isinstance(module, ValueEmbedding):
-                module.token_context = self.token_context
                 module.weight.is_embedding_or_output_parameter = True
+        for stack in (self.prelude, self.core, self.coda):
+            if stack is not None:
+                self._assign_value_rows_columns(stack)
         if self.has_loop:
             # Spec §2.2: B and C (like A_log, dt_bias) belong to the AdamW group. Their own
             # flag (read by the optimizer routing), not Megatron's embedding flag, which would
@@ -168,6 +175,25 @@ class ParcaeModel(LanguageModule):
             assert len(input_tensor) == 1, "ParcaeModel takes a single pipeline input"
             input_tensor = input_tensor[0]
         self.input_tensor = input_tensor
+
+    @staticmethod
+    def _value_attentions(stack: TransformerBlock) -> list[ParcaeSelfAttention]:
+        return [layer.self_attention for layer in stack.layers
+                if getattr(layer.self_attention, "value_embedding", None) is not None]
+
+    def _assign_value_rows_columns(self, stack: TransformerBlock) -> None:
+        start = 0
+        for attention in self._value_attentions(stack):
+            width = attention.value_embedding.width
+            attention.value_rows_columns = slice(start, start + width)
+            start += width
+
+    def value_embedding_rows(self, stack: TransformerBlock, input_ids: Tensor) -> Tensor | None:
+        """The rows E[s] of every value-embedding layer of ``stack`` for ``input_ids`` ([b, s]),
+        side by side ([s, b, Σ widths]), or None when the stack has none: the ``context`` the
+        stack's layers read."""
+        tables = [a.value_embedding.lookup(input_ids) for a in self._value_attentions(stack)]
+        return torch.cat(tables, dim=-1) if tables else None
 
     def pop_loop_stats(self) -> LoopStats:
         """Return and reset the loop counters."""
@@ -186,8 +212,6 @@ class ParcaeModel(LanguageModule):
         ``initial_state`` ([s, b, d], the full sequence; a sequence-parallel rank takes its
         shard) or ``generator`` make h₀ reproducible; by default h₀ is drawn on the device.
         """
-        self.token_context.ids = input_ids
-        self.token_context.batch_index = None
         if self.pre_process:
             hidden = self.embedding(input_ids=input_ids, position_ids=position_ids)
         else:
@@ -195,13 +219,16 @@ class ParcaeModel(LanguageModule):
         rope = self.rotary_pos_emb(self._full_sequence_length(hidden))
         if self.prelude is not None:
             hidden = self.prelude(hidden_states=hidden, attention_mask=attention_mask,
-                                  rotary_pos_emb=rope)
+                                  rotary_pos_emb=rope,
+                                  context=self.value_embedding_rows(self.prelude, input_ids))
         if self.has_loop:
-            hidden = self._loop(hidden, attention_mask, rope, num_iterations, depths,
+            rows = self.value_embedding_rows(self.core, input_ids)
+            hidden = self._loop(hidden, attention_mask, rope, rows, num_iterations, depths,
                                 initial_state, generator)
         if self.coda is not None:
             hidden = self.coda(hidden_states=hidden, attention_mask=attention_mask,
-                               rotary_pos_emb=rope)
+                               rotary_pos_emb=rope,
+                               context=self.value_embedding_rows(self.coda, input_ids))
         if not self.post_process:
             return hidden
         hidden = self.final_norm(hidden)
@@ -260,8 +287,8 @@ class ParcaeModel(LanguageModule):
                                    cfg.init_method_std, generator).to(x.device)
         return depths, self._sequence_shard(h0, x.shape[0])
 
-    def _loop(self, x: Tensor, mask, rope, num_iterations, depths, initial_state,
-              generator) -> Tensor:
+    def _loop(self, x: Tensor, mask, rope, rows: Tensor | None, num_iterations, depths,
+              initial_state, generator) -> Tensor:
         depths, h = self._depths_and_state(x, num_iterations, depths, initial_state, generator)
         e = self.prelude_norm(x) if self.prelude_norm is not None else x
         prepared = self.injection.prepare(e)
@@ -269,15 +296,26 @@ class ParcaeModel(LanguageModule):
         no_grad, grad = depths.no_grad.cpu(), depths.grad.cpu()  # host-side: no device syncs
         record = self.record_state_stats
         prev = h.detach().clone() if record else None
+        checkpointed = self.config.recompute_loop_iterations and torch.is_grad_enabled()
 
-        def run(h: Tensor, active: Tensor) -> Tensor:
-            return self._iterate(h, prepared, active, mask, rope, block_dtype, prev)
+        def run(h: Tensor, active: Tensor, checkpoint: bool = False) -> Tensor:
+            batch, n_active = h.shape[1], int(active.sum())
+            index = active.nonzero().squeeze(1).to(h.device, non_blocking=True)
+            if prev is not None:
+                prev.index_copy_(1, index, h.detach().index_select(1, index))
+            self.loop_stats.executed_iterations += (
+                n_active if self.config.loop_execution == "compact" else batch)
+            args = (h, prepared, rows, active, index, mask, rope, block_dtype)
+            if checkpoint:  # keep h only; the iteration is re-run in the backward
+                return torch.utils.checkpoint.checkpoint(self._iterate, *args,
+                                                         use_reentrant=False)
+            return self._iterate(*args)
 
         with torch.no_grad():
             for j in range(int(no_grad.max())):
                 h = run(h, no_grad > j)
         for j in range(int(grad.max())):
-            h = run(h, grad > j)
+            h = run(h, grad > j, checkpointed)
 
         stats = self.loop_stats
         stats.forwards += 1
@@ -295,32 +333,28 @@ class ParcaeModel(LanguageModule):
                     norms /= parallel_state.get_tensor_model_parallel_world_size()
                 stats.state_norm.append(float(norms[0]))
                 stats.residual_norm.append(float(norms[1]))
-        self.token_context.batch_index = None
         return self.readout(h).to(x.dtype)
 
-    def _iterate(self, h: Tensor, prepared: Prepared, active: Tensor, mask, rope,
-                 block_dtype, prev: Tensor | None) -> Tensor:
+    def _iterate(self, h: Tensor, prepared: Prepared, rows: Tensor | None, active: Tensor,
+                 index: Tensor, mask, rope, block_dtype) -> Tensor:
         """One loop iteration on the active sequences: h ← F_R(Ā h + B̄ e).
 
-        ``active`` is a host-side bool mask, so choosing the sub-batch never syncs the device.
+        ``active`` is a host-side bool mask (``index`` its positions on the device), so
+        choosing the sub-batch never syncs the device. A function of its arguments only, so
+        it can be re-run as a checkpoint.
         """
         batch = h.shape[1]
-        n_active = int(active.sum())
-        index = active.nonzero().squeeze(1).to(h.device, non_blocking=True)
+        n_active = len(index)
         compact = self.config.loop_execution == "compact" and n_active < batch
         if compact:
             sub = h.index_select(1, index)
             sub_prepared = Prepared(prepared.decay, prepared.drive.index_select(1, index))
-            self.token_context.batch_index = index
+            rows = rows.index_select(1, index) if rows is not None else None
         else:
             sub, sub_prepared = h, prepared
-            self.token_context.batch_index = None
-        if prev is not None:
-            prev.index_copy_(1, index, h.detach().index_select(1, index))
         u = self.injection.step(sub, sub_prepared)
         out = self.core(hidden_states=u.to(block_dtype), attention_mask=mask,
-                        rotary_pos_emb=rope).float()
-        self.loop_stats.executed_iterations += out.shape[1]
+                        rotary_pos_emb=rope, context=rows).float()
         if compact:
             return h.index_copy(1, index, out)
         if n_active < batch:  # masked execution: inactive sequences keep their state

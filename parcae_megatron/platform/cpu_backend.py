@@ -104,6 +104,30 @@ def _patch_megatron() -> None:
     mp_random._set_cuda_rng_state = set_rng
 
 
+def _patch_autograd_engine() -> None:
+    """Run every backward under the CPU mode.
+
+    A ``TorchFunctionMode`` is switched off while its own handler runs, so a
+    ``loss.backward()`` dispatched through it would run the whole backward without it, and
+    activation recompute (forward code re-run inside the backward) would meet CUDA devices
+    again. Re-enter the mode around the engine call unless it is already active.
+    """
+    import torch.autograd
+    import torch.autograd.graph
+    from torch.overrides import _get_current_function_mode_stack
+
+    engine_run = torch.autograd.graph._engine_run_backward
+
+    def run_backward_on_cpu(*args, **kwargs):
+        if _MODE is None or _MODE in _get_current_function_mode_stack():
+            return engine_run(*args, **kwargs)
+        with _MODE:
+            return engine_run(*args, **kwargs)
+
+    torch.autograd.graph._engine_run_backward = run_backward_on_cpu
+    torch.autograd._engine_run_backward = run_backward_on_cpu
+
+
 def is_active() -> bool:
     """Whether the CPU backend has been activated in this process."""
     return _MODE is not None
@@ -119,6 +143,7 @@ def activate() -> None:
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     _patch_torch_cuda()
     _patch_megatron()
+    _patch_autograd_engine()
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
 

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from parcae_megatron.model.config import (
+    DEPTH_BALANCES,
     DEPTH_SAMPLINGS,
     INJECTION_TYPES,
     LOOP_EXECUTIONS,
@@ -67,7 +68,13 @@ def add_parcae_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--state-init", choices=STATE_INITS, default="like_init")
     g.add_argument("--no-prelude-norm", dest="prelude_norm", action="store_false")
     g.add_argument("--depth-sampling", choices=DEPTH_SAMPLINGS, default="per_sequence")
+    g.add_argument("--depth-balance", choices=DEPTH_BALANCES, default="independent",
+                   help="global: draw the global batch's depths per step and deal them so "
+                        "data-parallel replicas do equal loop work")
     g.add_argument("--loop-execution", choices=LOOP_EXECUTIONS, default="compact")
+    g.add_argument("--recompute-loop-iterations", action="store_true",
+                   help="checkpoint each gradient iteration of the loop (store only the loop "
+                        "state between iterations); composes with --recompute-granularity")
     g.add_argument("--no-value-embeddings", dest="value_embeddings", action="store_false")
     g.add_argument("--qk-layernorm-epsilon", type=float, default=None,
                    help="QK-norm epsilon (default: --norm-epsilon)")

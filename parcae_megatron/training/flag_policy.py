@@ -116,11 +116,15 @@ REFUSALS: tuple[Refusal, ...] = (
             _set("account_for_embedding_in_pipeline_split"), _PIPELINE),
     Refusal("--account-for-loss-in-pipeline-split", _set("account_for_loss_in_pipeline_split"),
             _PIPELINE),
-    # Full-layer recompute re-runs value embeddings in the backward pass, where the token ids
-    # they read from the model's shared TokenContext belong to another (sub-)batch.
-    Refusal("--recompute-granularity", lambda a, g: a.recompute_granularity == "full",
-            "full-layer recompute would re-read value-embedding token ids from shared state "
-            "that has moved on (selective recompute is fine)"),
+    # Megatron's full recompute is reentrant: one backward per recurrent-block call, so DDP's
+    # grad-ready hook of a shared loop weight fires once per call and the count follows the
+    # sampled depths; an overlapped reduce could start before the last contribution.
+    Refusal("--recompute-granularity",
+            lambda a, g: (a.recompute_granularity == "full" and a.overlap_grad_reduce
+                          and bool(a.num_recurrent_layers)
+                          and not a.recompute_loop_iterations),
+            "full recompute with --overlap-grad-reduce needs --recompute-loop-iterations "
+            "(the loop's layers are then recomputed per iteration inside one backward)"),
     # CUDA graphs (0.19 names; --enable-cuda-graph / --external-cuda-graph are deprecated).
     Refusal("--cuda-graph-impl", lambda a, g: a.cuda_graph_impl != "none", _CUDA_GRAPHS),
     Refusal("--enable-cuda-graph", _set("enable_cuda_graph"), _CUDA_GRAPHS),
