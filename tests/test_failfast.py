@@ -8,6 +8,7 @@ up by itself (plain processes, no torchrun to tear it down). Fault-spec parsing 
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from parcae_megatron.training import faults
+from parcae_megatron.training import failfast, faults
 from tests.distributed import ROOT
 from tests.training_runs import TINY, command, losses, train
 
@@ -181,3 +182,31 @@ def test_bad_fault_spec_is_a_configuration_error(monkeypatch, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
         "error: PARCAE_FAULT='raise@step=three': step must be an integer\n")
+
+
+def test_summary_line():
+    exc = RuntimeError("view size is not compatible\nwith input tensor's size")
+    assert failfast.describe(exc, 1, 3) == ("error: rank 1 failed at step 3: RuntimeError: "
+                                            "view size is not compatible")
+    assert failfast.describe(KeyboardInterrupt(), 0, None) == (
+        "error: rank 0 failed before training started: KeyboardInterrupt")
+
+
+def _deaf_to_sigterm(ready) -> None:  # what Megatron's worker_init_fn makes a data-loader worker
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    ready.set()
+    while True:
+        time.sleep(1)
+
+
+def test_helpers_that_ignore_sigterm_are_stopped():
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    child = ctx.Process(target=_deaf_to_sigterm, args=(ready,), daemon=True)
+    child.start()
+    assert ready.wait(30)
+    child.terminate()  # what multiprocessing does at exit, then joins: forever
+    child.join(1)
+    assert child.is_alive()
+    assert failfast.stop_helper_processes() >= 1
+    assert not child.is_alive() and child.exitcode == -signal.SIGKILL
