@@ -85,6 +85,7 @@ def failed_run(request, tmp_path_factory) -> dict:
     cmd, env = command(nproc, *run_args(run_dir, flags))
     log = base / "failed.log"
     code, seconds, lingering = run_with_fault(cmd, env, f"raise@step=3,rank={rank}", log)
+    print(f"{request.param}: fault -> every process ended in {seconds:.1f} s")
     result = {"rank": rank, "nproc": nproc, "code": code, "seconds": seconds,
               "lingering": lingering, "log": log.read_text(), "straight": straight,
               "run_dir": run_dir,
@@ -147,6 +148,7 @@ def test_killed_rank_makes_the_other_exit_within_the_timeout(tmp_path):
             if session_alive(proc.pid):
                 os.killpg(proc.pid, signal.SIGKILL)
     log0 = logs[0].read_text()
+    print(f"rank 1 SIGKILLed -> rank 0 ended in {seconds:.1f} s")
     assert killed == -signal.SIGKILL
     assert survivor == 1, log0[-3000:]
     assert seconds < TIMEOUT_MIN * 60 + 15, seconds

@@ -246,7 +246,9 @@ def fault_to_attempt_end(run_dir: Path, attempt: int) -> float:
     end = re.search(rf"\[launch ([0-9-]+ [0-9:]+)\] job \d+ attempt {attempt}: training "
                     r"crashed", log)
     assert end, log
-    return datetime.strptime(end.group(1), "%Y-%m-%d %H:%M:%S").timestamp() - fired
+    seconds = datetime.strptime(end.group(1), "%Y-%m-%d %H:%M:%S").timestamp() - fired
+    print(f"{run_dir.name} attempt {attempt}: fault -> attempt ended in {seconds:.0f} s")
+    return seconds
 
 
 def test_crash_in_first_attempt_requeues_resumes_and_completes(cluster, tmp_path):
