@@ -26,6 +26,7 @@ read_count() {  # read_count FILE: the number in FILE, 0 if none
 
 ATTEMPT=$(($(read_count "$STATE_DIR/attempts") + 1))
 echo "$ATTEMPT" >"$STATE_DIR/attempts"
+export PARCAE_ATTEMPT=$ATTEMPT  # PARCAE_FAULT=...,attempt=N (training/faults.py)
 LOG_DIR=$RUN_DIR/logs/attempt-$ATTEMPT
 mkdir -p "$LOG_DIR"
 
@@ -51,10 +52,20 @@ requeue() {
     exit 1
 }
 
-crash_reason() {  # the first error line of this attempt's rank logs (or of srun)
-    local line
-    line=$(grep -m 1 -HE '(^|: )([A-Za-z_][A-Za-z0-9_.]*(Error|Exception)|error):|Killed' \
-        "$LOG_DIR"/rank-*.log "$LOG_DIR/srun.log" 2>/dev/null | head -n 1)
+crash_reason() {  # the error line of the rank that failed first (srun names it), or any
+    local line task
+    # srun reports the first task that ended badly first; the others follow from it.
+    line=$(grep -m 1 -E 'task [0-9]+: (Exited with exit code|Killed|Terminated|Segmentation)' \
+        "$LOG_DIR/srun.log" 2>/dev/null)
+    task=$(sed -nE 's/.*task ([0-9]+): .*/\1/p' <<<"$line")
+    if [ -n "$task" ]; then  # the trainer's own summary first (training/failfast.py)
+        line=$(grep -m 1 -HE \
+            '^error: rank [0-9]+ failed|(^|: )[A-Za-z_][A-Za-z0-9_.]*(Error|Exception):' \
+            "$LOG_DIR/rank-$task.log" 2>/dev/null || echo "rank $task: ${line#*task $task: }")
+    else
+        line=$(grep -m 1 -HE '(^|: )([A-Za-z_][A-Za-z0-9_.]*(Error|Exception)|error):|Killed' \
+            "$LOG_DIR"/rank-*.log "$LOG_DIR/srun.log" 2>/dev/null | head -n 1)
+    fi
     echo "${line:-no error line in $LOG_DIR}"
 }
 

@@ -19,7 +19,7 @@ from functools import partial
 import torch
 
 from parcae_megatron.platform import cpu_backend
-from parcae_megatron.training import guards, muon, telemetry
+from parcae_megatron.training import failfast, faults, guards, muon, telemetry
 from parcae_megatron.training.arguments import parcae_config_from_args, parse_args_or_exit
 from parcae_megatron.training.telemetry import TELEMETRY
 
@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     # The wheel ships the prebuilt dataset helpers but no Makefile: never try to rebuild them.
     megatron_init._compile_dependencies = lambda: None
     args = parse_args_or_exit(argv)
+    fault = faults.from_env_or_exit()
     if validate_only:
         print("configuration is valid", flush=True)
         return
@@ -186,13 +187,15 @@ def main(argv: list[str] | None = None) -> None:
     guards.install()
     muon.install()
     cfg = pretrain_cfg_container_from_args(args)
-    try:
-        pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step,
-                 model_provider=model_provider)
-    except guards.DivergenceError as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(3) from None
+    # Any failure ends this rank within seconds (training/failfast.py), never a hang.
+    with failfast.exit_on_failure():
+        try:
+            pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder,
+                     faults.inject(forward_step, fault), model_provider=model_provider)
+        except guards.DivergenceError as exc:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(3) from None
 
 
 if __name__ == "__main__":

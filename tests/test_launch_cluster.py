@@ -1,6 +1,7 @@
 """launch on a real SLURM cluster (launch/local_cluster.sh: two emulated nodes): a 2 x 2 CPU
 job of the tiny Parcae config, preemption with requeue and exact resume, a job array of two
-configs, bounded restarts after crashes.
+configs, bounded restarts after crashes, and a crash injected mid-training (PARCAE_FAULT): seen
+at once, requeued and resumed, or given up after --max-crash-restarts.
 
 Skipped when no cluster answers, unless PARCAE_REQUIRE_SLURM=1 (CI) makes that a failure.
 Start one with ``bash launch/local_cluster.sh start`` (root; installs SLURM if needed).
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -225,3 +227,64 @@ def test_crashing_job_is_restarted_a_bounded_number_of_times(cluster, tmp_path):
     assert "attempt 1: training crashed (exit code 1)" in log and "restart 1 of 1" in log
     assert "attempt 2: training crashed (exit code 1)" in log and "giving up" in log
     assert log.count(reason) == 2, log
+
+
+# --- a crash mid-training (training/faults.py): seen at once, requeued, bounded ---------------
+FAULTY = ["--nodes", "2", "--procs-per-node", "1", "--config", "configs/parcae-tiny-cpu.yaml"]
+FAULTY_TRAIN = ["--", *TINY, "--train-iters", "4", "--eval-interval", "4", "--save-interval", "2"]
+FAULT_LINE = re.compile(r"fault injection \(PARCAE_FAULT=[^)]*\): raise on rank 1 at step 3 "
+                        r"\[([0-9T:.-]+)\]")
+
+
+def fault_to_attempt_end(run_dir: Path, attempt: int) -> float:
+    """Seconds from the injected fault (rank 1's stamp) to launch.log's crash line."""
+    rank1 = (run_dir / "logs" / f"attempt-{attempt}" / "rank-1.log").read_text()
+    match = FAULT_LINE.search(rank1)
+    assert match, rank1[-3000:]
+    fired = datetime.fromisoformat(match.group(1)).timestamp()
+    log = (run_dir / "launch.log").read_text()
+    end = re.search(rf"\[launch ([0-9-]+ [0-9:]+)\] job \d+ attempt {attempt}: training "
+                    r"crashed", log)
+    assert end, log
+    seconds = datetime.strptime(end.group(1), "%Y-%m-%d %H:%M:%S").timestamp() - fired
+    print(f"{run_dir.name} attempt {attempt}: fault -> attempt ended in {seconds:.0f} s")
+    return seconds
+
+
+def test_crash_in_first_attempt_requeues_resumes_and_completes(cluster, tmp_path):
+    run_dir = tmp_path / "crash-once"
+    job = submit(cluster, run_dir, *FAULTY, "--env", "PARCAE_FAULT=raise@step=3,rank=1,attempt=1",
+                 *FAULTY_TRAIN)
+    wait_done(job, [run_dir], timeout=600)
+    log = (run_dir / "launch.log").read_text()
+    assert status(run_dir) == "completed", diagnostics(run_dir)
+    assert (run_dir / "state" / "attempts").read_text().strip() == "2", log
+    reason = ("rank-1.log:error: rank 1 failed at step 3: InjectedFault: fault injection "
+              "(PARCAE_FAULT=raise@step=3,rank=1,attempt=1): raise on rank 1 at step 3; "
+              "restart 1 of 2; requeueing")
+    assert "attempt 1: training crashed (exit code " in log and reason in log, log
+    assert fault_to_attempt_end(run_dir, 1) < 60
+    assert "attempt 2: start" in log and "newest checkpoint: iteration 2" in log.split(
+        "attempt 2: start")[1]
+    rank0 = (run_dir / "logs" / "attempt-2" / "rank-0.log").read_text()
+    assert "successfully loaded checkpoint" in rank0 and "at iteration 2" in rank0
+    assert "fault injection" not in rank0 + (run_dir / "logs" / "attempt-2" / "rank-1.log"
+                                             ).read_text()
+    assert [r["iteration"] for r in train_records(run_dir)] == [1, 2, 3, 4]
+    assert checkpoint_iteration(run_dir) == 4
+
+
+def test_persistent_crash_gives_up_after_max_restarts(cluster, tmp_path):
+    run_dir = tmp_path / "crash-always"
+    job = submit(cluster, run_dir, *FAULTY, "--max-crash-restarts", "1", "--env",
+                 "PARCAE_FAULT=raise@step=3,rank=1", *FAULTY_TRAIN)
+    wait_done(job, [run_dir], timeout=600)
+    log = (run_dir / "launch.log").read_text()
+    assert status(run_dir) == "failed", diagnostics(run_dir)
+    assert (run_dir / "state" / "attempts").read_text().strip() == "2", log
+    reason = "rank-1.log:error: rank 1 failed at step 3: InjectedFault"
+    assert log.count(reason) == 2, log
+    assert "restart 1 of 1; requeueing" in log and "giving up" in log
+    assert "newest checkpoint: iteration 2" in log.split("attempt 2: start")[1]
+    for attempt in (1, 2):
+        assert fault_to_attempt_end(run_dir, attempt) < 60, log
