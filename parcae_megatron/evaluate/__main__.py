@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS[1:]:
-        from parcae_megatron.evaluate import cli_extra
+        from parcae_megatron.evaluate import subcommands
 
-        return cli_extra.main(argv[0], argv[1:])
+        return subcommands.main(argv[0], argv[1:])
     if argv and argv[0] == "loss":
         argv = argv[1:]
     args = build_parser().parse_args(argv)
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from parcae_megatron.evaluate.report import format_table, plot, write_json
+    from parcae_megatron.evaluate.report import format_table, plot, write_outputs
     from parcae_megatron.evaluate.runner import (
         build_windows,
         evaluate,
@@ -113,12 +113,7 @@ def _run(args: argparse.Namespace) -> int:
                       dtype=dtype, progress=not args.quiet,
                       model_name=os.path.basename(os.path.normpath(args.hf or args.load)))
     print(format_table(report))
-    if args.out:
-        write_json(report, args.out)
-        print(f"wrote {args.out}")
-    if args.plot:
-        plot(report, args.plot)
-        print(f"wrote {args.plot}")
+    write_outputs(report, args.out, args.plot, plot)
     return 0
 
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from parcae_megatron.evaluate.report import save_figure
+
 
 @torch.inference_mode()
 def teacher_forced(model, ids: torch.Tensor, max_iterations: int, criterion: str,
@@ -99,7 +101,6 @@ def best_saving(fixed: dict[int, float], adaptive: list[dict], reference_t: int,
 
 def plot_adaptive(report: dict, path: str) -> None:
     """Loss vs mean iterations per token: fixed T (line) and the ε sweep (points)."""
-    import os
 
     import matplotlib
 
@@ -134,10 +135,7 @@ def plot_adaptive(report: dict, path: str) -> None:
         ax2.grid(alpha=0.3)
         ax2.legend(fontsize=8)
     fig.suptitle(f"{report.get('model', 'model')}: quality vs compute", fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def summarise_histogram(hist: list[int]) -> str:

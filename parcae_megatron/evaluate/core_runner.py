@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ from parcae_megatron.evaluate.core import (
     score_items,
     shuffle_and_cut,
 )
+from parcae_megatron.evaluate.report import save_figure
 
 # forward_for(T, seed) → (ids [b, L] → logits [b, L, V])
 ForwardFactory = Callable[[int, int], Callable[[torch.Tensor], torch.Tensor]]
@@ -189,7 +189,4 @@ def plot_core(report: dict, path: str) -> None:
                  fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

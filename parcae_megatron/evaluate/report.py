@@ -40,6 +40,26 @@ def write_json(report: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def save_figure(fig, path: str) -> None:
+    """Lay out ``fig``, write it to ``path`` (creating its folder) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(report: dict, out: str | None, plot_path: str | None, plot_fn) -> None:
+    """The report as JSON at ``out`` and ``plot_fn(report, plot_path)``, each when asked for."""
+    if out:
+        write_json(report, out)
+        print(f"wrote {out}")
+    if plot_path:
+        plot_fn(report, plot_path)
+        print(f"wrote {plot_path}")
+
+
 def plot(report: dict, path: str) -> None:
     """Loss vs T (mean ± std over seeds), the fitted curve and μ_rec."""
     import matplotlib
@@ -71,10 +91,7 @@ def plot(report: dict, path: str) -> None:
     ax.set_title(f"{report.get('model', 'model')}: loss vs loop count", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def format_table(report: dict) -> str:

@@ -63,6 +63,118 @@ def forward_step(data_iterator, model):
 
 
 def adam_optimizer(cfg, model, distopt: bool):
+    ddp = DistributedDataParallel(
+        config=cfg, module=model,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                 use_distributed_optimizer=distopt))
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=1.0,
+                        use_distributed_optimizer=distopt, adam_eps=1e-8), [ddp])
+    return ddp, optimizer, None
+
+
+def recipe_optimizer(cfg, model, distopt: bool):
+    """The authors' recipe: parcae_muon + AdamW, momentum warm-up (over 2 steps here, so the
+    run sees several values), Muon wd 0.2 → 0, clip 1. With ``distopt`` Megatron uses its
+    layer-wise distributed optimizer (whole matrices per DP rank), as ``pretrain`` does."""
+    from megatron.core.optimizer import get_standard_config_overrides
+    from megatron.training.training import wrap_model_chunks_with_ddp
+
+    from parcae_megatron.training import muon
+
+    muon.register()
+    ddp = wrap_model_chunks_with_ddp(
+        [model], cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+        use_layer_wise_distributed_optimizer=distopt)[0]
+    config = OptimizerConfig(optimizer="parcae_muon", lr=3e-3, min_lr=0.0, weight_decay=0.0,
+                             clip_grad=1.0, adam_beta1=0.8, adam_beta2=0.95, adam_eps=1e-10,
+                             use_layer_wise_distributed_optimizer=distopt,
+                             muon_tp_mode="duplicated", muon_nesterov=True,
+                             muon_fp32_matmul_prec="high",
+                             # megatron-core 0.19.2's layer-wise optimizer wraps its torch
+                             # optimizers (giving them a config) only when bf16 is set, and
+                             # its ChainedOptimizer asserts equal configs: with the model in
+                             # fp32 the "bf16" wrapper keeps every parameter fp32.
+                             bf16=distopt)
+    overrides = muon.recipe_overrides(get_standard_config_overrides(config), muon_lr=5e-3,
+                                      muon_start_wd=0.2, muon_end_wd=0.0)
+    optimizer = get_megatron_optimizer(config, [ddp], config_overrides=overrides)
+    scheduler = muon.RecipeParamScheduler(
+        optimizer, init_lr=0.0, max_lr=3e-3, min_lr=0.0, lr_warmup_steps=0,
+        lr_decay_steps=STEPS * GLOBAL_BATCH, lr_decay_style="constant", start_wd=0.0,
+        end_wd=0.0, wd_incr_steps=STEPS * GLOBAL_BATCH, wd_incr_style="linear",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=False,
+        momentum=0.95, momentum_warmup_start=0.85, momentum_warmup_iters=2,
+        samples_per_iteration=GLOBAL_BATCH)
+    return ddp, optimizer, scheduler
+
+
+def check_init(model: ParcaeModel, ckpt: str) -> dict:
+    """Compare this rank's freshly initialised shard with the reference checkpoint (the TP=1
+    full weights), and TP shards of the row-sharded matrices with each other."""
+    fresh = {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt))
+    loaded = model.state_dict()
+    mismatches = [k for k, v in fresh.items() if not torch.equal(v, loaded[k])]
+    model.load_state_dict(fresh, strict=False)  # train from the fresh init
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    sharded = [k for k in fresh if k.endswith(("linear_qkv.weight", "linear_fc1.weight",
+                                               "word_embeddings.weight", "value_embedding.weight"))]
+    same = []
+    for k in sharded:
+        shards = [torch.empty_like(fresh[k]) for _ in range(tp)]
+        dist.all_gather(shards, fresh[k].contiguous(),
+                        group=parallel_state.get_tensor_model_parallel_group())
+        same += [k] if any(torch.equal(shards[0], s) for s in shards[1:]) else []
+    return {"init_mismatches": mismatches, "identical_shards": same, "checked": len(fresh),
+            "checked_sharded": len(sharded)}
+
+
+def check_initial_state(model: ParcaeModel) -> dict | None:
+    """h0 of one training micro-batch on this TP group: the digest of the full state (the
+    shards concatenated under sequence parallelism), whether TP ranks hold the same state
+    (without SP), and whether it lives on the model's device."""
+    if not model.has_loop:
+        return None
+    cfg = model.config
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    model.train()
+    model.depth_sampler.start_step(STEPS + 7)
+    local = SEQ // tp if cfg.sequence_parallel else SEQ
+    x = torch.empty(local, MBS, cfg.hidden_size, device=next(model.parameters()).device)
+    _, h0 = model._depths_and_state(x, None, None, None, None)
+    shards = [torch.empty_like(h0) for _ in range(tp)]
+    dist.all_gather(shards, h0.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    full = torch.cat(shards) if cfg.sequence_parallel else shards[0]
+    return {"digest": hashlib.sha256(full.cpu().numpy().tobytes()).hexdigest(),
+            "shape": list(full.shape), "tp_identical": all(torch.equal(shards[0], t)
+                                                           for t in shards),
+            "on_model_device": h0.device == next(model.parameters()).device,
+            "dp_rank": parallel_state.get_data_parallel_rank()}
+
+
+def train(tp: int, pp: int, distopt: bool, preset: str, ckpt: str, save: bool,
+          flags: str = "") -> dict:
+    init_distributed(tp, pp, seed=1234)
+    cfg = make_config(tp, pp, preset, sp="s" in flags, cpu_init="c" in flags)
+    model = ParcaeModel(cfg, get_parcae_layer_local_spec())
+    result = {"tp": tp, "pp": pp, "distopt": distopt, "flags": flags,
+              "dp": parallel_state.get_data_parallel_world_size()}
+    if save:
+        os.makedirs(ckpt, exist_ok=True)
+        dist_checkpointing.save(model.sharded_state_dict(), ckpt)
+    elif "n" in flags or "i" in flags:
+        checks = check_init(model, ckpt)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, checks)
+        result["init"] = gathered
+        if "i" in flags:
+            dist.barrier()
+            return result
+    else:
+        state = dist_checkpointing.load(model.sharded_state_dict(), ckpt)
+        model.load_state_dict(state)
+    inner = model
     ddp, optimizer, scheduler = (recipe_optimizer if "r" in flags else adam_optimizer)(
         cfg, model, distopt)
     cfg.finalize_model_grads_func = finalize_model_grads

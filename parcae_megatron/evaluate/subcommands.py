@@ -8,6 +8,7 @@ import os
 import sys
 
 from parcae_megatron.evaluate.core import PAPER_SEEDS
+from parcae_megatron.evaluate.report import write_outputs
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 
@@ -143,17 +144,6 @@ def _specs(args, extended: bool):
     return load_task_specs(args.tasks_yaml, extended=extended, labels=args.tasks)
 
 
-def _write(report: dict, args, plot_fn) -> None:
-    from parcae_megatron.evaluate.report import write_json
-
-    if args.out:
-        write_json(report, args.out)
-        print(f"wrote {args.out}")
-    if args.plot:
-        plot_fn(report, args.plot)
-        print(f"wrote {args.plot}")
-
-
 def _core(args, extended: bool) -> int:
     from parcae_megatron.evaluate.core_runner import format_core_table, plot_core, run_core
 
@@ -179,7 +169,7 @@ def _core(args, extended: bool) -> int:
     report["model"] = name
     print(format_core_table(report))
     print(f"bundle sha256 (over the files read): {report['bundle_sha256']}")
-    _write(report, args, plot_core)
+    write_outputs(report, args.out, args.plot, plot_core)
     return 0
 
 
@@ -256,5 +246,5 @@ def _adaptive(args) -> int:
         print(f"{args.criterion + ' ' + format(p['threshold'], 'g'):>18}  "
               f"{p['mean_iterations']:>8.2f}  {p['loss']:>8.4f}  "
               f"{summarise_histogram(p['histogram'])}")
-    _write(report, args, plot_adaptive)
+    write_outputs(report, args.out, args.plot, plot_adaptive)
     return 0
