@@ -58,9 +58,10 @@ crash_reason() {  # the error line of the rank that failed first (srun names it)
     line=$(grep -m 1 -E 'task [0-9]+: (Exited with exit code|Killed|Terminated|Segmentation)' \
         "$LOG_DIR/srun.log" 2>/dev/null)
     task=$(sed -nE 's/.*task ([0-9]+): .*/\1/p' <<<"$line")
-    if [ -n "$task" ]; then  # the trainer's own summary first (training/failfast.py)
+    if [ -n "$task" ]; then  # its first error: line (failfast's summary, a config error,
+        # divergence) or exception
         line=$(grep -m 1 -HE \
-            '^error: rank [0-9]+ failed|(^|: )[A-Za-z_][A-Za-z0-9_.]*(Error|Exception):' \
+            '^error: |(^|: )[A-Za-z_][A-Za-z0-9_.]*(Error|Exception):' \
             "$LOG_DIR/rank-$task.log" 2>/dev/null || echo "rank $task: ${line#*task $task: }")
     else
         line=$(grep -m 1 -HE '(^|: )([A-Za-z_][A-Za-z0-9_.]*(Error|Exception)|error):|Killed' \
