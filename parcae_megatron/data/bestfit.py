@@ -33,7 +33,7 @@ from megatron.core.datasets.gpt_dataset import (
 )
 from megatron.core.utils import log_single_rank
 
-from parcae_megatron.data.packing import Packing, pack_best_fit
+from parcae_megatron.data.packing import Packing, epoch_stream, pack_best_fit
 
 __all__ = ["BestFitDatasetConfig", "BestFitGPTDataset", "MockBestFitGPTDataset", "Packing",
            "dataset_class", "pack_best_fit"]
@@ -49,12 +49,6 @@ class BestFitDatasetConfig(GPTDatasetConfig):
     """Documents held in the best-fit buffer."""
 
 
-def _shuffled(indices: numpy.ndarray, rng: numpy.random.RandomState) -> numpy.ndarray:
-    epoch = indices.astype(numpy.int32)  # always a copy: shuffled in place
-    rng.shuffle(epoch)
-    return epoch
-
-
 class BestFitGPTDataset(GPTDataset):
     """GPTDataset whose samples are best-fit packed rows (see the module docstring).
 
@@ -67,11 +61,8 @@ class BestFitGPTDataset(GPTDataset):
         return [*GPTDataset._key_config_attributes(), "packing_buffer"]
 
     def _document_stream(self) -> Iterator[numpy.ndarray]:
-        """Epochs, each a fresh shuffle of this split's documents: the order of Megatron's
-        ``_build_document_index(indices, 1, rng, False)``, built in one int32 copy."""
-        rng = numpy.random.RandomState(self.config.random_seed)
-        while True:  # no reference kept here: an epoch is freed once the packer is past it
-            yield _shuffled(self.indices, rng)
+        """Epochs, each a fresh shuffle of this split's documents (Megatron's order)."""
+        return epoch_stream(self.indices, self.config.random_seed)
 
     def _pack(self) -> Packing:
         lengths = self.dataset.sequence_lengths

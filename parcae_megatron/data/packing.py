@@ -38,6 +38,8 @@ import numpy
 SOURCE = Path(__file__).with_name("bestfit_kernel.c")
 PYTHON_ROW_LIMIT = 1_000_000
 """Rows the pure-Python fallback may pack (~10 s); more needs the compiled kernel."""
+CHUNK = 1 << 22
+"""Stream ids handed to the kernel per call (progress is reported between calls)."""
 INT32_LIMIT = 2**31 - 1
 """Parts beyond which ``row_ptr`` is widened to int64."""
 NEED_INPUT, MAX_ROWS, OUTPUT_FULL, DONE, WIDEN = range(5)
@@ -82,10 +84,14 @@ def build_kernel() -> Path:
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         raise KernelUnavailable(f"no C compiler ({compiler!r} not found; set CC)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Compile to a private name and rename: ranks or jobs sharing the directory never see a
-    # half-written library.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Compile to a private name and rename: ranks or jobs sharing the directory never see
+        # a half-written library.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    except OSError as e:
+        raise KernelUnavailable(f"cannot write {target.parent} ({e}; set PARCAE_KERNEL_DIR)"
+                                ) from None
     os.close(fd)
     try:
         result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
@@ -126,22 +132,37 @@ def kernel_available() -> bool:
     return True
 
 
+def epoch_stream(indices: numpy.ndarray, seed: int) -> Iterator[numpy.ndarray]:
+    """Endless epochs over ``indices``, each a fresh shuffle: the order Megatron's
+    ``_build_document_index(indices, 1, rng, False)`` gives for consecutive calls on one
+    ``RandomState(seed)``, built as one int32 copy per epoch (no int64 temporaries)."""
+    rng = numpy.random.RandomState(seed)
+    while True:  # no reference kept here: an epoch is freed once the packer is past it
+        yield _shuffled(indices, rng)
+
+
+def _shuffled(indices: numpy.ndarray, rng: numpy.random.RandomState) -> numpy.ndarray:
+    epoch = indices.astype(numpy.int32)  # always a copy: shuffled in place
+    rng.shuffle(epoch)  # the same swaps whatever the dtype
+    return epoch
+
+
 def _chunks(documents: Iterable[int] | numpy.ndarray) -> Iterator[numpy.ndarray]:
-    """The document stream as int32 arrays: an array as itself, an iterable of arrays (e.g.
-    one shuffled epoch each) array by array, anything else in slices."""
+    """The document stream as int32 arrays of at most CHUNK ids (views of the arrays in the
+    stream, e.g. one shuffled epoch each; loose ids are gathered)."""
     if isinstance(documents, numpy.ndarray):
-        yield numpy.ascontiguousarray(documents, dtype=numpy.int32)
-        return
+        documents = (documents,)
     pending: list[int] = []
     for item in documents:
         if isinstance(item, numpy.ndarray):
             if pending:
                 yield numpy.asarray(pending, dtype=numpy.int32)
                 pending = []
-            chunk = numpy.ascontiguousarray(item, dtype=numpy.int32)
-            item = None  # so the next epoch is not built while this one is still held
-            yield chunk
-            chunk = None
+            array = numpy.ascontiguousarray(item, dtype=numpy.int32)
+            item = None  # so that the next epoch is not built while this one is still held
+            for lo in range(0, len(array), CHUNK):
+                yield array[lo:lo + CHUNK]
+            array = None
         else:
             pending.append(int(item))
             if len(pending) == 4096:
