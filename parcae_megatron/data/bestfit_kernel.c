@@ -182,6 +182,8 @@ int bf_pack(Packer *p, const int32_t *docs, int64_t n_docs, int64_t *consumed, i
         if (p->rows >= row_capacity) { rc = OUTPUT_FULL; break; }
         while (p->held < p->B) {  /* refill before every pick */
             if (in == n_docs) break;
+            /* lengths[] is read in stream (random) order: fetch a few documents ahead */
+            if (in + 16 < n_docs) __builtin_prefetch(&lengths[docs[in + 16]]);
             int32_t d = docs[in++];
             int64_t n = lengths[d];
             if (n > 0) insert(p, n, d);

@@ -23,6 +23,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import heapq
+import itertools
 import os
 import shutil
 import subprocess
@@ -251,13 +253,13 @@ def _pack_python(documents: Iterable[int] | numpy.ndarray, lengths: numpy.ndarra
                  row_length: int, buffer_size: int, max_rows: int | None) -> Packing:
     """The kernel's algorithm in Python (per-length FIFOs, lengths present as an int's bits),
     for machines without a C compiler and small runs."""
-    ids = (int(d) for chunk in _chunks(documents) for d in chunk.tolist())
+    ids = itertools.chain.from_iterable(chunk.tolist() for chunk in _chunks(documents))
+    lengths = lengths.tolist() if len(lengths) <= 1 << 24 else lengths  # list: faster lookups
     fifo: dict[int, deque[int]] = {}  # length <= row_length -> documents, earliest first
     present = 0  # bit n: some buffered document has length n
     long_docs: list[tuple[int, int, int]] = []  # (length, arrival, document), a heap
     held = arrival = cropped = 0
     row_ptr, parts, row = [0], [], []
-    import heapq
 
     while max_rows is None or len(row_ptr) - 1 < max_rows:
         pos, row = 0, []
