@@ -230,9 +230,9 @@ def test_one_percent_of_the_1p3b_run_packs_at_the_rate_target():
     rows = 198364 * 256 // 100
     lengths = synthetic_lengths(rows * 2049 // 1100, seed=1)
     order = numpy.random.default_rng(1).permutation(len(lengths)).astype(numpy.int32)
-    start = time.perf_counter()
+    start = time.process_time()  # one core's work: a loaded CI machine cannot distort it
     packing = pack_best_fit(iter([order, order]), lengths, 2049, 1000, rows)
-    rate = rows / (time.perf_counter() - start)
+    rate = rows / (time.process_time() - start)
     assert len(packing.row_ptr) == rows + 1 and packing.row_ptr[-1] == len(packing.parts)
     assert 2.5 < len(packing.parts) / rows < 4  # the issue's ~3.2 pieces per row
-    assert rate >= 198364 * 256 / 120, f"{rate:.0f} rows/s"
+    assert rate >= 198364 * 256 / 120, f"{rate:.0f} rows per CPU second"
