@@ -236,3 +236,21 @@ def test_one_percent_of_the_1p3b_run_packs_at_the_rate_target():
     assert len(packing.row_ptr) == rows + 1 and packing.row_ptr[-1] == len(packing.parts)
     assert 2.5 < len(packing.parts) / rows < 4  # the issue's ~3.2 pieces per row
     assert rate >= 198364 * 256 / 120, f"{rate:.0f} rows per CPU second"
+
+
+def test_kernel_is_built_ahead_into_a_chosen_directory(tmp_path):
+    """`python -m parcae_megatron.data.packing` (the step for compute nodes without a
+    compiler) builds into $PARCAE_KERNEL_DIR; without a compiler it says so in one line."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PARCAE_KERNEL_DIR=str(tmp_path / "k"))
+    cmd = [sys.executable, "-m", "parcae_megatron.data.packing"]
+    if kernel_available():
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+        assert out.strip().startswith(str(tmp_path / "k")) and os.path.isfile(out.strip())
+    proc = subprocess.run(cmd, env=dict(env, PARCAE_KERNEL_DIR=str(tmp_path / "none"),
+                                        CC="no-such-cc"), capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: no C compiler ('no-such-cc' not found; set CC)"
