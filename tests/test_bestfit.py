@@ -196,6 +196,17 @@ def test_row_pointers_widen_past_int32(monkeypatch):
     assert got.row_ptr.dtype == numpy.int64 and same(got, expect)
 
 
+@needs_kernel
+def test_output_grows_past_its_first_allocation(monkeypatch):
+    monkeypatch.setattr(packing_module, "PART_SLACK", 0)  # rows of ~10 parts, room for 4
+    lengths = numpy.random.default_rng(1).integers(1, 8, 500)
+    stream = numpy.random.default_rng(2).integers(0, len(lengths), 5000)
+    for max_rows in (None, 200):
+        expect = reference_pack(stream.tolist(), lengths.tolist(), 40, 6, max_rows)
+        assert len(expect.parts) > 4 * (len(expect.row_ptr) - 1)
+        assert same(pack_best_fit(stream, lengths, 40, 6, max_rows), expect)
+
+
 def test_without_a_compiler_small_runs_fall_back_and_large_runs_say_what_to_do(monkeypatch):
     def unavailable():
         raise packing_module.KernelUnavailable("no C compiler ('cc' not found; set CC)")

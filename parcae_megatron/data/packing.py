@@ -42,6 +42,8 @@ PYTHON_ROW_LIMIT = 1_000_000
 """Rows the pure-Python fallback may pack (~10 s); more needs the compiled kernel."""
 CHUNK = 1 << 22
 """Stream ids handed to the kernel per call (progress is reported between calls)."""
+PART_SLACK = 1024
+"""Parts allocated beyond 4 per row at the start (the output grows as needed)."""
 INT32_LIMIT = 2**31 - 1
 """Parts beyond which ``row_ptr`` is widened to int64."""
 NEED_INPUT, MAX_ROWS, OUTPUT_FULL, DONE, WIDEN = range(5)
@@ -213,7 +215,7 @@ def pack_best_fit(documents: Iterable[int] | numpy.ndarray, lengths: Sequence[in
         return _pack_python(documents, lengths, row_length, buffer_size, max_rows)
     rows_cap = max_rows if max_rows is not None else max(1, len(lengths) // 2)
     row_ptr = numpy.zeros(rows_cap + 1, dtype=numpy.int32)
-    parts = numpy.empty((rows_cap * 4 + 1024, 2), dtype=numpy.int32)
+    parts = numpy.empty((rows_cap * 4 + PART_SLACK, 2), dtype=numpy.int32)
     packer = lib.bf_new(row_length, buffer_size)
     if not packer:
         raise MemoryError("best-fit packer state")
