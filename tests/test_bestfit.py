@@ -207,6 +207,12 @@ def test_output_grows_past_its_first_allocation(monkeypatch):
         assert same(pack_best_fit(stream, lengths, 40, 6, max_rows), expect)
 
 
+@needs_kernel
+def test_a_document_id_outside_the_lengths_is_refused():
+    with pytest.raises(IndexError, match=r"document ids must be in \[0, 3\)"):
+        pack_best_fit(numpy.array([0, 3]), [5, 6, 7], 10, 2)
+
+
 def test_without_a_compiler_small_runs_fall_back_and_large_runs_say_what_to_do(monkeypatch):
     def unavailable():
         raise packing_module.KernelUnavailable("no C compiler ('cc' not found; set CC)")

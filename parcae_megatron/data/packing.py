@@ -235,14 +235,16 @@ def pack_best_fit(documents: Iterable[int] | numpy.ndarray, lengths: Sequence[in
                 chunk = next(chunks, None)
                 if chunk is None:
                     chunk, final = numpy.empty(0, numpy.int32), True
+                elif len(chunk) and (chunk.min() < 0 or chunk.max() >= len(lengths)):
+                    raise IndexError(f"document ids must be in [0, {len(lengths)})")
                 consumed.value = 0
             elif rc == WIDEN:
                 row_ptr = row_ptr.astype(numpy.int64)
             elif rc == OUTPUT_FULL:
                 if lib.bf_parts(packer) >= len(parts):
-                    parts = _grow(parts, len(parts) + len(parts) // 2)
+                    parts = _grow(parts, len(parts) + len(parts) // 2 + 1024)
                 else:
-                    row_ptr = _grow(row_ptr, len(row_ptr) + len(row_ptr) // 2)
+                    row_ptr = _grow(row_ptr, len(row_ptr) + len(row_ptr) // 2 + 1024)
             else:
                 break
         rows, used, cropped = lib.bf_rows(packer), lib.bf_parts(packer), lib.bf_cropped(packer)
