@@ -207,9 +207,12 @@ def pack_best_fit(documents: Iterable[int] | numpy.ndarray, lengths: Sequence[in
     try:
         lib = load_kernel()
     except KernelUnavailable as e:
-        if max_rows is not None and max_rows > PYTHON_ROW_LIMIT:
+        rows = max_rows
+        if rows is None and isinstance(documents, numpy.ndarray):  # one pass: at most this
+            rows = int(lengths[documents].sum(dtype=numpy.int64) // row_length)
+        if rows is not None and rows > PYTHON_ROW_LIMIT:
             raise KernelUnavailable(
-                f"best-fit packing of {max_rows} rows needs the compiled packer ({e}); build it "
+                f"best-fit packing of {rows} rows needs the compiled packer ({e}); build it "
                 "where a C compiler exists with `python -m parcae_megatron.data.packing` and "
                 "point PARCAE_KERNEL_DIR at the same directory here") from None
         return _pack_python(documents, lengths, row_length, buffer_size, max_rows)
