@@ -125,6 +125,7 @@ def test_deterministic_cached_and_resumable(corpus, tmp_path):
     # a resumed run builds the dataset again (cache hit) and reads from the middle
     resumed = one_epoch(tmp_path / "a", prefix, num_samples=60)
     assert resumed.document_index.__class__ is numpy.memmap
+    assert resumed.document_index.dtype == resumed.sample_index.dtype == numpy.int32
     for i in range(37, 60):
         assert torch.equal(resumed[i]["tokens"], rows[i])
     fresh = one_epoch(tmp_path / "b", prefix, num_samples=60)  # rebuilt from scratch
