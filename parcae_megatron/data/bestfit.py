@@ -10,17 +10,18 @@ once per epoch, whole or as its cropped head. There is no cross-document masking
 position reset (as in the authors' code).
 
 The packing is a pure function of (documents, seed, sequence length, buffer size): it is
-computed once (rank 0), cached next to GPTDataset's indices, and row ``i`` is then read
-directly, so resuming mid-epoch gives exactly the rows a straight run would have seen.
+computed once (rank 0, inside Megatron's dataset-build barrier, by the compiled packer of
+``packing.py``: ~1 min for the 1.3B run's 50.8M rows), cached next to GPTDataset's indices
+(``row_ptr`` and ``parts`` int32), and row ``i`` is then read directly, so resuming
+mid-epoch gives exactly the rows a straight run would have seen.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy
@@ -29,9 +30,13 @@ from megatron.core.datasets.gpt_dataset import (
     GPTDataset,
     GPTDatasetConfig,
     MockGPTDataset,
-    _build_document_index,
 )
 from megatron.core.utils import log_single_rank
+
+from parcae_megatron.data.packing import Packing, epoch_stream, pack_best_fit
+
+__all__ = ["BestFitDatasetConfig", "BestFitGPTDataset", "MockBestFitGPTDataset", "Packing",
+           "dataset_class", "pack_best_fit"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,70 +47,6 @@ class BestFitDatasetConfig(GPTDatasetConfig):
 
     packing_buffer: int = 1000
     """Documents held in the best-fit buffer."""
-
-
-@dataclass
-class Packing:
-    """Rows as runs of document heads: row i is ``parts[row_ptr[i]:row_ptr[i+1]]``, each part
-    (document id, tokens taken from its start)."""
-
-    row_ptr: numpy.ndarray
-    parts: numpy.ndarray
-    cropped_tokens: int
-    """Tokens dropped from the ends of cropped documents."""
-
-
-def pack_best_fit(documents: Iterable[int], lengths: Sequence[int], row_length: int,
-                  buffer_size: int, max_rows: int | None = None) -> Packing:
-    """Best-fit packing of the document stream ``documents`` (ids into ``lengths``).
-
-    Stops after ``max_rows`` rows or when the stream runs out (a last partial row is dropped).
-    Ties go to the document that entered the buffer first.
-    """
-    stream: Iterator[int] = iter(documents)
-    keys: list[tuple[int, int]] = []  # (length, arrival) sorted: a best-fit search is a bisect
-    held: dict[int, int] = {}  # arrival -> document id
-    arrival = 0
-    row_ptr, parts, row_parts = [0], [], []
-    cropped = 0
-
-    def refill() -> None:
-        nonlocal arrival
-        while len(keys) < buffer_size:
-            doc = next(stream, None)
-            if doc is None:
-                return
-            n = int(lengths[doc])
-            if n == 0:
-                continue
-            bisect.insort(keys, (n, arrival))
-            held[arrival] = int(doc)
-            arrival += 1
-
-    while max_rows is None or len(row_ptr) - 1 < max_rows:
-        pos, row_parts = 0, []
-        while pos < row_length:
-            refill()
-            if not keys:
-                break
-            remaining = row_length - pos
-            i = bisect.bisect_right(keys, (remaining, arrival)) - 1
-            if i >= 0:  # the longest document that fits, the earliest of that length
-                i = bisect.bisect_left(keys, (keys[i][0], -1))
-                n, key = keys.pop(i)
-                take = n
-            else:  # nothing fits: crop the shortest
-                n, key = keys.pop(0)
-                take = remaining
-                cropped += n - remaining
-            row_parts.append((held.pop(key), take))
-            pos += take
-        if pos < row_length:
-            break
-        parts.extend(row_parts)
-        row_ptr.append(len(parts))
-    return Packing(numpy.asarray(row_ptr, dtype=numpy.int64),
-                   numpy.asarray(parts, dtype=numpy.int64).reshape(-1, 2), cropped)
 
 
 class BestFitGPTDataset(GPTDataset):
@@ -119,20 +60,17 @@ class BestFitGPTDataset(GPTDataset):
     def _key_config_attributes() -> list[str]:
         return [*GPTDataset._key_config_attributes(), "packing_buffer"]
 
-    def _document_stream(self) -> Iterator[int]:
-        rng = numpy.random.RandomState(self.config.random_seed)
-        while True:  # epochs, each a fresh shuffle of this split's documents
-            yield from _build_document_index(self.indices, 1, rng, False)
+    def _document_stream(self) -> Iterator[numpy.ndarray]:
+        """Epochs, each a fresh shuffle of this split's documents (Megatron's order)."""
+        return epoch_stream(self.indices, self.config.random_seed)
 
     def _pack(self) -> Packing:
         lengths = self.dataset.sequence_lengths
         row = self.config.sequence_length + self.config.add_extra_token_to_sequence
         if self.num_samples is None:  # one pass over the documents
-            stream = _build_document_index(self.indices, 1,
-                                           numpy.random.RandomState(self.config.random_seed),
-                                           False)
-            return pack_best_fit(stream, lengths, row, self.config.packing_buffer)
-        if int(numpy.sum(lengths[self.indices])) == 0:
+            return pack_best_fit(next(self._document_stream()), lengths, row,
+                                 self.config.packing_buffer)
+        if not numpy.any(lengths[self.indices]):
             raise ValueError(f"{self.dataset_path}: no tokens in the {self.index_split.name} "
                              "split")
         return pack_best_fit(self._document_stream(), lengths, row,
