@@ -474,6 +474,7 @@ def part_loop_execution(sizes: Sizes, cuda: bool) -> dict:
     ids, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
     out = {"status": "ok", "layers": "8/8/8", "mean_recurrence": 8, "micro_batch": s["mb"],
            "seq": s["seq"]}
+    model(ids, labels=labels).float().mean().backward()  # warm-up, counted for neither mode
     for mode in ("compact", "masked"):
         cfg.loop_execution = mode
         inner.pop_loop_stats()
