@@ -184,7 +184,9 @@ class Trainer:
         from parcae_megatron.training import muon
 
         self.cfg = cfg
-        self.model = ParcaeModel(cfg, spec)
+        # On the device as Megatron's get_model puts it (the loop's own parameters and the
+        # value embeddings are allocated on the host first).
+        self.model = ParcaeModel(cfg, spec).to(device_of())
         self.model.train()
         self.ddp = DistributedDataParallel(
             config=cfg, module=wrap_bf16(cfg, self.model),
