@@ -554,7 +554,8 @@ def main() -> None:
     results: dict = {"benchmark": "gpu_acceptance",
                      "mode": "cpu-dry-run" if args.cpu_dry_run else "gpu",
                      "device": torch.cuda.get_device_name() if cuda else "cpu",
-                     "transformer_engine": te_available()}
+                     "transformer_engine": te_available(),
+                     "precision": "bf16" if cuda else "fp32 (dry run: the bf16_* keys are fp32)"}
     results["te_vs_local"] = guarded("te_vs_local", part_te_vs_local, sizes, cuda)
     shared = guarded("step_time", part_step_time, sizes, cuda)
     if isinstance(shared, dict):  # the run failed: every part it feeds gets the error
