@@ -111,6 +111,13 @@ def refused(monkeypatch, capsys, *argv: str) -> str:
     (["--bf16", "--transformer-impl", "transformer_engine", "--fp8-format", "hybrid",
       "--fp8-recipe", "tensorwise", "--seq-length", "60", "--max-position-embeddings", "60"],
      "--seq-length 60"),
+    # The loop's checkpoint is not TE's: delayed scaling would see each FP8 iteration twice.
+    (["--bf16", "--transformer-impl", "transformer_engine", "--fp8-format", "hybrid",
+      "--fp8-recipe", "delayed", "--tp-only-amax-red", "--recompute-loop-iterations"],
+     "--recompute-loop-iterations"),
+    # Userbuffer GEMM overlap needs fixed GEMM shapes; compaction changes them per iteration.
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--tp-comm-overlap"],
+     "--tp-comm-overlap"),
 ])
 def test_unsupported_flag_is_refused(monkeypatch, capsys, flags, named):
     line = refused(monkeypatch, capsys, *CPU_FLAGS, *TINY, *flags)
@@ -207,6 +214,16 @@ def test_delayed_fp8_with_tp_only_amax_reduction_is_accepted(monkeypatch):
     args = parse(monkeypatch, *TINY, "--bf16", "--transformer-impl", "transformer_engine",
                  "--fp8-format", "hybrid", "--fp8-recipe", "delayed", "--tp-only-amax-red")
     assert parcae_config_from_args(args, vocab_size=512).tp_only_amax_red is True
+
+
+def test_current_scaling_fp8_with_loop_recompute_is_accepted(monkeypatch):
+    """Current scaling quantises from the tensors' own values: re-running an iteration in the
+    backward gives the forward's bits and updates no FP8 state."""
+    args = parse(monkeypatch, *TINY, "--bf16", "--transformer-impl", "transformer_engine",
+                 "--fp8-format", "hybrid", "--fp8-recipe", "tensorwise",
+                 "--recompute-loop-iterations")
+    cfg = parcae_config_from_args(args, vocab_size=512)
+    assert (cfg.fp8_recipe, cfg.recompute_loop_iterations) == ("tensorwise", True)
 
 
 def test_dataset_config_carries_megatron_data_flags(monkeypatch):

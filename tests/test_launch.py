@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.rank import rank_env
+from launch.rank import bind_device, rank_env
 from launch.sbatch import JobSpec, LaunchError, RunSpec, render
 from tests.distributed import ROOT
 
@@ -386,3 +386,31 @@ def test_invalid_config_or_divergence_is_not_restarted(tmp_path, stubs, code):
     assert f"a rank exited with exit code {code}" in proc.stderr and "not restarting" in proc.stderr
     assert "rank-0.log:error: 11 consecutive" in proc.stderr
     assert ["requeue", "77"] not in calls(stubs, "scontrol")
+
+
+@pytest.mark.parametrize("visible, local, expected", [
+    ("3", "1", "0"),          # --gpus-per-task=1: the task's only device is cuda:0
+    ("GPU-5d2e", "3", "0"),   # the same with a UUID
+    ("0,1,2,3", "2", "2"),    # every task sees the node's GPUs: device = local rank
+    ("", "1", "1"),           # a CPU job (job_body.sh exports an empty list)
+    (None, "1", "1"),
+])
+def test_local_rank_indexes_the_visible_devices(visible, local, expected):
+    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": local, "LOCAL_WORLD_SIZE": "4",
+           "NODE_RANK": "1"}
+    bound = bind_device(env, visible)
+    assert bound["LOCAL_RANK"] == expected
+    assert {k: v for k, v in bound.items() if k not in ("LOCAL_RANK", "PARCAE_TASK_LOCAL_RANK")} \
+        == {k: v for k, v in env.items() if k != "LOCAL_RANK"}
+
+
+def test_too_few_visible_devices_is_one_error_line():
+    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "3",
+             "SLURM_NTASKS_PER_NODE": "4", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0"}
+    env = dict(os.environ, **slurm, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="0,1")
+    proc = subprocess.run([sys.executable, "-m", "launch.rank", "--module",
+                           "tests.launch_fixtures.crash"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: local rank 3 but this task sees 2 GPUs"), proc.stderr
+    assert "crash fixture" not in proc.stdout

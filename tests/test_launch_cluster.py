@@ -288,3 +288,37 @@ def test_persistent_crash_gives_up_after_max_restarts(cluster, tmp_path):
     assert "newest checkpoint: iteration 2" in log.split("attempt 2: start")[1]
     for attempt in (1, 2):
         assert fault_to_attempt_end(run_dir, attempt) < 60, log
+
+
+def rank_environments(tmp_path: Path, visible: str) -> dict[int, dict]:
+    """srun 2 nodes x 2 tasks of ``launch.rank`` with the environment-recording fixture; each
+    task's shell first sets CUDA_VISIBLE_DEVICES to ``visible`` (bash, per task)."""
+    out = tmp_path / visible.replace("$", "").replace(",", "_")
+    out.mkdir()
+    body = (f'export CUDA_VISIBLE_DEVICES="{visible}"; exec {sys.executable} -m launch.rank '
+            f'--module tests.launch_fixtures.rank_env -- {out}')
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(["srun", "--nodes=2", "--ntasks-per-node=2", "--job-name=bind-test",
+                           "bash", "-c", body], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in out.glob("rank-*.json")}
+
+
+def test_one_gpu_per_task_binding_maps_every_rank_to_device_0(cluster, tmp_path):
+    """``--gpus-per-task=1``: SLURM gives each task one device, which the task sees as cuda:0.
+    This cluster has no GPUs, so each task's shell sets the list SLURM would set (one device
+    id, the task's own); launch.rank must then hand Megatron LOCAL_RANK 0 on every rank, and
+    with the node's whole list visible LOCAL_RANK stays SLURM's local index."""
+    bound = rank_environments(tmp_path, "$SLURM_LOCALID")
+    assert sorted(bound) == [0, 1, 2, 3]
+    for rank, seen in bound.items():
+        assert seen["LOCAL_RANK"] == "0", seen  # torch.cuda.set_device(0): the only device
+        assert seen["CUDA_VISIBLE_DEVICES"] == seen["SLURM_LOCALID"] == str(rank % 2), seen
+        assert seen["PARCAE_TASK_LOCAL_RANK"] == str(rank % 2)
+        assert (seen["WORLD_SIZE"], seen["LOCAL_WORLD_SIZE"]) == ("4", "2")
+        assert seen["NODE_RANK"] == str(rank // 2)
+        assert seen["SLURMD_NODENAME"] == f"n{rank // 2 + 1}"
+    shared = rank_environments(tmp_path, "0,1")
+    for rank, seen in shared.items():
+        assert seen["LOCAL_RANK"] == seen["SLURM_LOCALID"] == str(rank % 2), seen

@@ -151,7 +151,7 @@ class ParcaeSelfAttention(SelfAttention):
         hd, d = config.kv_channels, config.hidden_size
         groups = config.num_query_groups or config.num_attention_heads
         # Q, K and V are each orthogonal (spec §1.7); inits keyed by parameter (model/init.py).
-        qkv = ({"kind": "qkv_orthogonal", "head_dim": hd}
+        qkv = ({"kind": "qkv_orthogonal", "head_dim": hd, "query_groups": groups}
                if getattr(config.init_method, "kind", None) == "orthogonal" else {})
         init_config = copy.copy(config)
         init_config.init_method = keyed_init(

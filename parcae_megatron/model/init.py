@@ -59,8 +59,8 @@ class ParcaeInit:
     """A Megatron ``init_method``: see the module docstring.
 
     ``kind``: 'orthogonal', 'qkv_orthogonal' (Q, K and V each orthogonal, Megatron's fused
-    per-head [q, k, v] row layout), 'zeros', 'normal' / 'trunc_normal' (std ``std``) or
-    'uniform' (±``std``).
+    row layout: see `qkv_orthogonal_init`), 'zeros', 'normal' / 'trunc_normal' (std ``std``)
+    or 'uniform' (±``std``).
     """
 
     kind: str
@@ -70,6 +70,7 @@ class ParcaeInit:
     global_shape: tuple[int, ...] | None = None
     partition_dim: int | None = None
     head_dim: int | None = None
+    query_groups: int | None = None
 
     def bind(self, key: str, global_shape: tuple[int, ...], partition_dim: int | None = None,
              seed: int | None = None, **changes) -> ParcaeInit:
@@ -116,12 +117,22 @@ class ParcaeInit:
             return _orthogonalise(draw.to(device), std)
 
         rows, cols = shape
-        hd = self.head_dim
-        if kind == "orthogonal" or hd is None or rows % (3 * hd):
+        if kind == "orthogonal":
             return orthogonal(rows, cols)
-        heads = rows // (3 * hd)
-        parts = [orthogonal(heads * hd, cols).view(heads, 1, hd, cols) for _ in range(3)]
-        return torch.cat(parts, dim=1).view(rows, cols)
+        return self._qkv(rows, cols, orthogonal)
+
+    def _qkv(self, rows: int, cols: int, orthogonal) -> torch.Tensor:
+        """Q, K and V drawn as three orthogonal matrices, interleaved per query group."""
+        hd, groups = self.head_dim, self.query_groups
+        if hd is None or groups is None or rows % hd or (rows // hd - 2 * groups) % groups \
+                or rows // hd <= 2 * groups:
+            raise ValueError(f"init of {self.key}: {rows} QKV rows are not (heads + 2 · "
+                             f"{groups} groups) × head dim {hd}")
+        per_group = (rows // hd - 2 * groups) // groups  # query heads of one group
+        q = orthogonal(groups * per_group * hd, cols).view(groups, per_group * hd, cols)
+        k = orthogonal(groups * hd, cols).view(groups, hd, cols)
+        v = orthogonal(groups * hd, cols).view(groups, hd, cols)
+        return torch.cat([q, k, v], dim=1).reshape(rows, cols)
 
     def _local_slice(self, full: torch.Tensor, local: tuple[int, ...]) -> torch.Tensor:
         """``full`` itself, or this TP rank's contiguous shard of it along the partition dim."""
@@ -159,13 +170,17 @@ def orthogonal_init(std: float, seed: int | None = None) -> ParcaeInit:
     return ParcaeInit("orthogonal", std, seed)
 
 
-def qkv_orthogonal_init(head_dim: int, std: float, seed: int | None = None) -> ParcaeInit:
+def qkv_orthogonal_init(head_dim: int, query_groups: int, std: float,
+                        seed: int | None = None) -> ParcaeInit:
     """Init for Megatron's fused QKV weight: Q, K and V are each orthogonal (spec §1.7).
 
-    Megatron lays the fused weight out per head as [q, k, v] rows, so a TP shard of rows
-    holds whole heads.
+    Megatron lays the fused weight out per query group: for each group g the rows of its
+    query heads, then its key head, then its value head ([q_g…, k_g, v_g]; multi-head
+    attention is the case of one query head per group). Q ([heads · hd, d]), K and V
+    ([groups · hd, d]) are drawn as whole orthogonal matrices and their rows placed there,
+    so a TP shard of rows holds whole groups: the slice of the same three matrices.
     """
-    return ParcaeInit("qkv_orthogonal", std, seed, head_dim=head_dim)
+    return ParcaeInit("qkv_orthogonal", std, seed, head_dim=head_dim, query_groups=query_groups)
 
 
 zeros_init = ParcaeInit("zeros")

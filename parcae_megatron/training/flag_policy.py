@@ -29,6 +29,16 @@ _FP8_DELAYED = ("delayed scaling reduces amaxes over TP x DP at every FP8 region
                 "collectives); use --fp8-recipe tensorwise (current scaling) or add "
                 "--tp-only-amax-red")
 
+# The loop's checkpoint is torch.utils.checkpoint: its backward re-runs the iteration's FP8
+# region outside Transformer Engine's recompute phase. Current and block scaling quantise from
+# the tensors' own values, so the re-run gives the forward's bits and updates no state; delayed
+# scaling would record the iteration's amaxes twice and re-run with scales updated since.
+_FP8_LOOP_RECOMPUTE = ("the loop's checkpoint re-runs each iteration's FP8 region outside "
+                       "Transformer Engine's recompute phase, which with delayed scaling "
+                       "records amaxes twice and recomputes with other scales; use "
+                       "--fp8-recipe tensorwise (current scaling) or drop "
+                       "--recompute-loop-iterations")
+
 
 @dataclass(frozen=True)
 class Refusal:
@@ -125,6 +135,13 @@ REFUSALS: tuple[Refusal, ...] = (
                           and not a.recompute_loop_iterations),
             "full recompute with --overlap-grad-reduce needs --recompute-loop-iterations "
             "(the loop's layers are then recomputed per iteration inside one backward)"),
+    # TE's userbuffer GEMM overlap allocates its communication buffers once, for a fixed
+    # [seq × micro-batch, d] input; compaction runs the loop on sub-batches of any size.
+    Refusal("--tp-comm-overlap", _set("tp_comm_overlap"),
+            "Transformer Engine's userbuffers are sized for a fixed [seq x micro-batch, hidden] "
+            "GEMM input, and compaction runs the loop's GEMMs on sub-batches of any size "
+            "(with --loop-execution masked the shapes are fixed, but that path has never run "
+            "on a GPU: use plain --sequence-parallel)"),
     # CUDA graphs (0.19 names; --enable-cuda-graph / --external-cuda-graph are deprecated).
     Refusal("--cuda-graph-impl", lambda a, g: a.cuda_graph_impl != "none", _CUDA_GRAPHS),
     Refusal("--enable-cuda-graph", _set("enable_cuda_graph"), _CUDA_GRAPHS),
@@ -189,6 +206,10 @@ def check_low_precision(args: argparse.Namespace) -> None:
             and not args.tp_only_amax_red:
         raise ParcaeConfigError(f"--fp8-recipe {args.fp8_recipe} is unsafe for a looped model "
                                 f"without --tp-only-amax-red: {_FP8_DELAYED}")
+    if args.fp8 is not None and args.fp8_recipe in ("delayed", "custom") \
+            and getattr(args, "recompute_loop_iterations", False):
+        raise ParcaeConfigError(f"--fp8-recipe {args.fp8_recipe} cannot be combined with "
+                                f"--recompute-loop-iterations: {_FP8_LOOP_RECOMPUTE}")
     # TE's FP8 GEMMs need the token count divisible by 8 (16 for block scaling); compaction
     # runs the loop on any number of sequences, so the sequence length alone must ensure it.
     if args.fp8 is not None and args.seq_length % 16:
