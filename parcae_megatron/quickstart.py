@@ -149,17 +149,14 @@ def report(run_dir: Path, stable: dict | None = None) -> dict:
           f"(mean of first/last {window})")
     if summary["tokens_per_s_median"]:
         print(f"  throughput     {summary['tokens_per_s_median']:.0f} tokens/s (median)")
-    print("  validation loss by loop count T (test-time depth; small at this scale: a tiny "
-          "model after a few hundred CPU steps):")
+    print("  validation loss by loop count T (test-time depth; the gain is small at this "
+          "scale):")
     print("     T   loss     ppl")
     for t, loss in by_t:
         print(f"    {t:2d}  {loss:.4f}  {2.718281828 ** loss:8.2f}")
     print(f"  test-time law  {test_time_fit_label(fit)}")
     if stable:
         print("\n".join(stability.report_lines(stable)))
-        if stable["state_norm_ratio"]:
-            print(f"    → the prior design's loop state grows {stable['state_norm_ratio']:.2g}× "
-                  "larger than Parcae's")
     _plot(run_dir / "report.png", ordered, by_t, fit, stable)
     (run_dir / "report.json").write_text(json.dumps(summary, indent=2))
     print(f"  plot           {run_dir / 'report.png'}")

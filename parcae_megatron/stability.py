@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # What the comparison trains: the prior design first, Parcae's second.
 INJECTIONS = ("concat_linear", "diagonal")
-LABELS = {"concat_linear": "concat-linear (Huginn-style)", "diagonal": "Parcae (diagonal, ρ(Ā)<1)",
-          "additive": "additive"}
+LABELS = {"concat_linear": "concat-linear (Huginn-style)",
+          "diagonal": "Parcae (diagonal, ρ(Ā) < 1)", "additive": "additive"}
 DEFAULT_LR = 1e-2
 DEFAULT_STEPS = 150
 
@@ -116,15 +116,18 @@ def run(run_dir: Path, data: Path, log: Path, env: dict, lr: float = DEFAULT_LR,
 
 
 def report_lines(result: dict) -> list[str]:
-    """One printed line per injection."""
-    lines = [f"  stability      lr {result['lr']:g}, {result['steps']} steps, "
-             f"{result['optimizer']}; max loop-state norm ‖h_T‖:"]
+    """The printed lines: the setting, one line per injection, the ratio of the state norms."""
+    lines = [f"  stability      the same tiny model, {result['optimizer']} at lr {result['lr']:g}, "
+             f"{result['steps']} steps each:"]
     for inj, r in result["runs"].items():
         fmt = lambda x: f"{x:.3f}" if x is not None else "n/a"
         norm = f"{r['max_state_norm']:.3g}" if r["max_state_norm"] is not None else "n/a"
-        flag = "  DIVERGED" if r["diverged"] else ""
-        lines.append(f"    {LABELS[inj]:<28} max ‖h_T‖ {norm:>9}  loss {fmt(r['loss_start'])}"
-                     f" → {fmt(r['loss_end'])}{flag}")
+        flag = "  (diverged: non-finite or skipped steps)" if r["diverged"] else ""
+        lines.append(f"    {LABELS[inj]:<29} max loop-state norm ‖h_T‖ {norm:>9}   "
+                     f"loss {fmt(r['loss_start'])} → {fmt(r['loss_end'])}{flag}")
+    if result["state_norm_ratio"]:
+        lines.append(f"    → the prior design's loop state grows {result['state_norm_ratio']:.2g}× "
+                     "larger than Parcae's")
     return lines
 
 
@@ -141,8 +144,9 @@ def plot(loss_ax, norm_ax, result: dict) -> None:
         norm_ax.plot([x for x, _ in norms], [y for _, y in norms], lw=1, color=color,
                      label=LABELS[inj])
     title = f"Stability at lr {result['lr']:g} (Adam)"
-    loss_ax.set(xlabel="step", ylabel="training loss", title=title)
-    norm_ax.set(xlabel="step", ylabel="loop state norm ‖h_T‖", yscale="log", title=title)
+    loss_ax.set(xlabel="step", ylabel="training loss", title=f"{title}: training loss")
+    norm_ax.set(xlabel="step", ylabel="loop state norm ‖h_T‖", yscale="log",
+                title=f"{title}: loop state")
     for ax in (loss_ax, norm_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

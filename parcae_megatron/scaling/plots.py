@@ -44,7 +44,8 @@ def draw_test_time_fit(ax, fit: dict | None, t_min: float, t_max: float) -> None
         import textwrap
 
         ax.text(0.03, 0.97, textwrap.fill(test_time_fit_label(fit), 55), transform=ax.transAxes,
-                fontsize=7, color="C3", va="top")
+                fontsize=7, color="C3", va="top",
+                bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"})
 
 
 def _save(fig, path: Path) -> Path:
