@@ -186,7 +186,7 @@ def _plot(path: Path, steps: list[dict], by_t: list[tuple[int, float]], fit: dic
     right.set(xlabel="loop iterations T", ylabel="validation loss",
               title="Test-time depth (small at this scale)")
     right.grid(alpha=0.3)
-    right.legend(fontsize=8, loc="upper right")
+    right.legend(fontsize=8)
     if stable:
         stability.plot(axes[1][0], axes[1][1], stable)
     fig.tight_layout()

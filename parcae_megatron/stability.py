@@ -110,15 +110,15 @@ def run(run_dir: Path, data: Path, log: Path, env: dict, lr: float = DEFAULT_LR,
     runs = {inj: summarize(p) for inj, p in paths.items()}
     prior, parcae = (runs[i]["max_state_norm"] for i in INJECTIONS)
     ratio = prior / parcae if prior and parcae and math.isfinite(prior) else None
-    return {"lr": lr, "steps": steps, "optimizer": "adam (beta1 0.9), constant LR",
+    return {"lr": lr, "steps": steps, "optimizer": "Adam (beta1 0.9), constant LR",
             "runs": runs, "state_norm_ratio": ratio,
             "telemetry": {inj: str(p) for inj, p in paths.items()}}
 
 
 def report_lines(result: dict) -> list[str]:
     """The printed lines: the setting, one line per injection, the ratio of the state norms."""
-    lines = [f"  stability      the same tiny model, {result['optimizer']} at lr {result['lr']:g}, "
-             f"{result['steps']} steps each:"]
+    lines = [f"  stability      the same tiny model at lr {result['lr']:g}, "
+             f"{result['steps']} steps each, {result['optimizer']}:"]
     for inj, r in result["runs"].items():
         fmt = lambda x: f"{x:.3f}" if x is not None else "n/a"
         norm = f"{r['max_state_norm']:.3g}" if r["max_state_norm"] is not None else "n/a"

@@ -32,7 +32,8 @@ def test_time_fit_label(fit: dict) -> str:
 
 def draw_test_time_fit(ax, fit: dict | None, t_min: float, t_max: float) -> None:
     """Draw a determined ``fit_test_time_curve`` fit (curve and L∞ line) on ``ax`` between
-    ``t_min`` and ``t_max``, or say in a corner why it is not determined."""
+    ``t_min`` and ``t_max``, or a legend entry saying why it is not determined (call
+    ``ax.legend()`` afterwards)."""
     if not fit:
         return
     if fit.get("determined"):
@@ -40,12 +41,10 @@ def draw_test_time_fit(ax, fit: dict | None, t_min: float, t_max: float) -> None
         ax.plot(dense, fit["L_inf"] + fit["Z"] * np.exp(-fit["z"] * dense), color="C1",
                 label=f"fit: {fit['L_inf']:.3f} + {fit['Z']:.3f}·exp(−{fit['z']:.3f}·T)")
         ax.axhline(fit["L_inf"], color="C1", ls=":", lw=1)
-    else:
+    else:  # a legend entry, so that matplotlib places it clear of the points
         import textwrap
 
-        ax.text(0.03, 0.97, textwrap.fill(test_time_fit_label(fit), 55), transform=ax.transAxes,
-                fontsize=7, color="C3", va="top",
-                bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"})
+        ax.plot([], [], " ", label=textwrap.fill(test_time_fit_label(fit), 50))
 
 
 def _save(fig, path: Path) -> Path:
