@@ -67,8 +67,9 @@ def test_quickstart_stability_comparison(quickstart_run):
     assert stable["state_norm_ratio"] == concat["max_state_norm"] / parcae["max_state_norm"]
     assert stable["state_norm_ratio"] >= 1e3
     assert parcae["loss_end"] < concat["loss_end"] - 0.3
+    report_lines = stdout.split("Parcae quickstart report")[1].splitlines()
     for label in ("concat-linear (Huginn-style)", "Parcae (diagonal"):
-        line = next(x for x in stdout.splitlines() if label in x)
+        line = next(x for x in report_lines if label in x)
         assert "max loop-state norm" in line and "loss" in line
     assert all(Path(p).parent == run_dir / "stability" and Path(p).exists()
                for p in stable["telemetry"].values())
