@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stability-lr", type=float, default=stability.DEFAULT_LR,
                         help="the aggressive learning rate of the stability runs")
     args = parser.parse_args(argv)
+    if args.stability_lr <= 0 or args.stability_steps < 0:
+        parser.error("--stability-lr must be positive and --stability-steps at least 0")
     run_dir = Path(args.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "quickstart.log"

@@ -81,7 +81,7 @@ def run(run_dir: Path, data: Path, log: Path, env: dict, lr: float = DEFAULT_LR,
 
     out_dir = run_dir / "stability"
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {inj: out_dir / f"{inj}-lr{lr:g}.jsonl" for inj in INJECTIONS}
+    paths = {inj: out_dir / f"{inj}-lr{lr:g}-{steps}steps.jsonl" for inj in INJECTIONS}
     todo = [inj for inj, p in paths.items() if len(read_records(p, "train")) < steps]
     if todo:
         print(f"==> stability: {' and '.join(LABELS[i] for i in todo)} at lr {lr:g}, "
