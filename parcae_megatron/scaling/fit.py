@@ -161,6 +161,10 @@ def fit_test_time_law(loop_counts, loss, restarts: int = 20, seed: int = 0) -> T
             return 1e6
         return float(np.mean((np.log(pred) - log_l) ** 2))
 
+    # 0 ≤ L∞ ≤ the largest loss, Z ≤ e^10, e^-8 ≤ z ≤ e^6: far outside anything physical,
+    # they stop a sweep the law does not describe (a straight line) from sending L∞ to −∞
+    # through thousands of iterations.
+    bounds = [(0.0, float(np.max(loss))), (-30.0, 10.0), (-8.0, 6.0)]
     rng = np.random.default_rng(seed)
     best = None
     # Tiny problems: BLAS threads only contend (10x slower on a busy machine).
@@ -168,7 +172,7 @@ def fit_test_time_law(loop_counts, loss, restarts: int = 20, seed: int = 0) -> T
         for _ in range(restarts):
             start = [floor * rng.uniform(0.8, 1.0), np.log(rng.uniform(0.05, 5.0)),
                      np.log(rng.uniform(0.05, 2.0))]
-            res = minimize(objective, start, method="L-BFGS-B",
+            res = minimize(objective, start, method="L-BFGS-B", bounds=bounds,
                            options={"maxiter": 5_000, "ftol": 1e-15, "gtol": 1e-12})
             if best is None or res.fun < best.fun:
                 best = res
