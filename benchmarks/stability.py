@@ -2,9 +2,11 @@
 
 Trains tiny looped models on the embedded corpus with ``additive`` (ρ(Ā) = 1),
 ``concat_linear`` (Huginn/RDM, ρ unconstrained) and Parcae's ``diagonal`` (ρ(Ā) < 1)
-injection over a range of learning rates, through the real entry point, and reports which
-runs diverge (non-finite or skipped steps, or a final loss above the initial one) and the
-final losses. The baseline of the comparison is Parcae's diagonal injection in the same run.
+injection over a range of learning rates, through the real entry point (the quickstart's
+stability runs, ``parcae_megatron/stability.py``, at more rates and injections), and reports
+which runs diverge (non-finite or skipped steps, or a final loss above the initial one), the
+final losses and the largest loop-state norm ‖h_T‖ (measured every step). The baseline of the
+comparison is Parcae's diagonal injection in the same run.
 
 Usage: python benchmarks/stability.py [--steps 150] [--lrs 3e-3 1e-2 3e-2]. Last line: JSON.
 """
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -22,41 +23,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from parcae_megatron import stability  # noqa: E402
 from parcae_megatron.quickstart import _env, prepare_data  # noqa: E402
-from parcae_megatron.training.telemetry import read_records  # noqa: E402
 
 INJECTIONS = ("additive", "concat_linear", "diagonal")
 
 
 def run(data: Path, out: Path, injection: str, lr: float, steps: int) -> dict:
-    """One short training run; returns its outcome."""
+    """One short training run (the quickstart's stability setting); returns its outcome."""
     telemetry = out / f"{injection}-{lr:g}.jsonl"
-    cmd = [sys.executable, "-m", "parcae_megatron.train",
-           "--config", str(ROOT / "configs" / "parcae-tiny-cpu.yaml"),
-           "--tokenizer-type", "SentencePieceTokenizer",
-           "--tokenizer-model", str(data / "tokenizer.model"),
-           "--train-data-path", "1.0", str(data / "train"),
-           "--valid-data-path", "1.0", str(data / "valid"),
-           "--optimizer", "adam", "--adam-beta1", "0.9", "--lr", str(lr),
-           "--lr-decay-style", "constant", "--injection-type", injection,
-           "--train-iters", str(steps), "--eval-interval", str(steps + 1), "--eval-iters", "0",
-           "--log-interval", "10", "--telemetry-path", str(telemetry),
-           "--max-consecutive-skipped", str(steps)]
-    env = dict(_env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(29400 + hash((injection, lr)) % 500))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    steps_log = read_records(telemetry, "train")
-    losses = [r["loss"] for r in steps_log]
-    finite = [x for x in losses if x is not None and math.isfinite(x)]
-    skipped = steps_log[-1]["skipped_total"] if steps_log else None
-    initial = sum(finite[:5]) / max(1, len(finite[:5])) if finite else None
-    final = sum(finite[-5:]) / max(1, len(finite[-5:])) if finite else None
-    diverged = (proc.returncode != 0 or not finite or len(finite) < len(losses)
-                or bool(skipped) or final > initial)
-    max_state = max((r.get("state_norm") or 0.0 for r in steps_log), default=None)
+    telemetry.unlink(missing_ok=True)
+    proc = subprocess.run(stability.command(data, telemetry, injection, lr, steps), cwd=ROOT,
+                          env=_env(), capture_output=True, text=True)
+    r = stability.summarize(telemetry, window=5)
+    diverged = (proc.returncode != 0 or r["diverged"] or r["loss_end"] is None
+                or r["loss_end"] > r["loss_start"])
     return {"injection": injection, "lr": lr, "diverged": diverged, "returncode": proc.returncode,
-            "initial_loss": initial, "final_loss": final, "skipped_steps": skipped,
-            "max_state_norm": max_state}
+            "initial_loss": r["loss_start"], "final_loss": r["loss_end"],
+            "skipped_steps": r["skipped_steps"], "max_state_norm": r["max_state_norm"]}
 
 
 def main() -> None:

@@ -4,8 +4,11 @@
 2. trains a SentencePiece tokenizer and preprocesses train/valid into indexed datasets,
 3. trains a tiny Parcae with 2 processes (data parallel, gloo on CPU) through the real entry
    point (`parcae_megatron.train`, Megatron's loop), with checkpoints and telemetry,
-4. reads the validation loss at loop counts T = 1 … 2·μ_rec and prints a short report with a
-   PNG plot.
+4. trains the same tiny model twice more at one aggressive learning rate, with a prior looped
+   injection (concat-linear, Huginn-style) and with Parcae's diagonal one (``stability.py``),
+5. prints a short report with a PNG figure: the training loss, the validation loss at loop
+   counts T = 1 … 2·μ_rec with the test-time law L(T) = L∞ + Z·exp(−z·T) fitted where the
+   sweep determines it, and the two stability runs' losses and loop-state norms.
 
 Everything lands in the run directory; running the command again resumes training from
 its newest checkpoint (or, once finished, just reports again).
@@ -21,6 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+from parcae_megatron import stability
+from parcae_megatron.scaling.fit import fit_test_time_curve
+from parcae_megatron.scaling.plots import draw_test_time_fit, test_time_fit_label
 from parcae_megatron.training.telemetry import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,8 +126,9 @@ def train(run_dir: Path, data: Path, iters: int, nproc: int, log: Path) -> None:
                          f"{log.read_text()[-3000:]}")
 
 
-def report(run_dir: Path) -> dict:
-    """Print loss start/end and the test-time table; write report.png and report.json."""
+def report(run_dir: Path, stable: dict | None = None) -> dict:
+    """Print loss start/end, the test-time table and fit and the stability comparison; write
+    report.png and report.json."""
     telemetry = run_dir / "telemetry.jsonl"
     steps = {r["iteration"]: r for r in read_records(telemetry, "train")}
     ordered = [steps[i] for i in sorted(steps)]
@@ -132,41 +139,56 @@ def report(run_dir: Path) -> dict:
     start = sum(r["loss"] for r in ordered[:window]) / window
     end = sum(r["loss"] for r in ordered[-window:]) / window
     speeds = [r["tokens_per_s"] for r in ordered if r.get("tokens_per_s")]
+    fit = fit_test_time_curve([t for t, _ in by_t], [v for _, v in by_t])
     summary = {"steps": len(ordered), "loss_start": start, "loss_end": end,
                "tokens_per_s_median": sorted(speeds)[len(speeds) // 2] if speeds else None,
-               "validation_loss_by_T": dict(by_t), "run_dir": str(run_dir)}
+               "validation_loss_by_T": dict(by_t), "test_time_fit": fit,
+               "stability": stable, "run_dir": str(run_dir)}
     print("\nParcae quickstart report")
     print(f"  training loss  {start:.3f} → {end:.3f} over {len(ordered)} steps "
           f"(mean of first/last {window})")
     if summary["tokens_per_s_median"]:
         print(f"  throughput     {summary['tokens_per_s_median']:.0f} tokens/s (median)")
-    print("  validation loss by loop count T (test-time depth):")
+    print("  validation loss by loop count T (test-time depth; the gain is small at this "
+          "scale):")
     print("     T   loss     ppl")
     for t, loss in by_t:
         print(f"    {t:2d}  {loss:.4f}  {2.718281828 ** loss:8.2f}")
-    _plot(run_dir / "report.png", ordered, by_t)
+    print(f"  test-time law  {test_time_fit_label(fit)}")
+    if stable:
+        print("\n".join(stability.report_lines(stable)))
+    _plot(run_dir / "report.png", ordered, by_t, fit, stable)
     (run_dir / "report.json").write_text(json.dumps(summary, indent=2))
     print(f"  plot           {run_dir / 'report.png'}")
-    print(f"  run directory  {run_dir}  (checkpoints/, telemetry.jsonl, tensorboard/)")
+    print(f"  run directory  {run_dir}  (checkpoints/, telemetry.jsonl, stability/, "
+          "tensorboard/)")
     print(f"  resume/extend  python -m parcae_megatron.quickstart --run-dir {run_dir} "
           "--train-iters N")
     return summary
 
 
-def _plot(path: Path, steps: list[dict], by_t: list[tuple[int, float]]) -> None:
+def _plot(path: Path, steps: list[dict], by_t: list[tuple[int, float]], fit: dict,
+          stable: dict | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    rows = 2 if stable else 1
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 4 * rows), squeeze=False)
+    left, right = axes[0]
     left.plot([r["iteration"] for r in steps], [r["loss"] for r in steps], lw=1)
-    left.set(xlabel="step", ylabel="training loss", title="Training loss")
+    left.set(xlabel="step", ylabel="training loss", title="Training loss (Parcae, Muon)")
     left.grid(alpha=0.3)
-    right.plot([t for t, _ in by_t], [v for _, v in by_t], marker="o")
+    t = [t for t, _ in by_t]
+    right.plot(t, [v for _, v in by_t], marker="o", ls="", label="validation loss")
+    draw_test_time_fit(right, fit, min(t), max(t))
     right.set(xlabel="loop iterations T", ylabel="validation loss",
-              title="Test-time depth")
+              title="Test-time depth (small at this scale)")
     right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    if stable:
+        stability.plot(axes[1][0], axes[1][1], stable)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -180,14 +202,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-iters", type=int, default=300)
     parser.add_argument("--nproc", type=int, default=2, help="training processes")
     parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--stability-steps", type=int, default=stability.DEFAULT_STEPS,
+                        help="steps of each stability run (0 skips the comparison)")
+    parser.add_argument("--stability-lr", type=float, default=stability.DEFAULT_LR,
+                        help="the aggressive learning rate of the stability runs")
     args = parser.parse_args(argv)
+    if args.stability_lr <= 0 or args.stability_steps < 0:
+        parser.error("--stability-lr must be positive and --stability-steps at least 0")
     run_dir = Path(args.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "quickstart.log"
     started = time.time()
     data = prepare_data(run_dir, args.vocab_size, log)
     train(run_dir, data, args.train_iters, args.nproc, log)
-    report(run_dir)
+    stable = (stability.run(run_dir, data, log, _env(), args.stability_lr, args.stability_steps)
+              if args.stability_steps > 0 else None)
+    report(run_dir, stable)
     print(f"  total time     {time.time() - started:.0f} s")
     return 0
 

@@ -1,6 +1,6 @@
 """`python -m parcae_megatron.evaluate`: windows and byte counts, the scoring against the model's
-own loss, the test-time fit, the CLI's files and errors, and a trained tiny model (Megatron
-entry point on the embedded corpus) whose loss falls from T=1 to T=μ_rec."""
+own loss, the test-time fit, the CLI's files and errors, and the quickstart's trained tiny model
+(Megatron checkpoint, loaded through the converter)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from parcae_megatron.evaluate import (
     default_loop_counts,
     evaluate,
     fit_loop_curve,
+    format_table,
     load_tokenizer,
     plot,
 )
@@ -96,7 +97,8 @@ def test_scores_equal_the_models_own_loss(data):
         assert row["tokens"] == 5 * 48 and row["perplexity"] == pytest.approx(math.exp(
             row["loss"]))
         assert row["loss_std"] > 0 and 0 < row["bpb"] < 20
-    assert report["fit"] is None  # two loop counts cannot fix three constants
+    fit = report["fit"]  # two loop counts cannot fix three constants
+    assert not fit["determined"] and "three distinct" in fit["reason"] and fit["z"] is None
     assert default_loop_counts(4) == [1, 2, 4, 8] and default_loop_counts(3) == [1, 2, 3, 4, 6]
 
 
@@ -111,11 +113,19 @@ def test_fit_recovers_known_constants_and_plots(tmp_path):
         assert fit["rmse"] < 1e-6
         assert fit["L_inf_rel_error_vs_T_mu_rec"] == pytest.approx(
             z_amp * math.exp(-z * 8) / loss[t.index(8)], rel=1e-2)
-    assert fit_loop_curve([1, 2, 2], [3.0, 2.9, 2.9]) is None
-    rows = [{"T": x, "loss": y, "loss_std": 0.01, "seeds": [0, 1]} for x, y in zip(t, loss)]
+    assert not fit_loop_curve([1, 2, 2], [3.0, 2.9, 2.9])["determined"]
+    rows = [{"T": x, "loss": y, "loss_std": 0.01, "seeds": [0, 1], "perplexity": math.exp(y),
+             "bpb": None, "tokens": 100} for x, y in zip(t, loss)]
     plot({"results": rows, "fit": fit, "mean_recurrence": 8, "model": "synthetic"},
          str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A flat sweep (within 3 × the seeds' noise) is reported as such, not fitted.
+    flat = fit_loop_curve(t, [4.6 + 1e-4 * (x % 2) for x in t], mean_recurrence=8, noise=0.002)
+    assert not flat["determined"] and "flat" in flat["reason"]
+    assert "L_inf_rel_error_vs_T_mu_rec" not in flat
+    report = {"results": rows, "fit": flat, "mean_recurrence": 8, "model": "synthetic"}
+    plot(report, str(tmp_path / "flat.png"))
+    assert "fit not determined: flat" in format_table(report)
 
 
 def test_cli_on_hf_dir_and_errors(data, tmp_path, capsys):
@@ -129,7 +139,9 @@ def test_cli_on_hf_dir_and_errors(data, tmp_path, capsys):
     assert main(args) == 0
     report = json.loads(out.read_text())
     assert [r["T"] for r in report["results"]] == [1, 2, 4]  # μ_rec = 2: 1, 2, 2·μ_rec
-    assert report["fit"]["L_inf"] > 0 and report["data"]["tokens_scored"] == 128
+    fit = report["fit"]  # a random model: determined or not, the fit says which
+    assert fit["L_inf"] > 0 if fit["determined"] else fit["reason"]
+    assert report["data"]["tokens_scored"] == 128
     assert report["results"][0]["bytes"] > 128 and png.stat().st_size > 10_000
     assert "loss" in capsys.readouterr().out
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
@@ -140,10 +152,18 @@ def test_cli_on_hf_dir_and_errors(data, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_trained_model_improves_with_loops_through_load(quickstart_run, tmp_path):
+def test_quickstart_checkpoint_evaluates_through_load(quickstart_run, tmp_path):
     """The README's main job (300 steps of the tiny preset on the embedded corpus, real entry
     point, 2 ranks) evaluated from its Megatron checkpoint through the converter (--load):
-    the loss falls from T=1 to T=μ_rec, far beyond the spread over h₀ seeds."""
+    every T is scored on the same held-out tokens, with bits per byte, a plot and a fit that
+    is either determined or says why not.
+
+    No loop-gain threshold here, by decision (issue 20): over five initial draws of this run
+    the gain L(T=1) − L(T=4) on held-out text was −0.0001 … +0.011 nats against a
+    window-sampling error of 0.002–0.0035, so at this scale the gain is not a property of the
+    model that any positive threshold could hold for every draw, whatever the number of
+    tokens or h₀ seeds. What the loop design buys at CPU scale is stability; that is checked
+    on the same quickstart run in tests/test_quickstart.py (concat-linear vs Parcae)."""
     run_dir, _ = quickstart_run
     out = tmp_path / "eval.json"
     _, env = command(1)
@@ -156,14 +176,10 @@ def test_trained_model_improves_with_loops_through_load(quickstart_run, tmp_path
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     report = json.loads(out.read_text())
     rows = {r["T"]: r for r in report["results"]}
-    mu = report["mean_recurrence"]
-    assert mu == 4 and sorted(rows) == [1, 2, 4]
+    assert report["mean_recurrence"] == 4 and sorted(rows) == [1, 2, 4]
     assert all(r["loss"] < 6.0 and r["bpb"] is not None and r["tokens"] == 16384
                for r in rows.values())  # it learned (uniform: ln 4096 = 8.3)
-    assert report["fit"] is not None and (tmp_path / "e.png").stat().st_size > 10_000
-    drop = rows[1]["loss"] - rows[mu]["loss"]
-    if not (drop > 0.002 and drop > 5 * max(rows[1]["loss_std"], rows[mu]["loss_std"])):
-        # Measured 0.0096 before the layout-invariant init (issue 11) changed the random draw
-        # of this 300-step toy run, 0.0000 after it, while the trainer's own validation still
-        # falls from T=1 to T=2; an open question, reported rather than hidden.
-        pytest.xfail(f"loop gain on the first 16k held-out tokens is {drop:.4f} (> 0.002 expected)")
+    fit = report["fit"]
+    assert fit["form"] == "L(T) = L_inf + Z * exp(-z * T)"
+    assert (fit["L_inf"] > 0 and fit["z"] > 0) if fit["determined"] else fit["reason"]
+    assert (tmp_path / "e.png").stat().st_size > 10_000

@@ -9,6 +9,7 @@ from parcae_megatron.scaling.fit import (
     fit_isoflop_parabola,
     fit_parametric_law,
     fit_power_law,
+    fit_test_time_curve,
     fit_test_time_law,
     fit_unified_test_time_law,
     prediction_errors,
@@ -70,6 +71,52 @@ def test_test_time_law_recovers_constants():
     assert fit.l_inf == pytest.approx(2.95, rel=1e-3)
     assert fit.Z == pytest.approx(0.6, rel=0.02) and fit.z == pytest.approx(0.45, rel=0.02)
     assert fit_test_time_law(t, loss, seed=0) == fit
+    with pytest.raises(ValueError, match="three distinct"):
+        fit_test_time_law([1, 2, 2], [3.0, 2.9, 2.9])
+
+
+@pytest.mark.parametrize("l_inf,z_amp,z,ts", [
+    (2.95, 0.6, 0.45, [1, 2, 3, 4, 6, 8, 12, 16]),  # a paper-like curve (spec §5.3)
+    (4.2, 1.5, 1.2, [1, 2, 3, 4, 5, 6, 7, 8]),  # fast decay, still seen at T = 2
+    (3.3, 0.3, 0.2, [1, 2, 4, 8, 16, 24]),  # slow decay, mostly inside the sweep
+])
+def test_test_time_report_recovers_known_constants(l_inf, z_amp, z, ts):
+    rng = np.random.default_rng(0)
+    t = np.asarray(ts, float)
+    loss = (l_inf + z_amp * np.exp(-z * t)) * np.exp(rng.normal(0, 2e-5, t.shape))
+    out = fit_test_time_curve(t, loss, noise=1e-4)
+    assert out["determined"] and out["reason"] is None
+    assert out["L_inf"] == pytest.approx(l_inf, rel=2e-3)
+    assert out["Z"] == pytest.approx(z_amp, rel=0.05) and out["z"] == pytest.approx(z, rel=0.05)
+    assert out["rmse"] < 1e-3 and sorted(out["predicted"]) == ts
+
+
+@pytest.mark.parametrize("ts,loss,reason", [
+    ([1, 2], [3.0, 2.9], "at least three distinct"),
+    ([1, 2, 2, 1], [3.0, 2.9, 2.9, 3.0], "at least three distinct"),
+    ([1, 2, 4], [3.0, float("nan"), 2.8], "not finite"),
+    ([1, 2, 4, 8], [3.0, 3.0, 3.0, 3.0], "flat"),
+    # the quickstart's curve at 300 steps (issue 20): 0.004 nats over T = 1..8
+    ([1, 2, 3, 4, 5, 6, 7, 8], [4.6157, 4.6113, 4.6120, 4.6130, 4.6140, 4.6130, 4.6135,
+                                4.6139], "flat"),
+    # docs/evaluation.md's old example: fitted as 4.62 + 620·exp(−11.6·T)
+    ([1, 2, 4, 8], [4.6272, 4.6201, 4.6219, 4.6227], "decay unresolved"),
+    ([1, 2, 4, 8], [5.0, 4.5, 4.5, 4.5], "decay unresolved"),  # one step, then flat
+    ([1, 2, 4, 8], [3.0, 3.1, 3.2, 3.3], "no decay"),  # rising with T
+    ([1, 2, 3, 4], [5.0, 4.9, 4.8, 4.7], "extrapolation"),  # straight line: no floor in sight
+])
+def test_test_time_report_refuses_degenerate_sweeps(ts, loss, reason):
+    out = fit_test_time_curve(ts, loss)
+    assert not out["determined"] and reason in out["reason"]
+    assert out["L_inf"] is None and out["Z"] is None and out["z"] is None
+
+
+def test_test_time_report_noise_sets_the_tolerance():
+    t = [1, 2, 4, 8]
+    loss = [3.0 + 0.02 * np.exp(-0.5 * x) for x in t]  # a 0.016-nat decay
+    assert fit_test_time_curve(t, loss, noise=1e-4)["determined"]
+    out = fit_test_time_curve(t, loss, noise=0.01)  # 3 × noise = 0.03 > the whole drop
+    assert not out["determined"] and "flat" in out["reason"] and out["tolerance"] == 0.03
 
 
 def _unified_synthetic(gamma: float, noise: float, seed: int = 0):

@@ -7,26 +7,22 @@ import os
 
 import numpy as np
 
-from parcae_megatron.scaling.fit import fit_test_time_law
+from parcae_megatron.scaling.fit import fit_test_time_curve
+from parcae_megatron.scaling.plots import draw_test_time_fit, test_time_fit_label
 
 
 def fit_loop_curve(loop_counts: list[int], losses: list[float],
-                   mean_recurrence: int | None = None, seed: int = 0) -> dict | None:
-    """Fit L(T) = L∞ + Z·exp(−z·T) (least squares on log-loss); ``None`` with fewer than three
-    distinct T. Adds the fit's RMS error and, when μ_rec was evaluated, how far L∞ is from the
-    measured L(μ_rec) (the paper reports them within 0.6%)."""
-    t = np.asarray(loop_counts, float)
-    loss = np.asarray(losses, float)
-    if len(np.unique(t)) < 3:
-        return None
-    fit = fit_test_time_law(t, loss, seed=seed)
-    predicted = fit.predict(t)
-    out = {"form": "L(T) = L_inf + Z * exp(-z * T)", "L_inf": fit.l_inf, "Z": fit.Z,
-           "z": fit.z, "rmse": float(np.sqrt(np.mean((predicted - loss) ** 2))),
-           "predicted": {int(k): float(v) for k, v in zip(t, predicted)}}
-    if mean_recurrence is not None and mean_recurrence in loop_counts:
-        at_mu = float(loss[list(loop_counts).index(mean_recurrence)])
-        out["L_inf_rel_error_vs_T_mu_rec"] = abs(fit.l_inf - at_mu) / at_mu
+                   mean_recurrence: int | None = None, seed: int = 0,
+                   noise: float = 0.0) -> dict:
+    """Fit L(T) = L∞ + Z·exp(−z·T) (least squares on log-loss) through
+    ``scaling.fit.fit_test_time_curve``: ``determined`` is False, with a ``reason``, for sweeps
+    that cannot fix the constants (fewer than three distinct T, flat within the tolerance or
+    3 × ``noise``, decay unresolved). When determined and μ_rec was evaluated, adds how far L∞ is
+    from the measured L(μ_rec) (the paper reports them within 0.6%)."""
+    out = fit_test_time_curve(loop_counts, losses, noise=noise, seed=seed)
+    if out["determined"] and mean_recurrence is not None and mean_recurrence in loop_counts:
+        at_mu = float(losses[list(loop_counts).index(mean_recurrence)])
+        out["L_inf_rel_error_vs_T_mu_rec"] = abs(out["L_inf"] - at_mu) / at_mu
     return out
 
 
@@ -74,12 +70,7 @@ def plot(report: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     ax.errorbar(t, loss, yerr=std, fmt="o", capsize=3, color="C0",
                 label=f"measured (mean ± std over {len(rows[0]['seeds'])} seed(s))")
-    fit = report.get("fit")
-    if fit:
-        dense = np.linspace(t.min(), t.max(), 200)
-        ax.plot(dense, fit["L_inf"] + fit["Z"] * np.exp(-fit["z"] * dense), color="C1",
-                label=f"fit: {fit['L_inf']:.3f} + {fit['Z']:.3f}·exp(−{fit['z']:.3f}·T)")
-        ax.axhline(fit["L_inf"], color="C1", ls=":", lw=1)
+    draw_test_time_fit(ax, report.get("fit"), t.min(), t.max())
     mu = report.get("mean_recurrence")
     if mu:
         ax.axvline(mu, color="grey", ls="--", lw=1, label=f"μ_rec = {mu}")
@@ -101,8 +92,6 @@ def format_table(report: dict) -> str:
         bpb = f"{r['bpb']:.4f}" if r["bpb"] is not None else "n/a"
         lines.append(f"{r['T']:>4}  {r['loss']:>8.4f}  {r['loss_std']:>7.4f}  "
                      f"{r['perplexity']:>9.3f}  {bpb:>7}  {r['tokens']:>9,}")
-    fit = report.get("fit")
-    if fit:
-        lines.append(f"fit: L(T) = {fit['L_inf']:.4f} + {fit['Z']:.4f}·exp(−{fit['z']:.4f}·T)"
-                     f"  (rmse {fit['rmse']:.2e})")
+    if report.get("fit"):
+        lines.append(test_time_fit_label(report["fit"]))
     return "\n".join(lines)

@@ -114,7 +114,10 @@ def evaluate(model, windows: TokenWindows, *, iterations: list[int] | None = Non
         "bpb_definition": ("NLL over non-special targets / (ln 2 x their UTF-8 bytes)"
                            if byte_lengths is not None else "unavailable: no tokenizer"),
         "results": rows,
-        "fit": fit_loop_curve([r["T"] for r in rows], [r["loss"] for r in rows], mu),
+        # noise: the standard error over h₀ seeds of the mean loss at each T
+        "fit": fit_loop_curve([r["T"] for r in rows], [r["loss"] for r in rows], mu,
+                              noise=max(r["loss_std"] or 0.0 for r in rows)
+                              / len(rows[0]["seeds"]) ** 0.5),
         "elapsed_s": round(time.time() - start, 3),
         "tokens_per_s": round(windows.targets * len(iterations) * len(rows[0]["seeds"])
                               / max(time.time() - start, 1e-9), 1),

@@ -4,7 +4,9 @@
 * ``fit_power_law``: y = k · C^γ in log-log space (μ*(C), D*(C)).
 * ``fit_parametric_law``: L = E + A·N^(−a) + B·D^(−b), Huber (δ = 1e-3) on log-loss, L-BFGS
   from many seeded restarts (the Chinchilla procedure the paper follows).
-* ``fit_test_time_law``: L(T) = L∞ + Z·exp(−z·T), least squares on log-loss.
+* ``fit_test_time_law``: L(T) = L∞ + Z·exp(−z·T), least squares on log-loss;
+  ``fit_test_time_curve``: the same fit as a JSON-ready dict that says "not determined" (and
+  why) for sweeps that cannot fix the three constants (too few T, flat, decay unresolved).
 * ``fit_unified_test_time_law``: L(T | μ_rec, D) = E + X·N(μ_rec)^(−x) + Y·D^(−y)
   + Z·exp(−z·T/μ_rec), Huber on log-loss, L-BFGS from seeded restarts (spec §5.3).
 * ``prediction_errors``: RMSE and mean absolute relative error of predictions (held-out checks).
@@ -143,17 +145,26 @@ class TestTimeFit:
 
 
 def fit_test_time_law(loop_counts, loss, restarts: int = 20, seed: int = 0) -> TestTimeFit:
-    """Least squares on log-loss (spec §5.3), from seeded starting points."""
+    """Least squares on log-loss (spec §5.3), from seeded starting points; at least three
+    distinct loop counts. Fits whatever it is given: ``fit_test_time_curve`` says whether
+    the result means anything."""
     t, log_l = np.asarray(loop_counts, float), np.log(np.asarray(loss, float))
+    if len(np.unique(t)) < 3:
+        raise ValueError("the test-time law needs at least three distinct loop counts")
     floor = float(np.min(loss))
 
     def objective(theta: np.ndarray) -> float:
         l_inf, log_z_amp, log_rate = theta
-        pred = l_inf + np.exp(log_z_amp) * np.exp(-np.exp(log_rate) * t)
-        if np.any(pred <= 0):
+        with np.errstate(over="ignore", invalid="ignore"):  # far steps of the line search
+            pred = l_inf + np.exp(log_z_amp) * np.exp(-np.exp(log_rate) * t)
+        if not np.all(np.isfinite(pred)) or np.any(pred <= 0):
             return 1e6
         return float(np.mean((np.log(pred) - log_l) ** 2))
 
+    # 0 ≤ L∞ ≤ the largest loss, Z ≤ e^10, e^-8 ≤ z ≤ e^6: far outside anything physical,
+    # they stop a sweep the law does not describe (a straight line) from sending L∞ to −∞
+    # through thousands of iterations.
+    bounds = [(0.0, float(np.max(loss))), (-30.0, 10.0), (-8.0, 6.0)]
     rng = np.random.default_rng(seed)
     best = None
     # Tiny problems: BLAS threads only contend (10x slower on a busy machine).
@@ -161,12 +172,82 @@ def fit_test_time_law(loop_counts, loss, restarts: int = 20, seed: int = 0) -> T
         for _ in range(restarts):
             start = [floor * rng.uniform(0.8, 1.0), np.log(rng.uniform(0.05, 5.0)),
                      np.log(rng.uniform(0.05, 2.0))]
-            res = minimize(objective, start, method="L-BFGS-B",
+            res = minimize(objective, start, method="L-BFGS-B", bounds=bounds,
                            options={"maxiter": 5_000, "ftol": 1e-15, "gtol": 1e-12})
             if best is None or res.fun < best.fun:
                 best = res
     l_inf, log_z_amp, log_rate = best.x
     return TestTimeFit(float(l_inf), float(np.exp(log_z_amp)), float(np.exp(log_rate)))
+
+
+TEST_TIME_FORM = "L(T) = L_inf + Z * exp(-z * T)"
+
+
+def fit_test_time_curve(loop_counts, loss, noise: float = 0.0, rel_tolerance: float = 1e-3,
+                         seed: int = 0) -> dict:
+    """Fit L(T) = L∞ + Z·exp(−z·T) to one sweep and judge whether the sweep determines it.
+
+    Returns ``{"form", "determined", "reason", "L_inf", "Z", "z", "rmse", "tolerance",
+    "predicted"}`` (JSON-ready). A loss difference counts only above ``tolerance`` =
+    max(``rel_tolerance`` × median loss, 3 × ``noise``) (``noise``: e.g. the std over
+    initial-state seeds). The constants are ``None`` and ``reason`` says why when:
+
+    * fewer than three distinct T, or a loss that is not finite and positive;
+    * the sweep is flat: max − min of the losses within the tolerance;
+    * the fitted law does not fall by more than the tolerance (or 3 × its own RMS error)
+      between the smallest and the largest T;
+    * the decay is over before the second-smallest T (only one point carries it, so Z and z
+      trade off freely; e.g. Z = 620, z = 11.6 through a noise wiggle);
+    * less than half of the decay lies inside the sweep (z·(T_max − T_min) < ln 2): L∞ would
+      be an extrapolation.
+    """
+    t = np.asarray(loop_counts, float).ravel()
+    y = np.asarray(loss, float).ravel()
+    out = {"form": TEST_TIME_FORM, "determined": False, "reason": None, "L_inf": None,
+           "Z": None, "z": None, "rmse": None, "tolerance": None, "predicted": None}
+    distinct = np.unique(t)
+    if t.size != y.size:
+        raise ValueError("loop_counts and loss must have the same length")
+    if distinct.size < 3:
+        out["reason"] = f"needs at least three distinct loop counts, got {distinct.size}"
+        return out
+    if not np.all(np.isfinite(y)) or np.any(y <= 0):
+        out["reason"] = "a loss is not finite and positive"
+        return out
+    tol = float(max(rel_tolerance * np.median(y), 3.0 * noise))
+    out["tolerance"] = tol
+    spread = float(y.max() - y.min())
+    if spread <= tol:
+        out["reason"] = (f"flat: the loss varies by {spread:.4f} nats across T = "
+                         f"{_span(distinct)}, within the tolerance {tol:.4f}")
+        return out
+    fit = fit_test_time_law(t, y, seed=seed)
+    predicted = fit.predict(t)
+    rmse = float(np.sqrt(np.mean((predicted - y) ** 2)))
+    out["rmse"] = rmse
+    first, second, last = distinct[0], distinct[1], distinct[-1]
+    drop = float(fit.predict(first) - fit.predict(last))
+    if drop <= max(tol, 3.0 * rmse):
+        out["reason"] = (f"no decay: the fitted loss falls by {drop:.4f} nats from T = "
+                         f"{first:g} to {last:g} (tolerance {tol:.4f}, fit rmse {rmse:.4f})")
+    elif fit.Z * np.exp(-fit.z * second) <= tol:
+        out["reason"] = (f"decay unresolved: the fitted decay is over before T = {second:g} "
+                         f"(z = {fit.z:.3g}), so Z and z are not separately determined")
+    elif fit.z * (last - first) < np.log(2.0):
+        out["reason"] = (f"L_inf would be an extrapolation: less than half of the fitted decay "
+                         f"(z = {fit.z:.3g}) lies inside T = {_span(distinct)}")
+    else:
+        out.update(determined=True, L_inf=fit.l_inf, Z=fit.Z, z=fit.z,
+                   predicted={_key(k): float(v) for k, v in zip(t, predicted)})
+    return out
+
+
+def _key(t: float) -> int | float:
+    return int(t) if float(t).is_integer() else float(t)
+
+
+def _span(distinct: np.ndarray) -> str:
+    return f"{distinct[0]:g}…{distinct[-1]:g}"
 
 
 @dataclass

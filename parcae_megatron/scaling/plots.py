@@ -21,6 +21,32 @@ def plot_all(plot_dir: Path, by_budget: dict, runs: list, held: set[str], fits: 
     return [str(p) for p in paths]
 
 
+def test_time_fit_label(fit: dict) -> str:
+    """One line for a ``fit_test_time_curve`` fit: its constants, or why it is not
+    determined."""
+    if fit.get("determined"):
+        return (f"fit: L(T) = {fit['L_inf']:.4f} + {fit['Z']:.4f}·exp(−{fit['z']:.4f}·T)"
+                f"  (rmse {fit['rmse']:.2e})")
+    return f"fit not determined: {fit.get('reason')}"
+
+
+def draw_test_time_fit(ax, fit: dict | None, t_min: float, t_max: float) -> None:
+    """Draw a determined ``fit_test_time_curve`` fit (curve and L∞ line) on ``ax`` between
+    ``t_min`` and ``t_max``, or a legend entry saying why it is not determined (call
+    ``ax.legend()`` afterwards)."""
+    if not fit:
+        return
+    if fit.get("determined"):
+        dense = np.linspace(t_min, t_max, 200)
+        ax.plot(dense, fit["L_inf"] + fit["Z"] * np.exp(-fit["z"] * dense), color="C1",
+                label=f"fit: {fit['L_inf']:.3f} + {fit['Z']:.3f}·exp(−{fit['z']:.3f}·T)")
+        ax.axhline(fit["L_inf"], color="C1", ls=":", lw=1)
+    else:  # a legend entry, so that matplotlib places it clear of the points
+        import textwrap
+
+        ax.plot([], [], " ", label=textwrap.fill(test_time_fit_label(fit), 50))
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
