@@ -394,6 +394,10 @@ def test_standard_sentencepiece_tokenizer_evaluates(tmp_path):
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>")
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, len(tok)) == (1, 2, 3, 300)
     assert tok("quick")["input_ids"][0] == 1
+    from parcae_megatron.hf.tokenization_parcae import ParcaeTokenizer
+
+    stale = ParcaeTokenizer(vocab_file=str(good), bos_token="<|bos|>", pad_token="<|pad|>")
+    assert (stale.bos_token_id, stale.pad_token_id, len(stale)) == (1, 3, 300)  # not 300, 301
 
     root = _std_bundle(tmp_path / "bundle")
     seqs = [[1, *tok.encode(f"{q} {a}", add_special_tokens=False)] for q, a, _ in STD_MC]

@@ -65,12 +65,19 @@ class ParcaeTokenizer(PreTrainedTokenizer):
         self.add_eos_token = add_eos_token
         kwargs.setdefault("split_special_tokens", True)
         kwargs.setdefault("clean_up_tokenization_spaces", False)
-        # Default: the model's own special pieces (a name not in the model would make
-        # transformers append it as a new id past the vocabulary).
-        super().__init__(bos_token=bos_token or _piece(sp, sp.bos_id()),
-                         eos_token=eos_token or _piece(sp, sp.eos_id()),
-                         pad_token=pad_token or _piece(sp, sp.pad_id()),
-                         unk_token=unk_token or _piece(sp, sp.unk_id()), **kwargs)
+        # The model's own special pieces, also in place of a name the model lacks (e.g. an
+        # old tokenizer_config.json): transformers would append it as a new id past the
+        # vocabulary, which the model's embedding does not have.
+        def own(given, index: int):  # given: a str, an AddedToken (from a config) or None
+            text = None if given is None else str(given)
+            known = text is not None and (sp.piece_to_id(text) != sp.unk_id()
+                                          or text == sp.id_to_piece(sp.unk_id()))
+            return given if known else _piece(sp, index)
+
+        super().__init__(bos_token=own(bos_token, sp.bos_id()),
+                         eos_token=own(eos_token, sp.eos_id()),
+                         pad_token=own(pad_token, sp.pad_id()),
+                         unk_token=own(unk_token, sp.unk_id()), **kwargs)
 
     # -- vocabulary --------------------------------------------------------------------------
     @property
