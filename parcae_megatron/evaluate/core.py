@@ -7,10 +7,9 @@ common token prefix of an item's prompts, schema the longest common token suffix
 modeling the tokens the continuation adds; multiple choice / schema pick the lowest mean NLL
 with the authors' NaN rule (a choice that is a token prefix of all the others has an empty span,
 mean NaN: picked when it comes first, never otherwise), language modeling needs an exact greedy
-match; prompts longer than the context are cropped
-from the left. Records are shuffled with ``random.Random(1337)`` before ``max_per_task``; the
-few-shot draw of record ``idx`` under seed ``s`` is ``random.Random(s + idx).sample(others, k)``
-over the (cut) task data.
+match; prompts longer than the context are cropped from the left. Records are shuffled with
+``random.Random(1337)`` before ``max_per_task``; the few-shot draw of record ``idx`` under seed
+``s`` is ``random.Random(s + idx).sample(others, k)`` over the (cut) task data.
 """
 
 from __future__ import annotations
