@@ -119,6 +119,7 @@ def build(recipe: bool, steps: int):
     muon.register()
     if recipe:
         config = OptimizerConfig(optimizer="parcae_muon", muon_tp_mode="duplicated", **common)
+        config.muon_ns_dtype = "fp32"  # as --muon-ns-dtype fp32 (the CPU configs)
         overrides = muon.recipe_overrides(get_standard_config_overrides(config), 3e-3, 0.2, 0.0)
         optimizer = get_megatron_optimizer(config, [ddp], config_overrides=overrides)
         scheduler = muon.RecipeParamScheduler(

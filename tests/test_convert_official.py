@@ -241,3 +241,23 @@ def test_cli_handlers(exported, tmp_path, capsys):
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert args.handler(args) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_import_refuses_a_tokenizer_without_usable_bos(exported, tmp_path, capsys):
+    """A SentencePiece model without BOS (or with more pieces than the model's vocabulary)
+    is refused in one ``error:`` line, before anything is written."""
+    from tests.sentencepiece_models import train_standard_spm
+
+    parser = argparse.ArgumentParser()
+    add_official_subcommands(parser.add_subparsers(dest="command", required=True))
+    src = exported[1] / "official"
+    cases = [(train_standard_spm(tmp_path / "nobos.model", bos=False), "has no BOS piece"),
+             (train_standard_spm(tmp_path / "std.model"),  # 300 pieces, 128-row model
+              "300 pieces but the model's vocabulary has 128 rows")]
+    for model_file, message in cases:
+        args = parser.parse_args(["official-import", str(src), "--out", str(tmp_path / "hf"),
+                                  "--tokenizer", str(model_file)])
+        assert args.handler(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: tokenizer ") and message in err[0]
+        assert not (tmp_path / "hf").exists()

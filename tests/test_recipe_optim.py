@@ -52,7 +52,7 @@ def make_optimizer(params, **kw) -> muon.ParcaeMuon:
     return muon.ParcaeMuon(params, lr=kw.pop("lr", 0.01), momentum=kw.pop("momentum", 0.9),
                            nesterov=True, weight_decay=kw.pop("weight_decay", 0.2),
                            fp32_matmul_prec="high", num_ns_steps=5, tp_mode="duplicated",
-                           **kw)
+                           ns_dtype=kw.pop("ns_dtype", "fp32"), **kw)
 
 
 @pytest.mark.parametrize("shape", [(24, 6), (6, 24), (8, 8)], ids=["tall", "wide", "square"])
@@ -72,6 +72,39 @@ def test_two_steps_match_the_spec(shape):
         torch.testing.assert_close(p.detach().double(), ref, rtol=1e-5, atol=1e-6)
     stored = opt.state[p]["moment2_buffer"].double()  # broadcast to the parameter's shape
     torch.testing.assert_close(stored, v.expand(shape), rtol=1e-4, atol=1e-7)
+
+
+def test_newton_schulz_dtype_and_megatrons_matmul_precision(monkeypatch):
+    """``--muon-ns-dtype`` picks the Polar Express dtype (default bf16, the authors');
+    ``--muon-fp32-matmul-prec`` keeps Megatron's meaning: torch's float32 matmul precision
+    while the update is computed, restored afterwards."""
+    from types import SimpleNamespace
+
+    seen = []
+    real = muon.polar_express
+
+    def spy(update, steps, dtype):
+        seen.append((dtype, torch.get_float32_matmul_precision()))
+        return real(update, steps, dtype)
+
+    monkeypatch.setattr(muon, "polar_express", spy)
+    before = torch.get_float32_matmul_precision()
+    for kwargs, dtype in [({}, torch.bfloat16), ({"ns_dtype": "fp32"}, torch.float32)]:
+        p = torch.nn.Parameter(torch.randn(8, 4))
+        opt = muon.ParcaeMuon([p], lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.0,
+                              fp32_matmul_prec="medium", num_ns_steps=5,
+                              tp_mode="duplicated", **kwargs)
+        p.grad = torch.randn(8, 4)
+        opt.step()
+        assert seen.pop() == (dtype, "medium")
+        assert torch.get_float32_matmul_precision() == before
+    with pytest.raises(ValueError, match="--muon-ns-dtype must be one of bf16, fp32"):
+        make_optimizer([torch.nn.Parameter(torch.randn(4, 4))], ns_dtype="fp16")
+    # The flag reaches the optimizer through Megatron's config (set by install()).
+    config = SimpleNamespace(muon_beta2=0.95, muon_ns_dtype="fp32")
+    monkeypatch.setattr(muon, "_muon_config_to_kwargs", lambda *a: {})
+    assert muon._parcae_muon_config_to_kwargs(config, [], None)["ns_dtype"] == "fp32"
+    assert muon._parcae_muon_config_to_kwargs(SimpleNamespace(), [], None)["ns_dtype"] == "bf16"
 
 
 def test_cautious_mask_decays_only_where_signs_agree():

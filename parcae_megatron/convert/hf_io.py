@@ -64,8 +64,13 @@ def build_hf_model(config: HFConfig, state: dict[str, torch.Tensor],
 def write_hf_dir(model: ParcaeForCausalLM, out: Path, tokenizer_model: Path | None,
                  overwrite: bool) -> Path:
     """Save ``model`` (+ code, + tokenizer) to ``out`` atomically."""
-    from parcae_megatron.hf.tokenization_parcae import save_tokenizer
+    from parcae_megatron.hf.tokenization_parcae import check_sentencepiece, save_tokenizer
 
+    if tokenizer_model is not None:
+        try:  # before anything is written: a tokenizer the model cannot use is refused
+            check_sentencepiece(tokenizer_model, model.config.vocab_size)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ConversionError(str(exc).splitlines()[0]) from exc
     partial = prepare_output(out, overwrite)
     type(model.config).register_for_auto_class()
     type(model).register_for_auto_class("AutoModelForCausalLM")

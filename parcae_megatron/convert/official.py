@@ -38,6 +38,7 @@ from parcae_megatron.convert.hf_io import (
 )
 from parcae_megatron.hf.configuration_parcae import ParcaeConfig
 from parcae_megatron.hf.modeling_parcae import ParcaeForCausalLM
+from parcae_megatron.hf.tokenization_parcae import check_sentencepiece
 
 CLASS_NAME = "ParcaeConfig"
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors", "model.pt", "model.bin")
@@ -392,6 +393,11 @@ def import_official(path: str | os.PathLike, out_dir: str | os.PathLike, *,
     out = Path(out_dir)
     if tokenizer_model and not Path(tokenizer_model).is_file():
         raise FileNotFoundError(f"tokenizer model not found: {tokenizer_model}")
+    if tokenizer_model:  # BOS checked before the (slow) load; the vocabulary size after it
+        try:
+            check_sentencepiece(tokenizer_model)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ConversionError(str(exc).splitlines()[0]) from exc
     model = official_to_hf_model(path, rope=rope, state_seed=state_seed, qk_norm_eps=qk_norm_eps)
     return write_hf_dir(model, out, Path(tokenizer_model) if tokenizer_model else None,
                         overwrite=True)

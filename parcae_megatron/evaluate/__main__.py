@@ -102,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         model, tokenizer = load_megatron_model(args.load)
     if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
     seq_length = args.seq_length or model.config.max_position_embeddings
     windows = build_windows(seq_length, data_prefix=args.data_prefix, text_files=args.text,
                             tokenizer=tokenizer, max_tokens=args.max_tokens or None,

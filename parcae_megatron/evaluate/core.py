@@ -4,11 +4,12 @@ prompt rendering, span selection and scoring.
 Rules (``shared/notes/core-eval.md``): few-shot examples first, each followed by a blank line;
 every prompt tokenized with ⟨bos⟩ prepended; multiple choice scores the span after the longest
 common token prefix of an item's prompts, schema the longest common token suffix, language
-modeling the tokens the continuation adds; multiple choice / schema pick the lowest mean NLL,
-language modeling needs an exact greedy match; prompts longer than the context are cropped
-from the left. Records are shuffled with ``random.Random(1337)`` before ``max_per_task``; the
-few-shot draw of record ``idx`` under seed ``s`` is ``random.Random(s + idx).sample(others, k)``
-over the (cut) task data.
+modeling the tokens the continuation adds; multiple choice / schema pick the lowest mean NLL
+with the authors' NaN rule (a choice that is a token prefix of all the others has an empty span,
+mean NaN: picked when it comes first, never otherwise), language modeling needs an exact greedy
+match; prompts longer than the context are cropped from the left. Records are shuffled with
+``random.Random(1337)`` before ``max_per_task``; the few-shot draw of record ``idx`` under seed
+``s`` is ``random.Random(s + idx).sample(others, k)`` over the (cut) task data.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import random
 from collections.abc import Callable
@@ -50,7 +52,8 @@ class TaskSpec:
 def load_task_specs(path: str | Path | None = None, extended: bool = False,
                     labels: list[str] | None = None) -> list[TaskSpec]:
     """Tasks of ``path`` (default: the shipped 46-task YAML): the CORE ones, or all with
-    ``extended``; ``labels`` picks a subset by name."""
+    ``extended``; ``labels`` picks a subset by name. An entry without a ``core:`` key counts
+    as CORE: a bundle's own ``core.yaml`` has none, and the authors score all its entries."""
     import yaml
 
     path = Path(path or TASKS_YAML)
@@ -65,7 +68,7 @@ def load_task_specs(path: str | Path | None = None, extended: bool = False,
         shots = shots[0] if isinstance(shots, list) else shots  # DCLM's core.yaml uses lists
         spec = TaskSpec(str(t["label"]), str(t["dataset_uri"]), int(shots),
                         str(t["icl_task_type"]), str(t.get("continuation_delimiter", " ")),
-                        bool(t.get("core", False)))
+                        bool(t.get("core", True)))
         if spec.task_type not in TASK_TYPES:
             raise ValueError(f"{path}: task {spec.label}: unknown icl_task_type "
                              f"{spec.task_type!r} (use one of {', '.join(TASK_TYPES)})")
@@ -185,10 +188,10 @@ def prepare_item(spec: TaskSpec, prompts: list[str], gold: int | None,
     tokens = [encode(p) for p in prompts]
     mismatch = False
     if spec.task_type == "multiple_choice":
-        start = _common_prefix(tokens) if len(tokens) > 1 else 1
+        start = _common_prefix(tokens)
         starts, ends = [start] * len(tokens), [len(t) for t in tokens]
     elif spec.task_type == "schema":
-        suffix = _common_suffix(tokens) if len(tokens) > 1 else len(tokens[0]) - 1
+        suffix = _common_suffix(tokens)
         starts, ends = [len(t) - suffix for t in tokens], [len(t) for t in tokens]
     else:
         without, with_ = tokens
@@ -196,14 +199,18 @@ def prepare_item(spec: TaskSpec, prompts: list[str], gold: int | None,
         if with_[:start] != without:  # tokenizer merged across the boundary
             mismatch, start = True, _common_prefix([without, with_])
         tokens, starts, ends = [with_], [start], [len(with_)]
-    # The first token has no prediction: a span needs at least one token before it.
-    starts = [max(1, min(s, e - 1)) for s, e in zip(starts, ends)]
+    # A choice whose tokens are a prefix of every other choice's keeps its empty span
+    # (start == end): the authors score it as NaN (see ``pick_choice``).
     if max_len is not None:
         for i, t in enumerate(tokens):
             crop = len(t) - max_len
             if crop > 0:
                 tokens[i] = t[crop:]
-                starts[i], ends[i] = max(1, starts[i] - crop), ends[i] - crop
+                start = starts[i] - crop
+                # Theirs: a span cropped to start at token 0 is empty (NaN) for multiple
+                # choice / schema; further (their assertion fails) we score from token 1.
+                empty = start == 0 and gold is not None
+                starts[i], ends[i] = (0 if empty else max(1, start)), ends[i] - crop
     return PreparedItem(tokens, starts, ends, gold, mismatch)
 
 
@@ -216,6 +223,18 @@ def prepare_task(spec: TaskSpec, records: list[dict], seed: int,
         gold = None if spec.task_type == "language_modeling" else int(rec["gold"])
         items.append(prepare_item(spec, render_prompts(spec, rec, shots), gold, encode, max_len))
     return items
+
+
+def pick_choice(means: list[float]) -> int:
+    """The authors' pick among an item's mean NLLs: ``means.index(min(means))`` on Python
+    floats, spelled out. ``min`` starts from the first value and moves only to a strictly
+    smaller one; every comparison with NaN (an empty span) is false. So a NaN first choice is
+    picked, a NaN anywhere else never is, and ties go to the earliest choice."""
+    best = 0
+    for i in range(1, len(means)):
+        if means[i] < means[best]:
+            best = i
+    return best
 
 
 def _batches(items: list[PreparedItem], max_prompts: int) -> list[list[int]]:
@@ -259,12 +278,14 @@ def score_items(forward: Callable[[torch.Tensor], torch.Tensor], items: list[Pre
             for s, e in zip(item.starts, item.ends):
                 spans.append((r, s, e))
                 r += 1
-            if item.gold is None:
+            if item.gold is None:  # an empty span matches (their torch.all of nothing)
                 row, s, e = spans[0]
-                correct[i] = bool(torch.equal(greedy[row, s - 1: e - 1], ids[row, s:e]))
+                correct[i] = e <= s or bool(torch.equal(greedy[row, s - 1: e - 1],
+                                                        ids[row, s:e]))
             else:
-                means = [nll[row, s - 1: e - 1].mean().item() for row, s, e in spans]
-                correct[i] = min(range(len(means)), key=means.__getitem__) == item.gold
+                means = [nll[row, s - 1: e - 1].mean().item() if 1 <= s < e else math.nan
+                         for row, s, e in spans]
+                correct[i] = pick_choice(means) == item.gold
         if on_batch is not None:
             on_batch(len(group))
     return correct

@@ -37,8 +37,9 @@ def fixed_depth_forward(model) -> ForwardFactory:
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
+    """Mean and population std (ddof = 0, as the authors report the spread over seeds)."""
     arr = np.asarray(values, float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return float(arr.mean()), float(arr.std(ddof=0))
 
 
 def run_core(model, tokenizer, bundle: str | Path, specs: list[TaskSpec],
@@ -61,8 +62,10 @@ def run_core(model, tokenizer, bundle: str | Path, specs: list[TaskSpec],
     files = bundle_fingerprint(bundle, specs)
     data = {s.label: shuffle_and_cut(load_task_data(bundle, s), max_per_task) for s in specs}
     bos = tokenizer.bos_token_id
-    if bos is None:
-        raise ValueError("the tokenizer has no <bos> token; CORE prompts start with one")
+    vocab = int(model.config.vocab_size)
+    if bos is None or not 0 <= bos < vocab:
+        raise ValueError(f"the tokenizer's BOS id {bos} is not a token of the model "
+                         f"(vocabulary {vocab}); CORE prompts start with BOS")
 
     def encode(text: str) -> list[int]:
         return [bos] + list(tokenizer.encode(text, add_special_tokens=False))
@@ -139,13 +142,14 @@ def aggregate(done: dict[tuple, dict], specs: list[TaskSpec], iterations: list[i
         mean, std = _stats(per_seed)
         summary.append({"T": t, "score": mean, "score_std": std, "per_seed": per_seed})
     return {"metric": name, "definition": "mean over tasks of centered accuracy "
-            "(acc - b/100)/(1 - b/100), x100; mean ± std over seeds",
+            "(acc - b/100)/(1 - b/100), x100; mean ± population std (ddof=0) over seeds",
             "seeds": list(seeds), "iterations": list(iterations), "tasks": tasks,
             "results": summary}
 
 
 def format_core_table(report: dict) -> str:
-    """Per task (centered accuracy ×100 at each T, mean ± std over seeds) and the aggregate."""
+    """Per task (centered accuracy ×100 at each T, mean ± population std over seeds) and the
+    aggregate."""
     ts = [str(t) for t in report["iterations"]]
     width = max([len(r["task"]) for r in report["tasks"]] + [len(report["metric"])]) + 2
     head = f"{'task':<{width}}{'base':>6}" + "".join(f"{'T=' + t:>16}" for t in ts)
@@ -159,7 +163,7 @@ def format_core_table(report: dict) -> str:
     lines.append(f"{report['metric']:<{width}}{'':>6}{cells}")
     if any(r["baseline_missing"] for r in report["tasks"]):
         lines.append("* baseline missing from eval_meta_data.csv: 25% used")
-    lines.append("(centered accuracy x100, mean ± std over seeds " +
+    lines.append("(centered accuracy x100, mean ± population std over seeds " +
                  " ".join(map(str, report["seeds"])) + ")")
     return "\n".join(lines)
 

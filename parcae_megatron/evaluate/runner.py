@@ -19,14 +19,16 @@ from parcae_megatron.evaluate.report import fit_loop_curve
 from parcae_megatron.evaluate.scoring import default_loop_counts, score
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, vocab_size: int | None = None):
     """A ``ParcaeTokenizer`` from a SentencePiece ``.model`` file or an HF directory holding
-    ``tokenizer.model`` (our own class: no remote code runs)."""
-    from parcae_megatron.hf.tokenization_parcae import ParcaeTokenizer
+    ``tokenizer.model`` (our own class: no remote code runs). Refused (ValueError) without a
+    usable BOS, or with more pieces than the model's ``vocab_size``."""
+    from parcae_megatron.hf.tokenization_parcae import ParcaeTokenizer, check_sentencepiece
 
     model_file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
     if not os.path.isfile(model_file):
         raise FileNotFoundError(f"tokenizer model not found: {model_file}")
+    check_sentencepiece(model_file, vocab_size)
     return ParcaeTokenizer(vocab_file=model_file)
 
 
@@ -36,7 +38,7 @@ def load_hf_model(hf_dir: str):
 
     model = load_hf_dir(Path(hf_dir))
     has_tok = os.path.isfile(os.path.join(hf_dir, "tokenizer.model"))
-    return model, (load_tokenizer(hf_dir) if has_tok else None)
+    return model, (load_tokenizer(hf_dir, model.config.vocab_size) if has_tok else None)
 
 
 def load_megatron_model(load_dir: str):
@@ -45,7 +47,9 @@ def load_megatron_model(load_dir: str):
     from parcae_megatron.convert.megatron_hf import megatron_to_hf_model
 
     model, tokenizer_model, *_ = megatron_to_hf_model(Path(load_dir))
-    return model.eval(), (load_tokenizer(str(tokenizer_model)) if tokenizer_model else None)
+    tokenizer = (load_tokenizer(str(tokenizer_model), model.config.vocab_size)
+                 if tokenizer_model else None)
+    return model.eval(), tokenizer
 
 
 def build_windows(seq_length: int, *, data_prefix: str | None = None,

@@ -131,7 +131,7 @@ def _load(args):
     dtype = parse_dtype(args.dtype)
     model, tokenizer = load_hf_model(args.hf) if args.hf else load_megatron_model(args.load)
     if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device=device, dtype=dtype).eval()
     name = os.path.basename(os.path.normpath(args.hf or args.load))

@@ -83,7 +83,7 @@ class ParcaeConfig(TransformerConfig):
     init_seed: int = 1234
     """Seed of the initial weights: each parameter is drawn from a generator keyed by
     (init_seed, its name), whatever the TP/PP layout (model/init.py). Training sets it to
-    ``--seed``."""
+    ``--init-seed`` (default ``--seed``)."""
 
     # --- value embeddings -----------------------------------------------------------------
     value_embeddings: bool = True

@@ -112,7 +112,7 @@ class ParcaeInit:
                                                b=3 * std, generator=gen).to(device)
 
         def orthogonal(rows: int, cols: int) -> torch.Tensor:
-            draw = torch.nn.init.trunc_normal_(torch.empty(rows, cols), std=1.0, a=-3.0, b=3.0,
+            draw = torch.nn.init.trunc_normal_(torch.empty(rows, cols), std=1.0, a=-2.0, b=2.0,
                                                generator=gen)
             return _orthogonalise(draw.to(device), std)
 

@@ -79,6 +79,9 @@ def add_parcae_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--qk-layernorm-epsilon", type=float, default=None,
                    help="QK-norm epsilon (default: --norm-epsilon)")
     g.add_argument("--depth-seed", type=int, default=514229)
+    g.add_argument("--init-seed", type=int, default=None,
+                   help="seed of the initial weights (default: --seed); --seed keeps the "
+                        "data order, so weights can vary with the data fixed")
     g.add_argument("--parcae-pipeline-layout", type=str, default=None,
                    help="stages separated by '|': p prelude layer, R recurrent block, "
                         "c coda layer (e.g. 'pp|R|cc')")
@@ -106,6 +109,10 @@ def add_parcae_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Muon group's weight decay at the last step")
     r.add_argument("--muon-beta2", type=float, default=0.95,
                    help="parcae_muon: EMA rate of the factored second moment")
+    r.add_argument("--muon-ns-dtype", choices=("bf16", "fp32"), default="bf16",
+                   help="parcae_muon: dtype of the Polar Express (Newton-Schulz) iterations "
+                        "(default bf16, the authors'); --muon-fp32-matmul-prec keeps "
+                        "Megatron's meaning (torch's float32 matmul precision)")
     r.add_argument("--muon-momentum-warmup-start", type=float, default=0.85,
                    help="parcae_muon: momentum at step 0, rising linearly to --muon-momentum")
     r.add_argument("--muon-momentum-warmup-iters", type=int, default=300,
@@ -204,13 +211,14 @@ def parcae_config_from_args(args: argparse.Namespace,
     unless ``vocab_size`` is given)."""
     from megatron.training.arguments import core_transformer_config_from_args
 
-    saved = args.vocab_size
+    saved = args.vocab_size, getattr(args, "init_seed", None)
     args.vocab_size = vocab_size or args.padded_vocab_size
-    args.init_seed = args.seed  # copied into ParcaeConfig.init_seed by field name
+    # Copied into ParcaeConfig.init_seed by field name; --init-seed defaults to --seed.
+    args.init_seed = args.seed if saved[1] is None else saved[1]
     try:
         return core_transformer_config_from_args(args, config_class=ParcaeConfig)
     finally:
-        args.vocab_size = saved
+        args.vocab_size, args.init_seed = saved
 
 
 def validate_parcae_args(args: argparse.Namespace) -> ParcaeConfig:

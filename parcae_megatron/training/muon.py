@@ -5,7 +5,8 @@ One step on a 2-D matrix W (rows × cols) with gradient G, as in the released Mu
 1. Nesterov momentum: M ← lerp(M, G, 1−μ); U ← lerp(G, M, μ). μ is warmed up linearly from
    0.85 to 0.95 over the first 300 optimizer steps (``RecipeParamScheduler``).
 2. Polar Express: X = U / (1.02·‖U‖_F + 1e-6), then 5 fixed-coefficient quintic iterations
-   (bf16 under ``--muon-fp32-matmul-prec medium``, as the authors; fp32 otherwise).
+   in ``--muon-ns-dtype`` (bf16, the default, as the authors; or fp32, whose matmuls then
+   follow Megatron's ``--muon-fp32-matmul-prec``, torch's float32 matmul precision).
 3. Factored variance reduction (NorMuon style): with d the longer axis (cols if rows ≥ cols),
    m = mean_d(X²); V ← lerp(V, m, 1−β₂); X ← X·rsqrt(max(V, 1e-10)), rescaled so that
    ‖X‖_F is unchanged.
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from emerging_optimizers.utils import fp32_matmul_precision
 from megatron.core.optimizer.emerging_optimizers import (
     _EMERGING_OPTIMIZERS,
     EmergingOptimizerEntry,
@@ -49,6 +51,7 @@ POLAR_EXPRESS = (
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
 VARIANCE_EPS = 1e-10
+NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --muon-ns-dtype
 
 
 def polar_express(update: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
@@ -108,7 +111,11 @@ class ParcaeMuon(TensorParallelMuon):
     ``momentum`` (set by ``RecipeParamScheduler``) and ``beta2``.
     """
 
-    def __init__(self, params, *, beta2: float = 0.95, **kwargs: Any) -> None:
+    def __init__(self, params, *, beta2: float = 0.95, ns_dtype: str = "bf16",
+                 **kwargs: Any) -> None:
+        if ns_dtype not in NS_DTYPES:
+            raise ValueError(f"--muon-ns-dtype must be one of {', '.join(NS_DTYPES)}, "
+                             f"got {ns_dtype!r}")
         if kwargs.get("num_ns_steps", 5) > len(POLAR_EXPRESS):
             raise ValueError(f"parcae_muon has {len(POLAR_EXPRESS)} Polar Express coefficients; "
                              f"--muon-num-ns-steps {kwargs['num_ns_steps']} is too many")
@@ -117,7 +124,7 @@ class ParcaeMuon(TensorParallelMuon):
                              "parallelism: use --muon-tp-mode duplicated")
         super().__init__(params, **kwargs)
         self.num_steps = kwargs.get("num_ns_steps", 5)
-        self.ns_dtype = torch.bfloat16 if self.fp32_matmul_prec == "medium" else torch.float32
+        self.ns_dtype = NS_DTYPES[ns_dtype]
         for group in self.param_groups:
             group.setdefault("beta2", beta2)
         # Mixed precision swaps these model params for fp32 copies (``param.main_param``)
@@ -215,7 +222,8 @@ class ParcaeMuon(TensorParallelMuon):
                 if sharded:
                     update = self._gather(update, partition_dim, tp_group)
                     moment2 = self._gather(moment2, partition_dim, tp_group)
-                x, mult = self._full_update(update, moment2, qkv_split, group["beta2"])
+                with fp32_matmul_precision(self.fp32_matmul_prec):  # Megatron's meaning
+                    x, mult = self._full_update(update, moment2, qkv_split, group["beta2"])
                 mult = mult.expand_as(x)
                 if sharded:
                     rank = tp_group.rank()
@@ -234,6 +242,7 @@ def _parcae_muon_config_to_kwargs(config, model_chunks, pg_collection) -> dict[s
     for unused in ("coefficient_type", "scale_mode", "extra_scale_factor"):
         kwargs.pop(unused, None)  # fixed by the recipe: Polar Express, √max(1, rows/cols)
     kwargs["beta2"] = getattr(config, "muon_beta2", 0.95)
+    kwargs["ns_dtype"] = getattr(config, "muon_ns_dtype", "bf16")
     return kwargs
 
 
@@ -351,6 +360,7 @@ def install() -> None:
         config, overrides = build_config(args)
         if args.optimizer == NAME:
             config.muon_beta2 = args.muon_beta2
+            config.muon_ns_dtype = args.muon_ns_dtype
             overrides = recipe_overrides(overrides, args.muon_lr, args.muon_start_weight_decay,
                                          args.muon_end_weight_decay)
         return config, overrides

@@ -96,6 +96,7 @@ def recipe_optimizer(cfg, model, distopt: bool):
                              # its ChainedOptimizer asserts equal configs: with the model in
                              # fp32 the "bf16" wrapper keeps every parameter fp32.
                              bf16=distopt)
+    config.muon_ns_dtype = "fp32"  # --muon-ns-dtype fp32: exact comparisons on CPU
     overrides = muon.recipe_overrides(get_standard_config_overrides(config), muon_lr=5e-3,
                                       muon_start_wd=0.2, muon_end_wd=0.0)
     optimizer = get_megatron_optimizer(config, [ddp], config_overrides=overrides)
