@@ -10,8 +10,9 @@ Arithmetic, not a measurement (nothing here has been checked on a GPU yet):
   Muon keeps the momentum (4) plus the master copy; the authors' Muon (``parcae_muon``) also
   keeps its second moment stored parameter-shaped (4, training/muon.py). The routing is the
   authors': Muon for the layer matrices, AdamW for embeddings, value-embedding tables, norms,
-  the injection and the readout. The distributed optimizer shards the AdamW part over DP;
-  Megatron's emerging-optimizer (Muon) part is replicated on every DP rank.
+  the injection and the readout. The distributed optimizer shards the state over DP: Megatron
+  runs Muon + ``--use-distributed-optimizer`` as its layer-wise distributed optimizer (each
+  rank owns whole matrices) beside a distributed AdamW, so both parts are divided by DP.
 - **Activations** (Korthikanti et al., bf16, flash attention: no s² term): per layer that runs
   with gradient s·b·d·(10 + 24/t) bytes, 34·s·b·d/t with sequence parallelism; a looped model
   runs L_P + μ_bwd·L_R + L_C such layers (iterations without gradient keep nothing). Loop
@@ -128,8 +129,7 @@ def estimate_memory(config: ParcaeConfig, *, micro_batch_size: int, seq_length: 
     grads = total * 4
     master = 4 if bf16 else 0
     muon_state = {"parcae_muon": 8, "muon": 4, "adam": 0}[optimizer] + master
-    adamw_state = (8 + master) * adamw / (dp if distributed_optimizer else 1)
-    state = muon * muon_state + adamw_state
+    state = (muon * muon_state + (8 + master) * adamw) / (dp if distributed_optimizer else 1)
     activations, layers = activation_bytes(
         config, micro_batch_size=micro_batch_size, seq_length=seq_length, tp=tp, bf16=bf16,
         recompute_loop_iterations=recompute_loop_iterations,
@@ -137,7 +137,7 @@ def estimate_memory(config: ParcaeConfig, *, micro_batch_size: int, seq_length: 
     notes = [f"{layers} layer passes with gradient per micro-batch; "
              f"params {total:,} over TP x PP = {shard}"]
     if optimizer != "adam" and distributed_optimizer and dp > 1:
-        notes.append("the Muon part of the optimizer state is replicated on every DP rank")
+        notes.append(f"optimizer state sharded over DP = {dp} (Muon: whole matrices per rank)")
     notes.append("not counted: CUDA context, NCCL buffers, fragmentation (a few GB)")
     return MemoryEstimate(params=round(params / shard), grads=round(grads / shard),
                           optimizer_state=round(state / shard), activations=activations,
