@@ -117,9 +117,9 @@ def data(fraction: float, workdir: Path, argv: list[str]) -> dict:
         corpus = write_synthetic_dataset(workdir / "synthetic" / "corpus", tokens)
         synthetic = {"documents": corpus.documents, "tokens": corpus.tokens,
                      "mean_length": corpus.mean_length, "write_s": time.time() - start}
-        argv = [*[a for a in argv if a != "--mock-data"], "--data-path", str(corpus.prefix), "--data-cache-path",
-                str(workdir / "synthetic" / "cache"), "--tokenizer-type", "NullTokenizer",
-                "--vocab-size", str(SYNTHETIC_VOCAB)]
+        argv = [*[a for a in argv if a != "--mock-data"], "--data-path", str(corpus.prefix),
+                "--data-cache-path", str(workdir / "synthetic" / "cache"), "--tokenizer-type",
+                "NullTokenizer", "--vocab-size", str(SYNTHETIC_VOCAB)]
     args = parse_args_or_exit(argv)
     samples = [math.ceil((n or 0) * fraction) for n in get_train_valid_test_num_samples()]
     start = time.time()

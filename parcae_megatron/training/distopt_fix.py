@@ -25,11 +25,12 @@ a GPU). The copy runs under ``torch.no_grad()``.
 
 Without Apex/TE the 'step' of torch's Adam was also overwritten, after the checkpoint's step
 had been restored, by the placeholder step of the freshly built optimizer (the per-parameter
-copy in ``dp_reshardable`` loading, which does not save it); the copy now leaves it out, as
-Megatron's ``fully_sharded_model_space`` loader does. And ``load_state_dict`` gives every parameter's torch-Adam state the
-*same* 'step' tensor, which torch increments in place once per parameter: after a resume the
-bias correction used a step count N times too large and the run diverged from the
-uninterrupted one at the first resumed update. Each state gets its own copy.
+copy in ``dp_reshardable`` loading, which does not save it); the copy now keeps the restored
+step, as Megatron's ``fully_sharded_model_space`` loader does. And ``load_state_dict`` gives
+every parameter's torch-Adam state the *same* 'step' tensor, which torch increments in place
+once per parameter: after a resume the bias correction used a step count N times too large
+and the run diverged from the uninterrupted one at the first resumed update. Each state
+gets its own copy.
 """
 
 from __future__ import annotations
