@@ -72,6 +72,10 @@ def parser() -> argparse.ArgumentParser:
                    help="skip a stage (repeatable)")
     p.add_argument("--work-dir", type=Path,
                    help="keep everything here (default: a temporary directory, removed)")
+    p.add_argument("--train-cache", type=Path,
+                   help="directory of passed training stages: a rehearsal whose tiny run is "
+                        "identical (same YAML, flags and ranks) reuses the result instead of "
+                        "training again (for test suites that rehearse many configs)")
     p.add_argument("--timeout", type=float, default=1800,
                    help="seconds allowed to each subprocess (default 1800)")
     return p
@@ -186,8 +190,17 @@ class Rehearsal:
             raise RehearsalError("needs the config stage")
         plan = tiny.plan(self.resolved, self.layout, self.user_flags, self.opts.max_ranks,
                          self.has_data)
+        cached = None
+        if self.opts.train_cache is not None:
+            cached = self.opts.train_cache / f"{tiny.plan_key(plan)}.txt"
+            if cached.is_file():
+                return "pass", "; ".join([f"same tiny run as {cached.read_text().strip()}",
+                                          *plan.skipped])
         detail = tiny.run(plan, self.workdir / "train", self.opts.timeout)
         detail += "; changed: " + ", ".join(plan.changes)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(f"{self.opts.config}: {detail}\n")
         if plan.skipped:
             detail += "; " + "; ".join(plan.skipped)
         return "pass", detail

@@ -4,7 +4,9 @@ that must continue bit-exactly."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -23,7 +25,8 @@ SEQ_LENGTH = 64
 # Schedule lengths given in iterations: scaled by STEPS / train-iters with the run.
 SCHEDULE_KEYS = ("lr-warmup-iters", "lr-wsd-decay-iters", "lr-decay-iters",
                  "muon-momentum-warmup-iters", "weight-decay-incr-iters")
-FP8_KEYS = ("fp8-format", "fp8-recipe", "fp8-param-gather", "tp-only-amax-red")
+FP8_KEYS = ("fp8-format", "fp8-recipe", "fp8-param-gather", "tp-only-amax-red",
+            "no-stream-ckpt-dequant")
 
 
 class RehearsalError(RuntimeError):
@@ -142,6 +145,13 @@ def first_error(log: Path) -> str:
         if line.startswith("error: "):
             return line[len("error: "):]
     return (lines[-1] if lines else "no output") + f" (log: {log})"
+
+
+def plan_key(tiny: TinyPlan) -> str:
+    """A digest of everything the tiny run depends on besides the code: two rehearsals with the
+    same key would run the same commands (used by ``--train-cache``)."""
+    text = json.dumps([tiny.config, tiny.flags, tiny.ranks], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def run(tiny: TinyPlan, workdir: Path, timeout: float) -> str:
