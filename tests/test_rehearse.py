@@ -1,7 +1,9 @@
 """``parcae-rehearse``: every shipped config rehearses green (CPU, the real entry point).
 
-One rehearsal per ``configs/*.yaml`` (a new config is covered with no new code), at the real
-cluster shape of the paper runs (4 nodes x 8 GPUs): validation at 32 ranks, the full-size model
+One rehearsal per ``configs/*.yaml`` (a new config is covered with no new code), at the
+cluster shape each config is written for (global batch / micro-batch data-parallel ranks:
+4 nodes x 8 GPUs for the 770M and 1.3B configs, 16 and 8 GPUs for 370M and 140M): validation
+at that world size, the full-size model
 on the meta device with its memory estimate, a tiny training run of the config as shipped with
 a checkpoint and a bit-exact resume, and the SLURM script. To keep the suite short the tiny run
 uses one rank (two for parcae-1.3b and its FP8 variant: DP = 2 with the distributed
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy
 import pytest
 
+from parcae_megatron.config_file import load_config
 from parcae_megatron.data.synthetic import lognormal_lengths, write_synthetic_dataset
 from parcae_megatron.rehearse import tiny
 from tests.distributed import ROOT
@@ -50,9 +53,8 @@ def test_shipped_config_rehearses_green(config, tmp_path, train_cache):
     data = (["--data-fraction", str(DATA_FRACTION)] if config == DATA_CONFIG
             else ["--skip", "data"])
     ranks = "2" if config.startswith("parcae-1.3b") else "1"
-    proc = rehearse(f"configs/{config}", "--nodes", "4", "--gpus-per-node", "8",
-                    "--max-ranks", ranks, "--work-dir", str(tmp_path), "--train-cache",
-                    str(train_cache), *data)
+    proc = rehearse(f"configs/{config}", "--max-ranks", ranks, "--work-dir", str(tmp_path),
+                    "--train-cache", str(train_cache), *data)
     out = proc.stdout
     assert proc.returncode == 0, (out + proc.stderr)[-5000:]
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines()
@@ -62,7 +64,9 @@ def test_shipped_config_rehearses_green(config, tmp_path, train_cache):
                 "data": "pass" if config == DATA_CONFIG else "skip"}
     assert rows == expected, out
     assert ("resume bit-exact" in out or "same tiny run as" in out) and "bash -n clean" in out
-    assert "32 ranks = TP 1 x PP 1 x DP 32" in out
+    resolved = load_config(ROOT / "configs" / config)
+    dp = resolved["global-batch-size"] // resolved["micro-batch-size"]
+    assert f"{dp} ranks = TP 1 x PP 1 x DP {dp}" in out, out
     if "fp8" in config:
         assert "FP8 hybrid" in out, out
         assert "FP8 skipped" in out
@@ -91,8 +95,6 @@ def test_invalid_layout_fails_in_the_config_stage(tmp_path):
 
 
 def test_tiny_plan_scales_the_shipped_config():
-    from parcae_megatron.config_file import load_config
-
     resolved = load_config(ROOT / "configs/parcae-1.3b-fp8.yaml")
     layout = {"tp": 1, "pp": 1, "dp": 32, "global_batch_size": 256, "micro_batch_size": 8,
               "train_iters": 198364}
@@ -109,6 +111,18 @@ def test_tiny_plan_scales_the_shipped_config():
     assert plan.flags[:2] == ["--seed", "7"]
     with pytest.raises(tiny.RehearsalError, match="exceed --max-ranks"):
         tiny.plan(resolved, {**layout, "tp": 8}, [], max_ranks=4, has_data=False)
+
+
+def test_cluster_shape_of_a_config():
+    from parcae_megatron.rehearse.__main__ import cluster_shape
+
+    assert cluster_shape(load_config(ROOT / "configs/parcae-1.3b.yaml"), []) == (4, 8)
+    assert cluster_shape(load_config(ROOT / "configs/parcae-140m.yaml"), []) == (1, 8)
+    assert cluster_shape(load_config(ROOT / "configs/parcae-370m.yaml"), []) == (2, 8)
+    assert cluster_shape(load_config(ROOT / "configs/parcae-tiny-cpu.yaml"), []) == (1, 2)
+    assert cluster_shape(load_config(ROOT / "configs/parcae-1.3b.yaml"),
+                         ["--micro-batch-size", "4", "--tensor-model-parallel-size", "2"]) \
+        == (16, 8)
 
 
 def test_synthetic_corpus_is_a_megatron_indexed_dataset(tmp_path):

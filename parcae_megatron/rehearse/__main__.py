@@ -39,6 +39,7 @@ from parcae_megatron.config_file import ConfigFileError, load_config
 from parcae_megatron.paths import PROJECT_ROOT, resolve_config
 from parcae_megatron.rehearse import tiny
 from parcae_megatron.rehearse.tiny import RehearsalError
+from parcae_megatron.training.arguments import _flag_value
 
 STAGES = ("config", "model", "data", "train", "slurm")
 GIB = 2.0**30
@@ -61,8 +62,9 @@ def parser() -> argparse.ArgumentParser:
                                        "parcae_megatron.train), e.g. --data-path, "
                                        "--tokenizer-model, --tensor-model-parallel-size.")
     p.add_argument("config", help="run config (YAML), e.g. configs/parcae-1.3b.yaml")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--nodes", type=int,
+                   help="default: the config's own shape (see cluster_shape)")
+    p.add_argument("--gpus-per-node", type=int, help="default: 8, or fewer for a small run")
     p.add_argument("--data-fraction", type=float, default=1.0,
                    help="fraction of the run's samples the data stage builds (default 1.0: "
                         "full scale)")
@@ -79,6 +81,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1800,
                    help="seconds allowed to each subprocess (default 1800)")
     return p
+
+
+def cluster_shape(resolved: dict, flags: list[str]) -> tuple[int, int]:
+    """(nodes, GPUs per node) a config is written for: one micro-batch per data-parallel rank
+    and step (global batch / micro-batch replicas, as the paper configs' comments say) times
+    TP x PP; 8 GPUs per node, fewer when the whole run needs fewer."""
+    def value(key: str, default: int) -> int:
+        given = _flag_value(flags, f"--{key}")
+        return int(given if given is not None else resolved.get(key, default))
+
+    world = (value("global-batch-size", 1) // max(value("micro-batch-size", 1), 1)
+             * value("tensor-model-parallel-size", 1) * value("pipeline-model-parallel-size", 1))
+    world = max(world, 1)
+    per_node = min(8, world)
+    return -(-world // per_node), per_node
 
 
 def _child(stage: str, argv: list[str], env: dict, log: Path,
@@ -123,6 +140,10 @@ class Rehearsal:
                                          "--vocab-size", "32768"]
         self.user_flags = flags
         self.argv = ["--config", str(self.config), *data, *flags]
+        if opts.nodes is None and opts.gpus_per_node is None:
+            opts.nodes, opts.gpus_per_node = cluster_shape(self.resolved, flags)
+        opts.nodes = opts.nodes or 1
+        opts.gpus_per_node = opts.gpus_per_node or 8
         self.world = opts.nodes * opts.gpus_per_node
         self.rows: list[Row] = []
         self.layout: dict = {}
@@ -238,7 +259,7 @@ class Rehearsal:
 def main(argv: list[str] | None = None) -> None:
     """Parse, rehearse, print the table; one ``error:`` line and a non-zero exit on failure."""
     opts, flags = parser().parse_known_args(argv)
-    if opts.nodes < 1 or opts.gpus_per_node < 1 or opts.max_ranks < 1 \
+    if (opts.nodes or 1) < 1 or (opts.gpus_per_node or 1) < 1 or opts.max_ranks < 1 \
             or not 0 < opts.data_fraction <= 1:
         print("error: --nodes, --gpus-per-node, --max-ranks must be >= 1 and --data-fraction "
               "in (0, 1]", file=sys.stderr)
