@@ -24,10 +24,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import yaml
-
 from launch import sweep as sweeps
 from launch.sbatch import WARNING_SIGNALS, JobSpec, LaunchError, RunSpec, check_output_dir, render
+from parcae_megatron.config_file import ConfigFileError, load_config, standalone_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,10 +100,10 @@ def flag_value(args: list[str] | tuple[str, ...], flag: str) -> str | None:
 def config_keys(config: Path) -> set[str]:
     """The flags a YAML config sets, as ``--flag-name`` (empty if it is not a mapping)."""
     try:
-        data = yaml.safe_load(config.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise LaunchError(f"cannot read config {config}: {exc}") from exc
-    return {"--" + str(k).replace("_", "-") for k in data} if isinstance(data, dict) else set()
+        data = load_config(config)
+    except ConfigFileError as exc:
+        raise LaunchError(str(exc)) from exc
+    return {"--" + str(k).replace("_", "-") for k in data}
 
 
 def train_args(run_dir: Path, user: tuple[str, ...], config: Path) -> tuple[list[str], Path]:
@@ -237,7 +236,8 @@ def write_run_dirs(root: Path, job: JobSpec, plan: sweeps.Sweep, runs: list[RunS
               "sweep": str(plan.source.resolve()) if plan.source else None, "runs": []}
     for index, (elem, run) in enumerate(zip(plan.elements, runs)):
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(elem.config, run.run_dir / "config.yaml")
+        # self-contained (a base: chain merged): the job does not depend on other config files
+        (run.run_dir / "config.yaml").write_text(standalone_text(elem.config))
         entry = {"array_index": index if array else None, "name": elem.name,
                  "run_dir": str(run.run_dir), "config_source": str(elem.config),
                  "checkpoint_dir": str(run.checkpoint_dir),

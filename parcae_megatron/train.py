@@ -19,7 +19,7 @@ from functools import partial
 import torch
 
 from parcae_megatron.platform import cpu_backend
-from parcae_megatron.training import failfast, faults, guards, muon, telemetry
+from parcae_megatron.training import distopt_fix, failfast, faults, guards, muon, telemetry
 from parcae_megatron.training.arguments import parcae_config_from_args, parse_args_or_exit
 from parcae_megatron.training.telemetry import TELEMETRY
 
@@ -131,25 +131,16 @@ def forward_step(data_iterator, model):
 def datasets_provider(train_val_test_num_samples, vp_stage=None):
     """GPT-style datasets (indexed .bin/.idx, blends, or --mock-data) for Parcae."""
     from megatron.core import mpu
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
     from megatron.training import get_args, get_tokenizer, print_rank_0
 
-    from parcae_megatron.data.bestfit import BestFitDatasetConfig, dataset_class
-    from parcae_megatron.training.data import gpt_dataset_config_from_args
+    from parcae_megatron.training.data import build_datasets
 
-    args = get_args()
-    config_class, extra = GPTDatasetConfig, {}
-    if args.packing == "bestfit":  # BOS-aligned best-fit rows (spec §2.3)
-        config_class, extra = BestFitDatasetConfig, {"packing_buffer": args.packing_buffer}
-    config = gpt_dataset_config_from_args(args, get_tokenizer(), config_class, **extra)
-    dataset_type = dataset_class(args.packing, args.mock_data)
-    print_rank_0(f"> building {dataset_type.__name__} train/valid/test datasets")
-    return BlendedMegatronDatasetBuilder(
-        dataset_type, train_val_test_num_samples,
-        lambda: mpu.get_tensor_model_parallel_rank() == 0, config).build()
+    print_rank_0("> building train/valid/test datasets")
+    dataset_type, datasets = build_datasets(
+        get_args(), get_tokenizer(), train_val_test_num_samples,
+        lambda: mpu.get_tensor_model_parallel_rank() == 0)
+    print_rank_0(f"> built {dataset_type.__name__} train/valid/test datasets")
+    return datasets
 
 
 datasets_provider.is_distributed = True
@@ -185,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     TELEMETRY.configure(args)
     telemetry.install()
     guards.install()
+    distopt_fix.install()
     muon.install()
     cfg = pretrain_cfg_container_from_args(args)
     # Any failure ends this rank within seconds (training/failfast.py), never a hang.

@@ -239,3 +239,23 @@ def test_global_depth_balance_through_entry_point(tmp_path):
         layout = global_batch_depths(514229, r["iteration"] - 1, 4, 1, 4, 2)
         assert abs(r["depth_mean"] * 8 - int(layout.sum())) < 1e-6, r
         assert r["depth_max"] == int(layout.max())
+
+
+def test_non_finite_gradient_with_chained_optimizer_is_skipped_on_all_ranks(tmp_path):
+    """bf16 + distributed optimizer + Muon build Megatron's ChainedOptimizer, whose parts
+    reduce grad statistics over different groups: a NaN injected on rank 1 only
+    (``PARCAE_FAULT=nan@...``) makes both ranks skip that step and count it."""
+    telemetry = tmp_path / "t.jsonl"
+    cmd, env = command(2, *TINY, "--train-iters", "4", "--eval-iters", "0",
+                       "--optimizer", "parcae_muon", "--muon-tp-mode", "duplicated",
+                       "--bf16", "--use-distributed-optimizer", "--micro-batch-size", "2",
+                       "--telemetry-path", str(telemetry))
+    proc = subprocess.run(cmd, env={**env, "PARCAE_FAULT": "nan@step=2,rank=1"}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "nan on rank 1 at step 2" in log
+    steps = {r["iteration"]: r for r in records(telemetry, "train")}
+    assert [i for i, r in steps.items() if r["skipped"]] == [2]
+    assert steps[4]["skipped_total"] == 1
+    assert steps[3]["loss"] is not None and steps[4]["loss"] is not None

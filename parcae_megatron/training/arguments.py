@@ -2,7 +2,8 @@
 
 A run is ``python -m parcae_megatron.train --config CONFIG.yaml [any Megatron flag ...]``.
 The YAML maps Megatron (or Parcae) flag names to values; ``preset:`` expands a named model
-size first. Precedence: Parcae's fixed block settings < preset < YAML < command line.
+size first; ``base:`` names a config this one extends (config_file.py). Precedence:
+Parcae's fixed block settings < preset < YAML (base < file) < command line.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from parcae_megatron.config_file import load_config
 from parcae_megatron.model.config import (
     DEPTH_BALANCES,
     DEPTH_SAMPLINGS,
@@ -25,7 +25,6 @@ from parcae_megatron.model.config import (
     ParcaeConfigError,
 )
 from parcae_megatron.model.presets import PRESETS
-from parcae_megatron.paths import resolve_config
 from parcae_megatron.training import flag_policy
 
 PACKINGS = ("concat", "bestfit")
@@ -180,12 +179,7 @@ def expand_argv(argv: list[str]) -> list[str]:
     from_yaml: list[str] = []
     preset = _flag_value(argv, "--preset")
     if config_path is not None:
-        path = resolve_config(config_path)
-        if not path.is_file():
-            raise ParcaeConfigError(f"config file not found: {config_path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ParcaeConfigError(f"{config_path}: expected a mapping of flag: value")
+        data = load_config(config_path)  # base: chain merged (config_file.py)
         preset = preset or data.pop("preset", None)
         data.pop("preset", None)
         from_yaml = _flag_items(data)

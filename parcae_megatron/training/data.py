@@ -52,3 +52,26 @@ def gpt_dataset_config_from_args(args: argparse.Namespace, tokenizer, config_cla
         context_parallel_size=args.context_parallel_size,
         **extra,
     )
+
+
+def build_datasets(args: argparse.Namespace, tokenizer, train_val_test_num_samples,
+                   is_built_on_rank) -> tuple:
+    """Train / valid / test datasets of a run, as the trainer builds them: Megatron's
+    ``BlendedMegatronDatasetBuilder`` over GPT datasets, or best-fit packed rows with
+    ``--packing bestfit`` (``--mock-data``: Megatron's mock documents). The dataset
+    rehearsal (``parcae_megatron.rehearse``) calls this same function."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    from parcae_megatron.data.bestfit import BestFitDatasetConfig, dataset_class
+
+    config_class, extra = GPTDatasetConfig, {}
+    if args.packing == "bestfit":  # BOS-aligned best-fit rows (spec §2.3)
+        config_class, extra = BestFitDatasetConfig, {"packing_buffer": args.packing_buffer}
+    config = gpt_dataset_config_from_args(args, tokenizer, config_class, **extra)
+    dataset_type = dataset_class(args.packing, args.mock_data)
+    builder = BlendedMegatronDatasetBuilder(dataset_type, train_val_test_num_samples,
+                                           is_built_on_rank, config)
+    return dataset_type, builder.build()

@@ -3,6 +3,8 @@
     PARCAE_FAULT="raise@step=3,rank=1"          rank 1 raises RuntimeError in training step 3
     PARCAE_FAULT="kill@step=3,rank=1"           rank 1 SIGKILLs itself in step 3
     PARCAE_FAULT="hang@step=3,rank=1"           rank 1 stops responding in step 3
+    PARCAE_FAULT="nan@step=3,rank=1"            rank 1's loss (so its gradients) is NaN in
+                                                step 3: the step must be skipped and counted
     PARCAE_FAULT="raise@step=3,rank=1,attempt=1"   ... only in the job's first attempt
 
 ``rank`` is the global rank (default 0); the fault fires in the forward pass of the step's
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 ENV = "PARCAE_FAULT"
-ACTIONS = ("raise", "kill", "hang")
+ACTIONS = ("raise", "kill", "hang", "nan")
 _KEYS = ("step", "rank", "attempt")
 
 
@@ -93,13 +95,16 @@ def current_attempt(environ: Mapping[str, str] = os.environ) -> int:
 
 
 def fire(fault: Fault, step: int, rank: int) -> None:
-    """Carry the fault out (announced first, with a timestamp, on stderr)."""
+    """Carry the fault out (announced first, with a timestamp, on stderr); ``nan`` is only
+    announced here, :func:`inject` poisons the loss."""
     stamp = datetime.now().isoformat(timespec="milliseconds")
     what = f"fault injection ({ENV}={fault.spec}): {fault.action} on rank {rank} at step {step}"
     print(f"{what} [{stamp}]", file=sys.stderr, flush=True)
     if fault.action == "kill":
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
+    elif fault.action == "nan":
+        return
     elif fault.action == "hang":
         while True:  # not even SIGTERM ends it (Megatron's handler only sets a flag)
             time.sleep(3600)
@@ -125,9 +130,23 @@ def inject(forward_step: Callable, fault: Fault | None) -> Callable:
             if fault.matches(step, rank, attempt):
                 fired = True
                 fire(fault, step, rank)
+                if fault.action == "nan":
+                    output, loss_func = forward_step(data_iterator, model)
+                    return output, _poisoned(loss_func)
         return forward_step(data_iterator, model)
 
     return forward_step_with_fault
+
+
+def _poisoned(loss_func: Callable) -> Callable:
+    """``loss_func`` whose loss is NaN (the reported figures stay finite)."""
+
+    @functools.wraps(loss_func)
+    def nan_loss(*args, **kwargs):
+        loss, *rest = loss_func(*args, **kwargs)
+        return (loss * float("nan"), *rest)
+
+    return nan_loss
 
 
 def from_env_or_exit() -> Fault | None:

@@ -2,7 +2,8 @@
 
 Megatron's optimizers skip a step when ``prepare_grads()`` reports inf/nan, but only fp16
 loss scaling ever reports it. The guard makes every optimizer report non-finite gradients
-(reduced over the ranks that share the gradient norm), so bf16/fp32 runs skip such steps
+(reduced over the ranks that share the gradient norm; for a chained optimizer, over each
+part's own group), so bf16/fp32 runs skip such steps
 through Megatron's own path: the update, the LR schedule and the optimizer state are left
 untouched and Megatron counts the step as skipped.
 """
@@ -18,24 +19,41 @@ class DivergenceError(RuntimeError):
 
 
 def guard_non_finite_grads(optimizer) -> None:
-    """Wrap ``optimizer.prepare_grads`` to also flag non-finite gradients."""
+    """Wrap ``prepare_grads`` to also flag non-finite gradients.
+
+    A ``ChainedOptimizer`` (e.g. Muon + distributed AdamW) has no single grad-stats group:
+    each part is wrapped and reduces its flag over its own group, and the chain ORs them.
+    """
+    parts = getattr(optimizer, "chained_optimizers", None)
+    if parts is not None:
+        for part in parts:
+            guard_non_finite_grads(part)
+        return
     original = optimizer.prepare_grads
 
     def prepare_grads() -> bool:
-        if original():
-            return True
+        found = bool(original())
         grads = [p.grad for p in optimizer.get_parameters() if p.grad is not None]
-        bad = torch.zeros(1, dtype=torch.float32,
-                          device=grads[0].device if grads else "cpu")
+        flag = torch.tensor([float(found)], dtype=torch.float32,
+                            device=grads[0].device if grads else _default_device())
         if grads:
-            norms = torch._foreach_norm([g.float() for g in grads])
-            bad[0] = (~torch.isfinite(torch.stack(norms))).any().float()
+            norms = torch.stack(torch._foreach_norm([g.float() for g in grads]))
+            flag = torch.maximum(flag, (~torch.isfinite(norms)).any().float().view(1))
+        # Always reduce (also when this rank has no shard): every rank of the group must
+        # join the collective, and all of them must reach the same decision.
         if dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX,
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX,
                             group=optimizer.get_grad_stats_parallel_group())
-        return bool(bad.item())
+        return bool(flag.item())
 
     optimizer.prepare_grads = prepare_grads
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available() and dist.is_initialized() \
+            and dist.get_backend() == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class ConsecutiveSkips:

@@ -1,0 +1,88 @@
+"""YAML run configs: a mapping of flag name -> value, optionally extending another file.
+
+``base: OTHER.yaml`` names a config whose keys this one extends and overrides (resolved
+relative to this file's directory, then the working directory, then the project's
+``configs/``, then the project root); bases may themselves have a base.
+So ``configs/parcae-1.3b-fp8.yaml`` is ``configs/parcae-1.3b.yaml`` plus its FP8 keys, by
+construction. A missing base or a cycle is a ``ConfigFileError`` with one message. Light on
+purpose (no torch / Megatron): the SLURM launcher reads configs too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from parcae_megatron.paths import PROJECT_ROOT, resolve_config
+
+BASE_KEY = "base"
+
+
+class ConfigFileError(ValueError):
+    """An unreadable config file, a missing base or a base cycle."""
+
+
+def _read_mapping(path: Path, shown: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigFileError(f"cannot read config {shown}: "
+                                f"{str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{shown}: expected a mapping of flag: value")
+    return data
+
+
+def _resolve_base(value: object, including: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigFileError(f"{including}: base must be a config file name, got {value!r}")
+    path = Path(value)
+    if not path.is_absolute() and (including.parent / path).is_file():
+        return including.parent / path
+    found = resolve_config(path, base=PROJECT_ROOT / "configs")
+    if not found.is_file():
+        raise ConfigFileError(f"{including}: base config not found: {value}")
+    return found
+
+
+def load_config(value: str | Path) -> dict[str, Any]:
+    """The resolved flag mapping of a config file (its ``base:`` chain merged, this file's
+    keys last; the ``base`` key itself removed). Key order: the base's, then new keys."""
+    path = resolve_config(value)
+    if not path.is_file():
+        raise ConfigFileError(f"config file not found: {value}")
+    chain: list[Path] = []
+    layers: list[dict[str, Any]] = []
+    shown = str(value)
+    while True:
+        real = path.resolve()
+        if real in chain:
+            names = " -> ".join(p.name for p in [*chain, real])
+            raise ConfigFileError(f"config base cycle: {names}")
+        chain.append(real)
+        data = _read_mapping(path, shown)
+        base = data.pop(BASE_KEY, None)
+        layers.append(data)
+        if base is None:
+            break
+        path = _resolve_base(base, path)
+        shown = str(path)
+    merged: dict[str, Any] = {}
+    for layer in reversed(layers):
+        merged.update(layer)
+    return merged
+
+
+def standalone_text(value: str | Path) -> str:
+    """The config as one self-contained YAML document: the file verbatim (comments kept) when
+    it has no ``base:``, else the resolved mapping with a header naming the source. What a
+    job directory keeps, so the job does not depend on other config files."""
+    path = resolve_config(value)
+    merged = load_config(path)
+    text = path.read_text()
+    if BASE_KEY not in _read_mapping(path, str(value)):
+        return text
+    return (f"# resolved from {value} (its base: chain merged)\n"
+            + yaml.safe_dump(merged, sort_keys=False))
