@@ -279,11 +279,9 @@ def peak_flops() -> float | None:
 
 
 def estimate(cfg, sizes: Sizes, fp8: bool) -> tuple[int | None, str | None]:
-    """Total bytes of the memory estimate for this shape, or (None, reason)."""
-    try:
-        from parcae_megatron.model.memory import estimate_memory
-    except ImportError:
-        return None, "estimate module not present"
+    """Total bytes of the trainer's memory estimate (model/memory.py) for this shape."""
+    from parcae_megatron.model.memory import estimate_memory
+
     est = estimate_memory(cfg, micro_batch_size=sizes.mb, seq_length=sizes.seq, tp=1, pp=1,
                           dp=1, bf16=True, fp8=fp8, distributed_optimizer=True,
                           recompute_loop_iterations=cfg.recompute_loop_iterations,
