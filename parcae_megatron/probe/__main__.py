@@ -21,10 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from parcae_megatron.probe.pipeline import ROOT, prepare_data, train, train_command
-from parcae_megatron.probe.report import plot, summarise
-from parcae_megatron.probe.score import score_checkpoint
 from parcae_megatron.probe.task import TaskSpec
+
+ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_TRAIN_ARGS = ""  # the probe's chosen recipe lives in the flags below; see docs/probe.md
 
@@ -74,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # heavy imports (Megatron, torch) only once the options are known to be good
+    from parcae_megatron.probe.pipeline import prepare_data, train, train_command
+    from parcae_megatron.probe.report import plot, summarise
+    from parcae_megatron.probe.score import score_checkpoint
+
     run_dir = Path(args.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "probe.log"

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from parcae_megatron.probe.task import TaskSpec, generate
@@ -45,7 +46,10 @@ def prepare_data(data: Path, spec: TaskSpec, n_train: int, n_test: int, seed: in
     for split, n in (("train", n_train), ("test", n_test)):
         path = data / f"{split}.jsonl"
         if not path.exists():
-            lines = [json.dumps(d.to_json()) + "\n" for d in generate(spec, split, n, seed)]
+            # the training mix may favour short chains; held-out chains cover every k evenly
+            split_spec = spec if split == "train" else replace(spec, k_weights=None)
+            docs = generate(split_spec, split, n, seed)
+            lines = [json.dumps(d.to_json()) + "\n" for d in docs]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(lines))
             tmp.rename(path)

@@ -1,7 +1,9 @@
 """Pointer-chasing documents: a function table in context, queries that follow it k times.
 
-A document (one line of the probe corpus) is a random permutation f of ``n_symbols`` letters
-written as a table, then queries, each three characters ``k x y`` with ``y = f^k(x)``::
+A document (one line of the probe corpus) is a random cyclic permutation f of ``n_symbols``
+letters (one cycle through all of them, so f^k(x) != x for k < n_symbols and no answer can be
+guessed from the query letter; k <= n_symbols / 2, so going backwards round the cycle is never
+shorter) written as a table, then queries, each three characters ``k x y`` with ``y = f^k(x)``::
 
     cb,ad,ba,dc,|2ab1cb3dc4aa...
 
@@ -38,8 +40,10 @@ class TaskSpec:
     def __post_init__(self) -> None:
         if not 2 <= self.n_symbols <= 26:
             raise ValueError("n_symbols must be in 2..26")
-        if not 1 <= self.max_k <= 9:
-            raise ValueError("max_k must be in 1..9 (one digit)")
+        if not 1 <= self.max_k <= min(9, self.n_symbols // 2):
+            # on an n-cycle f^k = f^-(n-k): k > n/2 look-ups forward are n-k backward
+            raise ValueError("max_k must be in 1..min(9, n_symbols // 2) (one digit, and "
+                             "no shorter way round the cycle)")
         if self.n_queries < 1:
             raise ValueError(f"doc_chars {self.doc_chars} leaves no room for a query after "
                              f"a {self.n_symbols}-entry table")
@@ -105,9 +109,9 @@ def parse(text: str) -> tuple[dict[str, str], list[tuple[int, str, str]]]:
 def make_document(rng: random.Random, spec: TaskSpec, split: str) -> Document:
     """A document whose table belongs to ``split``."""
     while True:
-        image = list(spec.symbols)
-        rng.shuffle(image)
-        table = dict(zip(spec.symbols, image))
+        cycle = list(spec.symbols)
+        rng.shuffle(cycle)
+        table = {a: b for a, b in zip(cycle, cycle[1:] + cycle[:1])}
         if split_of(table, spec.test_fraction) == split:
             break
     entries = [f"{x}{table[x]}{SEPARATOR}" for x in spec.symbols]
