@@ -25,7 +25,9 @@ from parcae_megatron.probe.task import TaskSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 
-DEFAULT_TRAIN_ARGS = ""  # the probe's chosen recipe lives in the flags below; see docs/probe.md
+# The chosen recipe (docs/probe.md "What was tried"): 6-letter cycles, k = 1..3 weighted
+# towards short chains, the configs' Muon at lr 1e-2, batch 32, 600 steps.
+DEFAULT_TRAIN_ARGS = ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,18 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transformer-config",
                    default=str(ROOT / "configs" / "transformer-tiny-cpu.yaml"))
     p.add_argument("--train-iters", type=int, default=600)
-    p.add_argument("--micro-batch-size", type=int, default=16)
-    p.add_argument("--global-batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--micro-batch-size", type=int, default=32)
+    p.add_argument("--global-batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--nproc", type=int, default=1, help="training processes per run")
     p.add_argument("--train-args", default=DEFAULT_TRAIN_ARGS,
                    help="extra trainer flags for both runs, one string (they come last)")
-    p.add_argument("--n-symbols", type=int, default=8, help="letters the tables permute")
-    p.add_argument("--max-k", type=int, default=4, help="longest chain (look-ups)")
-    p.add_argument("--k-weights", default=None,
-                   help="comma list, relative frequency of k = 1..max-k in training")
+    p.add_argument("--n-symbols", type=int, default=6, help="letters the tables permute")
+    p.add_argument("--max-k", type=int, default=3, help="longest chain (look-ups)")
+    p.add_argument("--k-weights", default="3,2,2",
+                   help="comma list, relative frequency of k = 1..max-k in training; "
+                        "'' for uniform")
     p.add_argument("--seq-length", type=int, default=64, help="tokens per document")
-    p.add_argument("--train-docs", type=int, default=20000)
+    p.add_argument("--train-docs", type=int, default=12000)
     p.add_argument("--test-docs", type=int, default=300)
     p.add_argument("--loop-counts", default=None,
                    help="comma list of test-time T (default 1 … 2·μ_rec)")

@@ -40,7 +40,7 @@ def summarise(results: dict, spec: TaskSpec, options: dict, wall: float) -> dict
                         "queries_per_document": spec.n_queries,
                         "held_out": "test tables never occur in training (hash split)"},
                "options": options, "models": results, "wall_s": round(wall, 1)}
-    lines = [f"\nDepth probe (held-out chains, exact match; k = look-ups, T = loop count)"]
+    lines = ["\nDepth probe (held-out chains, exact match; k = look-ups, T = loop count)"]
     ks = [str(k) for k in range(1, spec.max_k + 1)]
     lines.append("  model          T  " + "  ".join(f"k={k:<4}" for k in ks))
     for name, res in results.items():

@@ -31,7 +31,7 @@ def accuracy_by_k(model, ids: torch.Tensor, answers: list, loop_counts: list[int
     for t in loop_counts:
         hits: dict[int, list[int]] = defaultdict(list)
         for start in range(0, len(ids), batch_size):
-            batch = ids[start: start + batch_size]
+            batch = ids[start: start + batch_size].to(next(model.parameters()).device)
             kwargs = {"num_iterations": t, "state_seed": 0} if t else {}
             pred = model(batch, use_cache=False, **kwargs).logits.argmax(-1)
             for row, doc in enumerate(answers[start: start + batch_size]):
@@ -49,7 +49,8 @@ def score_checkpoint(ckpt: Path, test_jsonl: Path, tokenizer_model: Path,
     from parcae_megatron.convert.megatron_hf import megatron_to_hf_model
 
     model, _, _ = megatron_to_hf_model(ckpt)
-    model.eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).eval()
     looped = bool(model.config.num_recurrent_layers)
     ids, answers = load_test(test_jsonl, SentencePieceTokenizer(str(tokenizer_model)))
     mu = int(model.config.mean_recurrence)
