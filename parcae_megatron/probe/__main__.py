@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, help="training processes per run")
     p.add_argument("--train-args", default=DEFAULT_TRAIN_ARGS,
                    help="extra trainer flags for both runs, one string (they come last)")
+    p.add_argument("--parcae-args", default="", help="extra trainer flags for Parcae only")
+    p.add_argument("--transformer-args", default="",
+                   help="extra trainer flags for the Transformer only")
     p.add_argument("--n-symbols", type=int, default=6, help="letters the tables permute")
     p.add_argument("--max-k", type=int, default=3, help="longest chain (look-ups)")
     p.add_argument("--k-weights", default="3,2,2",
@@ -95,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in models:
         config = Path(getattr(args, f"{name}_config"))
         ckpt, telemetry = run_dir / name / "checkpoints", run_dir / name / "telemetry.jsonl"
+        own = shlex.split(getattr(args, f"{name}_args"))
         cmd = train_command(config, data, ckpt, telemetry, args.seq_length, args.train_iters,
-                            args.nproc, extra)
+                            args.nproc, extra + own)
         wall = train(name, cmd, ckpt, telemetry, args.train_iters, log)
         counts = [int(t) for t in args.loop_counts.split(",")] if args.loop_counts else None
         print(f"==> scoring {name} on held-out chains", flush=True)
