@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     if not models or set(models) - {"parcae", "transformer"}:
         print("error: --models takes parcae and/or transformer", file=sys.stderr)
         return 2
+    for name in models:
+        if not Path(getattr(args, f"{name}_config")).is_file():
+            print(f"error: --{name}-config {getattr(args, f'{name}_config')} does not exist",
+                  file=sys.stderr)
+            return 2
     try:
         weights = (tuple(float(w) for w in args.k_weights.split(","))
                    if args.k_weights else None)
