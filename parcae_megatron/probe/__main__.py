@@ -1,0 +1,125 @@
+"""`python -m parcae_megatron.probe`: does the loop earn its depth? A k-hop look-up probe.
+
+Generates pointer-chasing documents (a permutation table in context, queries ``k x`` whose
+answer is f^k(x)), turns them into indexed datasets with ``data_prep``, trains a looped
+Parcae and a fixed-depth Transformer of the same parameter count through
+``parcae_megatron.train``, and scores exact-match accuracy on held-out tables by k and by the
+test-time loop count T = 1 … 2·μ_rec. Writes probe.json and probe.png in the run directory.
+
+Any config and layout: ``--parcae-config`` / ``--transformer-config`` pick the YAML files,
+``--train-args "..."`` passes trainer flags to both runs (e.g. ``--tensor-model-parallel-size 2
+--fp8-format hybrid``), ``--nproc`` sets processes per run; on a cluster the same command
+checks that a layout still learns the look-ups and still gains from loops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from parcae_megatron.probe.task import TaskSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The chosen recipe (docs/probe.md "What was tried"): 6-letter cycles, k = 1..3 weighted
+# towards short chains, the configs' Muon at lr 1e-2, batch 32, 600 steps.
+DEFAULT_TRAIN_ARGS = ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The probe's command line."""
+    p = argparse.ArgumentParser(prog="python -m parcae_megatron.probe",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", default="runs/probe", help="where everything goes")
+    p.add_argument("--models", default="parcae,transformer",
+                   help="comma list of parcae, transformer (default both)")
+    p.add_argument("--parcae-config", default=str(ROOT / "configs" / "parcae-tiny-cpu.yaml"))
+    p.add_argument("--transformer-config",
+                   default=str(ROOT / "configs" / "transformer-tiny-cpu.yaml"))
+    p.add_argument("--train-iters", type=int, default=600)
+    p.add_argument("--micro-batch-size", type=int, default=32)
+    p.add_argument("--global-batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--nproc", type=int, default=1, help="training processes per run")
+    p.add_argument("--train-args", default=DEFAULT_TRAIN_ARGS,
+                   help="extra trainer flags for both runs, one string (they come last)")
+    p.add_argument("--parcae-args", default="", help="extra trainer flags for Parcae only")
+    p.add_argument("--transformer-args", default="",
+                   help="extra trainer flags for the Transformer only")
+    p.add_argument("--n-symbols", type=int, default=6, help="letters the tables permute")
+    p.add_argument("--max-k", type=int, default=3, help="longest chain (look-ups)")
+    p.add_argument("--k-weights", default="3,2,2",
+                   help="comma list, relative frequency of k = 1..max-k in training; "
+                        "'' for uniform")
+    p.add_argument("--seq-length", type=int, default=64, help="tokens per document")
+    p.add_argument("--train-docs", type=int, default=12000)
+    p.add_argument("--test-docs", type=int, default=300)
+    p.add_argument("--loop-counts", default=None,
+                   help="comma list of test-time T (default 1 … 2·μ_rec)")
+    p.add_argument("--seed", type=int, default=0, help="data seed")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    args = build_parser().parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models or set(models) - {"parcae", "transformer"}:
+        print("error: --models takes parcae and/or transformer", file=sys.stderr)
+        return 2
+    for name in models:
+        if not Path(getattr(args, f"{name}_config")).is_file():
+            print(f"error: --{name}-config {getattr(args, f'{name}_config')} does not exist",
+                  file=sys.stderr)
+            return 2
+    try:
+        weights = (tuple(float(w) for w in args.k_weights.split(","))
+                   if args.k_weights else None)
+        spec = TaskSpec(n_symbols=args.n_symbols, max_k=args.max_k,
+                        doc_chars=args.seq_length - 1, k_weights=weights)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # heavy imports (Megatron, torch) only once the options are known to be good
+    from parcae_megatron.probe.pipeline import prepare_data, train, train_command
+    from parcae_megatron.probe.report import plot, summarise
+    from parcae_megatron.probe.score import score_checkpoint
+
+    run_dir = Path(args.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / "probe.log"
+    started = time.time()
+    print(f"==> data: {args.train_docs} train / {args.test_docs} held-out documents, "
+          f"{spec.n_queries} queries each, k = 1..{spec.max_k}; log: {log}", flush=True)
+    data = prepare_data(run_dir / "data", spec, args.train_docs, args.test_docs, args.seed, log)
+    extra = ["--micro-batch-size", str(args.micro_batch_size),
+             "--global-batch-size", str(args.global_batch_size), "--lr", str(args.lr),
+             *shlex.split(args.train_args)]
+    results = {}
+    for name in models:
+        config = Path(getattr(args, f"{name}_config"))
+        ckpt, telemetry = run_dir / name / "checkpoints", run_dir / name / "telemetry.jsonl"
+        own = shlex.split(getattr(args, f"{name}_args"))
+        cmd = train_command(config, data, ckpt, telemetry, args.seq_length, args.train_iters,
+                            args.nproc, extra + own)
+        wall = train(name, cmd, ckpt, telemetry, args.train_iters, log)
+        counts = [int(t) for t in args.loop_counts.split(",")] if args.loop_counts else None
+        print(f"==> scoring {name} on held-out chains", flush=True)
+        res = score_checkpoint(ckpt, data / "test.jsonl", data / "tokenizer.model", counts)
+        res["train_wall_s"] = round(wall, 1)
+        res["config"] = str(config)
+        results[name] = res
+    summary = summarise(results, spec, vars(args), time.time() - started)
+    (run_dir / "probe.json").write_text(json.dumps(summary, indent=2))
+    plot(run_dir / "probe.png", summary)
+    print(summary["text"])
+    print(f"  files  {run_dir / 'probe.json'}  {run_dir / 'probe.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Depth probe: the generator (fast) and the command end to end at a tiny budget (slow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from parcae_megatron.probe.task import TaskSpec, follow, generate, parse, split_of
+from tests.distributed import ROOT
+
+SPEC = TaskSpec(n_symbols=8, max_k=4, doc_chars=63)
+
+
+def test_generator_is_deterministic_by_seed():
+    a = [d.text for d in generate(SPEC, "train", 50, seed=3)]
+    assert a == [d.text for d in generate(SPEC, "train", 50, seed=3)]
+    assert a != [d.text for d in generate(SPEC, "train", 50, seed=4)]
+    assert len(set(a)) == 50
+
+
+def test_chains_are_correct_and_need_k_lookups():
+    for doc in generate(SPEC, "train", 100, seed=0) + generate(SPEC, "test", 100, seed=0):
+        assert len(doc.text) == SPEC.doc_chars
+        assert set(doc.text) <= set(SPEC.alphabet)
+        table, queries = parse(doc.text)
+        assert table == doc.table and queries == [tuple(q) for q in doc.queries]
+        assert sorted(table) == sorted(table.values()) == sorted(SPEC.symbols)
+        for (k, x, y), off in zip(queries, doc.answer_offsets):
+            # independent re-walk of the table parsed from the text
+            z = x
+            for _ in range(k):
+                z = table[z]
+            assert y == z == follow(doc.table, x, k) == doc.text[off] and doc.text[off - 1] == x
+            # one cycle through all letters: the answer is never the query letter
+            assert y != x
+        assert len(queries) == SPEC.n_queries
+
+
+def test_k_weights_shape_the_training_mix():
+    spec = TaskSpec(n_symbols=8, max_k=4, doc_chars=63, k_weights=(1, 0, 0, 1))
+    ks = {q[0] for d in generate(spec, "train", 50, seed=0) for q in d.queries}
+    assert ks == {1, 4}
+
+
+def test_no_chain_is_shared_between_splits():
+    train = generate(SPEC, "train", 2000, seed=0)
+    test = generate(SPEC, "test", 300, seed=0)
+    key = lambda d: tuple(sorted(d.table.items()))  # noqa: E731
+    train_tables = {key(d) for d in train}
+    assert all(split_of(d.table, SPEC.test_fraction) == "test" for d in test)
+    assert not train_tables & {key(d) for d in test}
+    chains = lambda docs: {(key(d), x, k) for d in docs for k, x, _ in d.queries}  # noqa: E731
+    assert not chains(train) & chains(test)
+
+
+def test_bad_specs_are_refused():
+    with pytest.raises(ValueError):
+        TaskSpec(n_symbols=6, max_k=4)  # f^4 == f^-2 on a 6-cycle: two look-ups back
+    with pytest.raises(ValueError):
+        TaskSpec(doc_chars=20)
+
+
+def test_bad_models_option_is_one_error_line():
+    proc = subprocess.run([sys.executable, "-m", "parcae_megatron.probe", "--models", "rnn"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:")
+
+
+@pytest.mark.slow
+def test_probe_end_to_end_tiny_budget(tmp_path):
+    run_dir = tmp_path / "probe"
+    cmd = [sys.executable, "-m", "parcae_megatron.probe", "--run-dir", str(run_dir),
+           "--train-iters", "3", "--train-docs", "200", "--test-docs", "20",
+           "--micro-batch-size", "4", "--global-batch-size", "4", "--loop-counts", "1,4,8"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((run_dir / "probe.json").read_text())
+    parcae, tf = summary["models"]["parcae"], summary["models"]["transformer"]
+    assert parcae["looped"] and not tf["looped"]
+    assert sorted(parcae["accuracy"], key=int) == ["1", "4", "8"]
+    assert sorted(tf["accuracy"]) == ["0"]
+    for row in [*parcae["accuracy"].values(), tf["accuracy"]["0"]]:
+        assert sorted(row) == ["1", "2", "3"] and all(0 <= a <= 1 for a in row.values())
+    # equal parameter count, up to the loop's injection adapter
+    assert abs(parcae["parameters"] - tf["parameters"]) / tf["parameters"] < 0.1
+    assert set(summary["targets"]) >= {"hardest_T_mu_ge_2x_T_1", "trained_depth_ge_0.8_at_T_mu",
+                                       "parcae_T_mu_above_transformer_hardest",
+                                       "hardest_T_2mu_not_below_T_mu"}
+    assert "test_time_fit" in summary
+    assert (run_dir / "probe.png").stat().st_size > 5_000
+    for path in ("data/train.bin", "data/test.idx", "data/tokenizer.model",
+                 "parcae/checkpoints/latest_checkpointed_iteration.txt",
+                 "transformer/telemetry.jsonl"):
+        assert (run_dir / path).exists(), path
+    assert "Depth probe" in proc.stdout
