@@ -1,29 +1,26 @@
-"""Probe report: accuracy tables, the issue's targets, the test-time fit hook, the heatmap."""
+"""Probe report: accuracy tables, the issue's targets, the test-time fit per k, the heatmap."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from parcae_megatron.probe.task import TaskSpec
 
 
-def _fit_error_curves(ts: list[int], by_t: dict[str, dict[str, float]]) -> dict | str:
-    """Fit the test-time law err(T) = E_inf + Z·exp(-z·T) to each k's error rate.
+def _fit_error_curves(ts: list[int], by_t: dict[str, dict[str, float]],
+                      queries: dict[str, int]) -> dict:
+    """Fit the test-time law err(T) = E_inf + Z·exp(-z·T) to each k's error rate
+    (``scaling.fit.fit_test_time_curve``); the noise is the binomial standard error of the
+    accuracy over that k's held-out queries, so a curve within it reports "not determined"."""
+    from parcae_megatron.scaling.fit import fit_test_time_curve
 
-    WIRING POINT for ``scaling.fit.fit_test_time_curve`` (added on another branch); until it
-    exists the report says ``"fit not available"``.
-    """
-    try:
-        from parcae_megatron.scaling.fit import fit_test_time_curve
-    except ImportError:
-        return "fit not available"
     out = {}
     for k in next(iter(by_t.values())):
         errors = [1.0 - by_t[str(t)][k] for t in ts]
-        try:
-            out[k] = fit_test_time_curve(ts, errors)
-        except Exception as err:  # a flat or noisy curve may not fit; say why, keep the rest
-            out[k] = f"no fit: {err}"
+        n = max(int(queries.get(k, 0)), 1)
+        noise = max(math.sqrt(max(e * (1.0 - e), 0.0) / n) for e in errors)
+        out[k] = fit_test_time_curve(ts, errors, noise=noise)
     return out
 
 
@@ -55,7 +52,7 @@ def summarise(results: dict, spec: TaskSpec, options: dict, wall: float) -> dict
         mu = parcae["mean_recurrence"]
         acc = parcae["accuracy"]
         ts = sorted(int(t) for t in acc)
-        summary["test_time_fit"] = _fit_error_curves(ts, acc)
+        summary["test_time_fit"] = _fit_error_curves(ts, acc, parcae.get("queries_by_k", {}))
         targets = {}
         if {str(1), str(mu)} <= acc.keys():
             at1, atmu = acc["1"][hardest], acc[str(mu)][hardest]

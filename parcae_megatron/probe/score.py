@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -57,6 +57,8 @@ def score_checkpoint(ckpt: Path, test_jsonl: Path, tokenizer_model: Path,
     counts = (loop_counts or list(range(1, 2 * mu + 1))) if looped else [0]
     table = accuracy_by_k(model, ids, answers, counts)
     params = sum(p.numel() for p in model.parameters())
+    queries = Counter(k for doc in answers for k, _, _ in doc)
     return {"looped": looped, "parameters": params,
+            "queries_by_k": {str(k): n for k, n in sorted(queries.items())},
             "mean_recurrence": mu if looped else None,
             "accuracy": {str(t): {str(k): a for k, a in row.items()} for t, row in table.items()}}
