@@ -47,7 +47,16 @@ def keyed_generator(seed: int, key: str) -> torch.Generator:
 def _orthogonalise(draw: torch.Tensor, std: float) -> torch.Tensor:
     rows, cols = draw.shape
     tall = draw if rows >= cols else draw.T
-    q, r = torch.linalg.qr(tall)
+    # LAPACK's blocked QR sums in a thread-count-dependent order: on the CPU it runs on one
+    # thread, so the weight is the same bits in a 2-thread TP=1 process and in torchrun's
+    # 1-thread TP=2 ranks (a torchrun launch already sets OMP_NUM_THREADS=1).
+    threads = torch.get_num_threads()
+    if tall.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        q, r = torch.linalg.qr(tall)
+    finally:
+        torch.set_num_threads(threads)
     d = torch.diagonal(r)
     q = q * torch.sign(d).where(d != 0, torch.ones((), device=d.device))
     q = q if rows >= cols else q.T
