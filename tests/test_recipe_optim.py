@@ -203,8 +203,10 @@ def test_parcae_140m_parameter_groups():
         group = group_of[id(p)]
         kind = group.get("optimizer", "muon")
         split = getattr(p, "qkv_split_shapes", None) if getattr(p, "is_qkv", False) else None
-        pieces = muon_math.matrix_pieces(tuple(p.shape), split)
-        mults = {muon_math.lr_multiplier(*s) for s in pieces} if kind == "muon" else {1.0}
+        mults = {1.0}
+        if kind == "muon":
+            pieces = muon_math.matrix_pieces(tuple(p.shape), split)
+            mults = {muon_math.lr_multiplier(*s) for s in pieces}
         assert len(mults) == 1
         wd = sched.get_wd(group) * group["wd_mult"]
         table[name] = (kind, group["max_lr"], mults.pop(), round(wd, 12))
