@@ -3,8 +3,8 @@ megatron-core version, what it replaces, what it changes, why) and its install f
 
 The logic the replacements call lives in the job modules (``telemetry``, ``guards``,
 ``distopt_fix``, ``muon_optimizer``); the act of patching happens only here. The CPU backend's
-own patches (``platform/cpu_backend.py``) carry the same records. ``tests/
-test_megatron_patches.py`` fails, naming the patch, when a target's signature changes.
+own patches (``platform/cpu_backend.py``) carry the same records, and
+``tests/test_megatron_patches.py`` fails, naming the patch, when a target's signature changes.
 """
 
 from __future__ import annotations
