@@ -181,7 +181,7 @@ class Trainer:
             get_standard_config_overrides,
         )
 
-        from parcae_megatron.training import muon
+        from parcae_megatron.training import megatron_patches, muon_optimizer
 
         self.cfg = cfg
         # On the device as Megatron's get_model puts it (the loop's own parameters and the
@@ -194,13 +194,14 @@ class Trainer:
                                                      use_distributed_optimizer=True))
         cfg.finalize_model_grads_func = finalize_model_grads
         cfg.no_sync_func = self.ddp.no_sync
-        muon.register()
+        megatron_patches.register_parcae_muon()
         opt = OptimizerConfig(optimizer="parcae_muon", muon_tp_mode="duplicated", lr=lr,
                               min_lr=0.0, weight_decay=0.0, clip_grad=1.0, adam_beta1=0.8,
                               adam_beta2=0.95, adam_eps=1e-10, muon_nesterov=True,
                               bf16=cfg.bf16, params_dtype=cfg.params_dtype,
                               use_distributed_optimizer=True)
-        overrides = muon.recipe_overrides(get_standard_config_overrides(opt), lr, 0.0, 0.0)
+        overrides = muon_optimizer.recipe_overrides(get_standard_config_overrides(opt), lr,
+                                                    0.0, 0.0)
         self.optimizer = get_megatron_optimizer(opt, [self.ddp], config_overrides=overrides)
 
     def step(self, ids: torch.Tensor, labels: torch.Tensor, depths: DepthSample | None = None,

@@ -98,7 +98,7 @@ def build(recipe: bool, steps: int):
 
     from parcae_megatron.model import ParcaeModel, preset_config
     from parcae_megatron.model.layer_specs import get_parcae_layer_local_spec
-    from parcae_megatron.training import muon
+    from parcae_megatron.training import megatron_patches, muon_optimizer
 
     init_distributed(seed=SEED)
     cfg = preset_config("parcae-tiny", vocab_size=VOCAB, seq_length=SEQ,
@@ -116,13 +116,14 @@ def build(recipe: bool, steps: int):
                  lr_wsd_decay_style="linear", start_wd=0.0, end_wd=0.0,
                  wd_incr_steps=steps, wd_incr_style="linear",
                  use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=False)
-    muon.register()
+    megatron_patches.register_parcae_muon()
     if recipe:
         config = OptimizerConfig(optimizer="parcae_muon", muon_tp_mode="duplicated", **common)
         config.muon_ns_dtype = "fp32"  # as --muon-ns-dtype fp32 (the CPU configs)
-        overrides = muon.recipe_overrides(get_standard_config_overrides(config), 3e-3, 0.2, 0.0)
+        overrides = muon_optimizer.recipe_overrides(get_standard_config_overrides(config),
+                                                    3e-3, 0.2, 0.0)
         optimizer = get_megatron_optimizer(config, [ddp], config_overrides=overrides)
-        scheduler = muon.RecipeParamScheduler(
+        scheduler = muon_optimizer.RecipeParamScheduler(
             optimizer, momentum=0.95, momentum_warmup_start=0.85, momentum_warmup_iters=300,
             samples_per_iteration=1, **sched)
     else:

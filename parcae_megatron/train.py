@@ -19,9 +19,10 @@ from functools import partial
 import torch
 
 from parcae_megatron.platform import cpu_backend
-from parcae_megatron.training import distopt_fix, failfast, faults, guards, muon, telemetry
-from parcae_megatron.training.arguments import parcae_config_from_args, parse_args_or_exit
+from parcae_megatron.training import failfast, faults, guards, megatron_patches
+from parcae_megatron.training.arguments import parcae_config_from_args
 from parcae_megatron.training.telemetry import TELEMETRY
+from parcae_megatron.training.validation import parse_args_or_exit
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage=None,
@@ -158,26 +159,21 @@ def main(argv: list[str] | None = None) -> None:
         cpu_backend.patch_megatron_training()
         # No --use-cpu-initialization: the GPU init path runs on the CPU backend too, and
         # the initial weights do not depend on it (model/init.py). Gradient-accumulation and
-        # RoPE fusion are switched off by flag_policy.adapt_fusions when their kernels are
+        # RoPE fusion are switched off by fusions.adapt_fusions when their kernels are
         # missing, as on a GPU without APEX / Transformer Engine.
         argv = ["--transformer-impl", "local", "--distributed-backend", "gloo", *argv]
-    import megatron.training.initialize as megatron_init
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
-    # The wheel ships the prebuilt dataset helpers but no Makefile: never try to rebuild them.
-    megatron_init._compile_dependencies = lambda: None
+    megatron_patches.skip_dependency_compilation()  # the wheel has no Makefile for them
     args = parse_args_or_exit(argv)
     fault = faults.from_env_or_exit()
     if validate_only:
         print("configuration is valid", flush=True)
         return
     TELEMETRY.configure(args)
-    telemetry.install()
-    guards.install()
-    distopt_fix.install()
-    muon.install()
+    megatron_patches.install_training_patches()
     cfg = pretrain_cfg_container_from_args(args)
     # Any failure ends this rank within seconds (training/failfast.py), never a hang.
     with failfast.exit_on_failure():

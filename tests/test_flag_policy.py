@@ -14,12 +14,10 @@ import sys
 import pytest
 import torch
 
-from parcae_megatron.training import flag_policy
-from parcae_megatron.training.arguments import (
-    BLOCK_ARGS,
-    parcae_config_from_args,
-    parse_args_or_exit,
-)
+from parcae_megatron.training import fusions
+from parcae_megatron.training.arguments import parcae_config_from_args
+from parcae_megatron.training.config_expansion import BLOCK_ARGS
+from parcae_megatron.training.validation import parse_args_or_exit
 from tests.distributed import ROOT
 from tests.training_runs import train
 
@@ -143,7 +141,7 @@ def test_output_layer_builds_without_apex_on_the_default_fusion_path(monkeypatch
     from parcae_megatron.model import ParcaeModel
     from parcae_megatron.model.layer_specs import get_parcae_layer_local_spec
 
-    assert not flag_policy.apex_wgrad_fusion_available()  # the CPU machine has no APEX
+    assert not fusions.apex_wgrad_fusion_available()  # the CPU machine has no APEX
     args = parse(monkeypatch, *CPU_FLAGS, *TINY)
     out = capsys.readouterr().out
     notes = [ln for ln in out.splitlines() if "gradient-accumulation fusion" in ln]
@@ -178,7 +176,7 @@ def test_te_layers_keep_fused_wgrad_while_the_output_layer_runs_unfused(monkeypa
 def test_rope_fusion_is_on_unless_its_kernel_is_missing(monkeypatch, capsys):
     assert "--no-rope-fusion" not in BLOCK_ARGS
     args = parse(monkeypatch, *CPU_FLAGS, *TINY)
-    assert args.apply_rope_fusion is flag_policy.rope_fusion_available()
+    assert args.apply_rope_fusion is fusions.rope_fusion_available()
     if not HAVE_TE:
         assert "RoPE fusion turned off" in capsys.readouterr().out
 

@@ -1,5 +1,5 @@
-"""The authors' optimizer recipe (spec §2.2): each piece of ``parcae_muon`` against the formulas
-written out here, the schedules, and the parameter routing of parcae-140m."""
+"""The authors' optimizer recipe (spec §2.2) on Megatron: ``parcae_muon`` against the formulas
+of tests/test_muon_math.py, the schedules, and the parameter routing of parcae-140m."""
 
 from __future__ import annotations
 
@@ -8,51 +8,15 @@ import math
 import pytest
 import torch
 
-from parcae_megatron.training import muon
-
-# Polar Express coefficients of the released MuonAdamW (spec §2.2, authors' muon_adamw.py).
-COEFFS = [
-    (8.156554524902461, -22.48329292557795, 15.878769915207462),
-    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-]
+from parcae_megatron.training import megatron_patches, muon_math, muon_optimizer
+from tests.test_muon_math import spec_step
 
 
-def spec_orthogonalize(u: torch.Tensor) -> torch.Tensor:
-    x = u.double() / (u.double().norm() * 1.02 + 1e-6)
-    for a, b, c in COEFFS:
-        if x.shape[0] > x.shape[1]:
-            gram = x.T @ x
-            x = a * x + x @ (b * gram + c * gram @ gram)
-        else:
-            gram = x @ x.T
-            x = a * x + (b * gram + c * gram @ gram) @ x
-    return x
-
-
-def spec_step(p, grad, m, v, *, lr, wd, mom, beta2=0.95):
-    """One step of the spec's Muon in float64; returns (p, m, v) with v of reduced shape."""
-    m = m + (1 - mom) * (grad - m)
-    u = grad + mom * (m - grad)                              # Nesterov
-    x = spec_orthogonalize(u)
-    rows, cols = x.shape
-    dim = 1 if rows >= cols else 0                          # average along the longer axis
-    v_mean = (x ** 2).mean(dim=dim, keepdim=True)
-    v = beta2 * v + (1 - beta2) * v_mean
-    y = x / v.clamp_min(1e-10).sqrt()
-    y = y * x.norm() / y.norm()                             # overall norm restored
-    step_lr = lr * math.sqrt(max(1.0, rows / cols))          # √max(1, rows/cols)
-    mask = (y * p >= 0).double()                             # cautious: sign(U) = sign(p)
-    return p - step_lr * (y + wd * p * mask), m, v
-
-
-def make_optimizer(params, **kw) -> muon.ParcaeMuon:
-    return muon.ParcaeMuon(params, lr=kw.pop("lr", 0.01), momentum=kw.pop("momentum", 0.9),
-                           nesterov=True, weight_decay=kw.pop("weight_decay", 0.2),
-                           fp32_matmul_prec="high", num_ns_steps=5, tp_mode="duplicated",
-                           ns_dtype=kw.pop("ns_dtype", "fp32"), **kw)
+def make_optimizer(params, **kw) -> muon_optimizer.ParcaeMuon:
+    return muon_optimizer.ParcaeMuon(
+        params, lr=kw.pop("lr", 0.01), momentum=kw.pop("momentum", 0.9), nesterov=True,
+        weight_decay=kw.pop("weight_decay", 0.2), fp32_matmul_prec="high", num_ns_steps=5,
+        tp_mode="duplicated", ns_dtype=kw.pop("ns_dtype", "fp32"), **kw)
 
 
 @pytest.mark.parametrize("shape", [(24, 6), (6, 24), (8, 8)], ids=["tall", "wide", "square"])
@@ -81,17 +45,17 @@ def test_newton_schulz_dtype_and_megatrons_matmul_precision(monkeypatch):
     from types import SimpleNamespace
 
     seen = []
-    real = muon.polar_express
+    real = muon_math.polar_express
 
     def spy(update, steps, dtype):
         seen.append((dtype, torch.get_float32_matmul_precision()))
         return real(update, steps, dtype)
 
-    monkeypatch.setattr(muon, "polar_express", spy)
+    monkeypatch.setattr(muon_math, "polar_express", spy)
     before = torch.get_float32_matmul_precision()
     for kwargs, dtype in [({}, torch.bfloat16), ({"ns_dtype": "fp32"}, torch.float32)]:
         p = torch.nn.Parameter(torch.randn(8, 4))
-        opt = muon.ParcaeMuon([p], lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.0,
+        opt = muon_optimizer.ParcaeMuon([p], lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.0,
                               fp32_matmul_prec="medium", num_ns_steps=5,
                               tp_mode="duplicated", **kwargs)
         p.grad = torch.randn(8, 4)
@@ -100,11 +64,12 @@ def test_newton_schulz_dtype_and_megatrons_matmul_precision(monkeypatch):
         assert torch.get_float32_matmul_precision() == before
     with pytest.raises(ValueError, match="--muon-ns-dtype must be one of bf16, fp32"):
         make_optimizer([torch.nn.Parameter(torch.randn(4, 4))], ns_dtype="fp16")
-    # The flag reaches the optimizer through Megatron's config (set by install()).
+    # The flag reaches the optimizer through Megatron's config (recipe_optimizer_config).
     config = SimpleNamespace(muon_beta2=0.95, muon_ns_dtype="fp32")
-    monkeypatch.setattr(muon, "_muon_config_to_kwargs", lambda *a: {})
-    assert muon._parcae_muon_config_to_kwargs(config, [], None)["ns_dtype"] == "fp32"
-    assert muon._parcae_muon_config_to_kwargs(SimpleNamespace(), [], None)["ns_dtype"] == "bf16"
+    monkeypatch.setattr(muon_optimizer, "_muon_config_to_kwargs", lambda *a: {})
+    to_kwargs = muon_optimizer._parcae_muon_config_to_kwargs
+    assert to_kwargs(config, [], None)["ns_dtype"] == "fp32"
+    assert to_kwargs(SimpleNamespace(), [], None)["ns_dtype"] == "bf16"
 
 
 def test_cautious_mask_decays_only_where_signs_agree():
@@ -122,17 +87,6 @@ def test_cautious_mask_decays_only_where_signs_agree():
     assert 0 < int(mask.sum()) < 36  # both cases occur
     torch.testing.assert_close(decay[mask], 0.5 * p.detach()[mask], rtol=1e-4, atol=1e-6)
     assert decay[~mask].abs().max() == 0
-
-
-def test_variance_rescale_equalises_rows_and_keeps_the_norm():
-    x = torch.tensor([[3.0, 4.0], [0.3, 0.4], [1.0, 0.0]])
-    moment2 = torch.zeros(3, 2)
-    y = muon.variance_rescale(x, moment2, beta2=0.95)
-    # first step from V = 0: every row rescaled to the same RMS, then ‖X‖_F restored
-    rms = y.square().mean(dim=1)
-    torch.testing.assert_close(rms, rms[0].expand(3))
-    torch.testing.assert_close(y.norm(), x.norm())
-    torch.testing.assert_close(moment2[:, 0], 0.05 * x.square().mean(dim=1))
 
 
 def test_fused_qkv_is_three_matrices():
@@ -162,7 +116,7 @@ def test_fused_qkv_is_three_matrices():
 def _scheduler(groups, train_iters=1000, gbs=8):
     # Adam has no "momentum" key: the scheduler must leave such (AdamW) groups alone
     opt = torch.optim.Adam(groups or [{"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=1.0)
-    return muon.RecipeParamScheduler(
+    return muon_optimizer.RecipeParamScheduler(
         opt, init_lr=0.0, max_lr=1.0, min_lr=0.0, lr_warmup_steps=0,
         lr_decay_steps=train_iters * gbs, lr_decay_style="constant", start_wd=0.0, end_wd=0.0,
         wd_incr_steps=train_iters * gbs, wd_incr_style="linear",
@@ -229,12 +183,12 @@ def _groups_140m(decoupled_lr=None):
     from parcae_megatron.describe import build_on_meta
     from parcae_megatron.model import preset_config
 
-    muon.register()
+    megatron_patches.register_parcae_muon()
     model = build_on_meta(preset_config("parcae-140m"))
     config = OptimizerConfig(optimizer="parcae_muon", lr=6e-3, min_lr=0.0, weight_decay=0.0,
                              muon_tp_mode="duplicated", muon_nesterov=True,
                              decoupled_lr=decoupled_lr)
-    overrides = muon.recipe_overrides(get_standard_config_overrides(config), muon_lr=8e-3,
+    overrides = muon_optimizer.recipe_overrides(get_standard_config_overrides(config), muon_lr=8e-3,
                                       muon_start_wd=0.2, muon_end_wd=0.0)
     optimizer = get_megatron_optimizer(config, [model], config_overrides=overrides)
     sched, _ = _scheduler([], train_iters=100)
@@ -249,8 +203,10 @@ def test_parcae_140m_parameter_groups():
         group = group_of[id(p)]
         kind = group.get("optimizer", "muon")
         split = getattr(p, "qkv_split_shapes", None) if getattr(p, "is_qkv", False) else None
-        mults = {muon.lr_multiplier(*s) for s in muon.matrix_pieces(tuple(p.shape), split)} \
-            if kind == "muon" else {1.0}
+        mults = {1.0}
+        if kind == "muon":
+            pieces = muon_math.matrix_pieces(tuple(p.shape), split)
+            mults = {muon_math.lr_multiplier(*s) for s in pieces}
         assert len(mults) == 1
         wd = sched.get_wd(group) * group["wd_mult"]
         table[name] = (kind, group["max_lr"], mults.pop(), round(wd, 12))

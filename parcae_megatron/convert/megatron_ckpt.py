@@ -156,7 +156,8 @@ def args_for_model(overrides: dict, tensor_parallel: int, pipeline_parallel: int
     from megatron.training.arguments import parse_args, validate_args
 
     from parcae_megatron.platform import cpu_backend
-    from parcae_megatron.training.arguments import add_parcae_args, expand_argv
+    from parcae_megatron.training.arguments import add_parcae_args
+    from parcae_megatron.training.config_expansion import expand_argv
 
     cpu = bool(cpu_backend.maybe_activate())
     if cpu:  # validate_args asks CUDA for the device architecture

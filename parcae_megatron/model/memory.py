@@ -8,8 +8,8 @@ Arithmetic, not a measurement (nothing here has been checked on a GPU yet):
   runs accumulate and all-reduce in fp32), also with the distributed optimizer.
 - **Optimizer state**: AdamW keeps m and v (8 bytes) plus, in bf16, the fp32 master copy (4);
   Muon keeps the momentum (4) plus the master copy; the authors' Muon (``parcae_muon``) also
-  keeps its second moment stored parameter-shaped (4, training/muon.py). The routing is the
-  authors': Muon for the layer matrices, AdamW for embeddings, value-embedding tables, norms,
+  keeps its second moment stored parameter-shaped (4, training/muon_optimizer.py). The routing
+  is the authors': Muon for the layer matrices, AdamW for embeddings, value-embedding tables, norms,
   the injection and the readout. The distributed optimizer shards the state over DP: Megatron
   runs Muon + ``--use-distributed-optimizer`` as its layer-wise distributed optimizer (each
   rank owns whole matrices) beside a distributed AdamW, so both parts are divided by DP.

@@ -8,7 +8,9 @@ that the *same* Megatron code paths (TP/PP/DP, distributed optimizer, schedules,
 dist_checkpointing) run on a laptop or a CI box for correctness testing.
 
 It is a debug backend, not a performance path, and it refuses to activate when
-CUDA is available: on a GPU nothing here is ever applied.
+CUDA is available: on a GPU nothing here is ever applied. Each replacement of a Megatron
+internal has a ``Patch`` record below (checked by ``tests/test_megatron_patches.py``); the
+training run's own patches are in ``training/megatron_patches.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,41 @@ import os
 import torch
 from torch.overrides import TorchFunctionMode
 
+from parcae_megatron.platform.patching import Patch
+
 __all__ = ["activate", "is_active", "maybe_activate"]
+
+_CPU = "there is no CUDA device on the CPU backend"
+GET_CUDA_RNG_STATE = Patch(
+    target="megatron.core.tensor_parallel.random:_get_cuda_rng_state",
+    replaces="reads the CUDA generator's state for the tensor-parallel RNG tracker",
+    change="reads the CPU generator's state", why=_CPU)
+SET_CUDA_RNG_STATE = Patch(
+    target="megatron.core.tensor_parallel.random:_set_cuda_rng_state",
+    replaces="sets the CUDA generator's state for the tensor-parallel RNG tracker",
+    change="sets the CPU generator's state", why=_CPU)
+INITIALIZE_MEGATRON = Patch(
+    target="megatron.training.training:initialize_megatron",
+    replaces="Megatron-LM's initialisation, which asserts CUDA unless allow_no_cuda",
+    change="always passes allow_no_cuda=True", why=_CPU)
+GET_DEVICE_ARCH_VERSION = Patch(
+    target="megatron.training.arguments:get_device_arch_version",
+    replaces="the GPU's compute capability major version (read in argument validation)",
+    change="returns 9 (Hopper)", why=f"{_CPU}; TP > 1 argument checks read it")
+SET_JIT_FUSION_OPTIONS = Patch(
+    target="megatron.training.training:set_jit_fusion_options",
+    replaces="sets the JIT fuser and compiles warm-up fusion kernels",
+    change="does nothing", why="the warm-up compiles for ~25 s and is pointless on a CPU")
+GET_WRITE_RESULTS_QUEUE = Patch(
+    target="megatron.core.dist_checkpointing.strategies.filesystem_async:"
+           "get_write_results_queue",
+    replaces="the async checkpoint writer's result queue, from a manager started by 'spawn'",
+    change="starts the manager by 'fork'",
+    why="'spawn' costs 7-14 s per run on a CPU; 'fork' is safe without a CUDA context")
+
+PATCHES: tuple[Patch, ...] = (GET_CUDA_RNG_STATE, SET_CUDA_RNG_STATE, INITIALIZE_MEGATRON,
+                              GET_DEVICE_ARCH_VERSION, SET_JIT_FUSION_OPTIONS,
+                              GET_WRITE_RESULTS_QUEUE)
 
 _MODE: TorchFunctionMode | None = None
 
@@ -92,16 +128,14 @@ def _patch_torch_cuda() -> None:
 
 
 def _patch_megatron() -> None:
-    from megatron.core.tensor_parallel import random as mp_random
-
     def get_rng(device="cuda", clone=False, graph_safe=False):
         return torch.get_rng_state()
 
     def set_rng(new_state, device=-1, graph_safe=False):
         torch.set_rng_state(new_state)
 
-    mp_random._get_cuda_rng_state = get_rng
-    mp_random._set_cuda_rng_state = set_rng
+    GET_CUDA_RNG_STATE.apply(get_rng)
+    SET_CUDA_RNG_STATE.apply(set_rng)
 
 
 def _patch_autograd_engine() -> None:
@@ -168,24 +202,20 @@ def patch_megatron_training() -> None:
     """
     if not is_active():
         activate()
-    import megatron.training.arguments as margs
-    import megatron.training.initialize as minit
-    import megatron.training.training as mtrain
+    import functools
 
+    # Megatron-LM's modules are imported (by the originals' look-up) before the device stubs.
+    original = INITIALIZE_MEGATRON.original()
+    write_results_queue = GET_WRITE_RESULTS_QUEUE.original()
+    GET_DEVICE_ARCH_VERSION.original()
     torch.cuda.device_count = lambda: 1
     torch.cuda.set_device = lambda device=None: None
-    original = minit.initialize_megatron
 
     def initialize_megatron(*args, **kwargs):
         kwargs["allow_no_cuda"] = True
         return original(*args, **kwargs)
 
-    mtrain.initialize_megatron = initialize_megatron
-    margs.get_device_arch_version = lambda: 9
-    mtrain.set_jit_fusion_options = lambda *args, **kwargs: None
-    import functools
-
-    import megatron.core.dist_checkpointing.strategies.filesystem_async as fs_async
-
-    fs_async.get_write_results_queue = functools.partial(fs_async.get_write_results_queue,
-                                                         mp_mode="fork")
+    INITIALIZE_MEGATRON.apply(initialize_megatron)
+    GET_DEVICE_ARCH_VERSION.apply(lambda: 9)
+    SET_JIT_FUSION_OPTIONS.apply(lambda *args, **kwargs: None)
+    GET_WRITE_RESULTS_QUEUE.apply(functools.partial(write_results_queue, mp_mode="fork"))

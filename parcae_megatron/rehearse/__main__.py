@@ -39,7 +39,7 @@ from parcae_megatron.config_file import ConfigFileError, load_config
 from parcae_megatron.paths import PROJECT_ROOT, resolve_config
 from parcae_megatron.rehearse import tiny
 from parcae_megatron.rehearse.tiny import RehearsalError
-from parcae_megatron.training.arguments import _flag_value
+from parcae_megatron.training.config_expansion import flag_value
 
 STAGES = ("config", "model", "data", "train", "slurm")
 GIB = 2.0**30
@@ -88,7 +88,7 @@ def cluster_shape(resolved: dict, flags: list[str]) -> tuple[int, int]:
     and step (global batch / micro-batch replicas, as the paper configs' comments say) times
     TP x PP; 8 GPUs per node, fewer when the whole run needs fewer."""
     def value(key: str, default: int) -> int:
-        given = _flag_value(flags, f"--{key}")
+        given = flag_value(flags, f"--{key}")
         return int(given if given is not None else resolved.get(key, default))
 
     world = (value("global-batch-size", 1) // max(value("micro-batch-size", 1), 1)

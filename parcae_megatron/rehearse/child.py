@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from parcae_megatron.training.arguments import parcae_config_from_args, parse_args_or_exit
+from parcae_megatron.training.arguments import parcae_config_from_args
+from parcae_megatron.training.validation import parse_args_or_exit
 
 # The trainer's vocabulary for a run without a tokenizer model: the presets' 32768.
 SYNTHETIC_VOCAB = 32768

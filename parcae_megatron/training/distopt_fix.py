@@ -31,6 +31,9 @@ every parameter's torch-Adam state the *same* 'step' tensor, which torch increme
 once per parameter: after a resume the bias correction used a step count N times too large
 and the run diverged from the uninterrupted one at the first resumed update. Each state
 gets its own copy.
+
+The functions here are what the patches of ``DistributedOptimizer`` call; they are installed by
+``training/megatron_patches.py``.
 """
 
 from __future__ import annotations
@@ -50,57 +53,37 @@ def align_group_index_map(optimizer) -> None:
     optimizer.model_param_group_index_map = mapping
 
 
-def install() -> None:
-    """Apply :func:`align_group_index_map` to every ``DistributedOptimizer`` built."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    init = DistributedOptimizer.__init__
-    if getattr(init, "parcae", False):
-        return
-
-    def __init__(self, *args, **kwargs) -> None:
-        init(self, *args, **kwargs)
-        if hasattr(self, "model_fp32_groups"):
-            align_group_index_map(self)
-
-    __init__.parcae = True
-    DistributedOptimizer.__init__ = __init__
-
+def init_states_before_loading(optimizer, is_loading: bool) -> None:
+    """Without Apex/TE, create the optimizer states (Megatron's dummy step) before a load
+    reads their 'step'; a no-op otherwise."""
     from megatron.core.optimizer import distrib_optimizer
 
-    sharded = DistributedOptimizer.sharded_state_dict
+    if is_loading and not distrib_optimizer.HAVE_APEX_OR_TE and not optimizer.optimizer.state:
+        optimizer._init_optimizer_states_with_dummy_values()
 
-    def sharded_state_dict(self, model_sharded_state_dict=None, is_loading: bool = False,
-                           *args, **kwargs):
-        if is_loading and not distrib_optimizer.HAVE_APEX_OR_TE and not self.optimizer.state:
-            self._init_optimizer_states_with_dummy_values()
-        return sharded(self, {} if model_sharded_state_dict is None
-                       else model_sharded_state_dict, is_loading, *args, **kwargs)
 
-    DistributedOptimizer.sharded_state_dict = sharded_state_dict
-    load = DistributedOptimizer.load_state_dict
+def untie_steps(optimizer) -> None:
+    """Without Apex/TE, give every parameter's torch-Adam state its own 'step' tensor after
+    ``load_state_dict`` (which shares one between all of them)."""
+    from megatron.core.optimizer import distrib_optimizer
 
-    def load_state_dict(self, state_dict) -> None:
-        load(self, state_dict)
-        if not distrib_optimizer.HAVE_APEX_OR_TE:
-            for state in self.optimizer.state.values():
-                if isinstance(state.get("step"), torch.Tensor):
-                    state["step"] = state["step"].clone()
+    if not distrib_optimizer.HAVE_APEX_OR_TE:
+        for state in optimizer.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
-    DistributedOptimizer.load_state_dict = load_state_dict
-    set_states = DistributedOptimizer._set_main_param_and_optimizer_states
 
-    @torch.no_grad()
-    def set_main_param_and_optimizer_states(self, model_param, tensors) -> None:
-        # 'step' is not saved per parameter (it is the param groups' step, restored by
-        # load_state_dict); the value here is this process's pre-load placeholder.
-        if "step" in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            group_index, order = self.model_param_group_index_map[model_param]
-            main_param = self.optimizer.param_groups[group_index]["params"][order]
-            current = self.optimizer.state[main_param].get("step")
-            if isinstance(current, torch.Tensor):
-                tensors = {**tensors, "step": current.clone()}
-        set_states(self, model_param, tensors)
+def keep_restored_step(optimizer, model_param, tensors: dict) -> dict:
+    """The per-parameter tensors to copy into the optimizer, with 'step' replaced by the
+    step already restored for ``model_param``'s state.
 
-    DistributedOptimizer._set_main_param_and_optimizer_states = \
-        set_main_param_and_optimizer_states
+    'step' is not saved per parameter (it is the param groups' step, restored by
+    ``load_state_dict``); the value in ``tensors`` is this process's pre-load placeholder.
+    """
+    if "step" in tensors and not optimizer.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        group_index, order = optimizer.model_param_group_index_map[model_param]
+        main_param = optimizer.optimizer.param_groups[group_index]["params"][order]
+        current = optimizer.optimizer.state[main_param].get("step")
+        if isinstance(current, torch.Tensor):
+            tensors = {**tensors, "step": current.clone()}
+    return tensors

@@ -1,17 +1,16 @@
-"""Which Megatron flags a Parcae run honours, refuses, or adapts to the installed kernels.
+"""Which Megatron flags a Parcae run refuses, and why (the table ``REFUSALS``).
 
 Megatron-LM's command line describes a GPTModel; ``ParcaeModel`` is built from the same
 arguments but fixes its block (spec §1.3), its initialisation (spec §1.7) and its layout
 (the loop on one pipeline stage). A flag it cannot honour is refused here, before Megatron's
 own validation and before any rank starts, with one message naming the flag — never
-silently ignored. Kernel fusions that need an optional extension are switched off with one
-log line when the extension is missing.
+silently ignored. Kernel fusions that need a missing extension are adapted in
+``fusions.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -215,47 +214,3 @@ def check_low_precision(args: argparse.Namespace) -> None:
     if args.fp8 is not None and args.seq_length % 16:
         raise ParcaeConfigError(f"--seq-length {args.seq_length} must be a multiple of 16 under "
                                 "FP8: the loop runs on any number of sequences (compaction)")
-
-
-def apex_wgrad_fusion_available() -> bool:
-    """Whether APEX's ``fused_weight_gradient_mlp_cuda`` (Megatron's fused wgrad) imports."""
-    from megatron.core.tensor_parallel import layers
-
-    return bool(layers._grad_accum_fusion_available)
-
-
-def rope_fusion_available() -> bool:
-    """Whether Megatron's fused RoPE kernel (from Transformer Engine) is importable."""
-    if importlib.util.find_spec("transformer_engine") is None:
-        return False
-    from megatron.core.models.common.embeddings import rope_utils
-
-    return rope_utils.fused_apply_rotary_pos_emb is not None
-
-
-def adapt_fusions(args: argparse.Namespace) -> list[str]:
-    """Switch off fusions whose kernels are missing; returns one log line per change.
-
-    * Gradient-accumulation fusion (Megatron's default): Megatron's own linear layers need
-      APEX's ``fused_weight_gradient_mlp_cuda`` and ``ColumnParallelLinear`` raises at
-      construction without it. With the local spec every linear is Megatron's, so the fusion
-      is turned off; with Transformer Engine the flag stays on for TE's own fused wgrad
-      accumulation and ParcaeModel builds its (Megatron) output layer unfused.
-    * RoPE fusion: Megatron's fused RoPE is Transformer Engine's kernel; rotate-half, the
-      same map as the unfused path (computed in fp32 instead of the input dtype).
-    """
-    notes: list[str] = []
-    if args.gradient_accumulation_fusion and not apex_wgrad_fusion_available():
-        if args.transformer_impl == "transformer_engine":
-            notes.append("APEX fused_weight_gradient_mlp_cuda not found: the output layer "
-                         "runs without gradient-accumulation fusion (Transformer Engine layers "
-                         "keep their fused wgrad accumulation)")
-        else:
-            args.gradient_accumulation_fusion = False
-            notes.append("APEX fused_weight_gradient_mlp_cuda not found: gradient-accumulation "
-                         "fusion turned off")
-    if args.apply_rope_fusion and not rope_fusion_available():
-        args.apply_rope_fusion = False
-        notes.append("RoPE fusion turned off: its kernel comes from Transformer Engine, "
-                     "which is not installed")
-    return notes

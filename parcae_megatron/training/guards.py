@@ -5,7 +5,8 @@ loss scaling ever reports it. The guard makes every optimizer report non-finite 
 (reduced over the ranks that share the gradient norm; for a chained optimizer, over each
 part's own group), so bf16/fp32 runs skip such steps
 through Megatron's own path: the update, the LR schedule and the optimizer state are left
-untouched and Megatron counts the step as skipped.
+untouched and Megatron counts the step as skipped. The guard is installed on the optimizer
+``pretrain`` builds by ``training/megatron_patches.py``.
 """
 
 from __future__ import annotations
@@ -18,35 +19,26 @@ class DivergenceError(RuntimeError):
     """Too many consecutive non-finite steps."""
 
 
-def guard_non_finite_grads(optimizer) -> None:
-    """Wrap ``prepare_grads`` to also flag non-finite gradients.
+def report_non_finite(optimizer, found: bool) -> bool:
+    """What ``prepare_grads`` reports under the guard: ``found`` (Megatron's own inf/nan check)
+    or any non-finite gradient of ``optimizer``'s parameters, reduced over its grad-stats group
+    so that every rank of the group reaches the same decision.
 
-    A ``ChainedOptimizer`` (e.g. Muon + distributed AdamW) has no single grad-stats group:
-    each part is wrapped and reduces its flag over its own group, and the chain ORs them.
+    A ``ChainedOptimizer`` (e.g. Muon + distributed AdamW) has no single grad-stats group: the
+    guard applies to each part (``training/megatron_patches.py``), and the chain ORs them.
     """
-    parts = getattr(optimizer, "chained_optimizers", None)
-    if parts is not None:
-        for part in parts:
-            guard_non_finite_grads(part)
-        return
-    original = optimizer.prepare_grads
-
-    def prepare_grads() -> bool:
-        found = bool(original())
-        grads = [p.grad for p in optimizer.get_parameters() if p.grad is not None]
-        flag = torch.tensor([float(found)], dtype=torch.float32,
-                            device=grads[0].device if grads else _default_device())
-        if grads:
-            norms = torch.stack(torch._foreach_norm([g.float() for g in grads]))
-            flag = torch.maximum(flag, (~torch.isfinite(norms)).any().float().view(1))
-        # Always reduce (also when this rank has no shard): every rank of the group must
-        # join the collective, and all of them must reach the same decision.
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX,
-                            group=optimizer.get_grad_stats_parallel_group())
-        return bool(flag.item())
-
-    optimizer.prepare_grads = prepare_grads
+    grads = [p.grad for p in optimizer.get_parameters() if p.grad is not None]
+    flag = torch.tensor([float(found)], dtype=torch.float32,
+                        device=grads[0].device if grads else _default_device())
+    if grads:
+        norms = torch.stack(torch._foreach_norm([g.float() for g in grads]))
+        flag = torch.maximum(flag, (~torch.isfinite(norms)).any().float().view(1))
+    # Always reduce (also when this rank has no shard): every rank of the group must
+    # join the collective, and all of them must reach the same decision.
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX,
+                        group=optimizer.get_grad_stats_parallel_group())
+    return bool(flag.item())
 
 
 def _default_device() -> torch.device:
@@ -71,17 +63,3 @@ class ConsecutiveSkips:
                 f"{self.count} consecutive optimizer steps had non-finite gradients (last at "
                 f"iteration {iteration}); stopping. Lower the learning rate, check the data, or "
                 f"resume from an earlier checkpoint (--max-consecutive-skipped sets the limit).")
-
-
-def install() -> None:
-    """Apply the guard to the optimizer Megatron's ``pretrain`` builds."""
-    import megatron.training.training as mtrain
-
-    build = mtrain.get_megatron_optimizer
-
-    def get_megatron_optimizer(*args, **kwargs):
-        optimizer = build(*args, **kwargs)
-        guard_non_finite_grads(optimizer)
-        return optimizer
-
-    mtrain.get_megatron_optimizer = get_megatron_optimizer

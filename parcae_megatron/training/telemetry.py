@@ -1,11 +1,12 @@
 """Per-step telemetry of a Parcae run: a JSONL file plus TensorBoard scalars.
 
-Hooks into Megatron's own ``training_log`` and ``evaluate`` (called on every rank), so the
-numbers Megatron prints (loss, LR, grad norm, skipped steps) come with Parcae's: sampled and
-executed loop depths, executed FLOPs and MFU, and every ``--telemetry-interval`` steps the
-stability signals of spec §4.6 (‖h_T‖, ‖h_T − h_{T−1}‖ and their ratio, Ā and Δ ranges,
-spectral norms of B̄ and C). Loop statistics live on the pipeline stage that runs the loop;
-they are reduced over the world so the last rank (which owns the loss) can write them.
+Hooked into Megatron's own ``training_log`` and ``evaluate`` (called on every rank; patched in
+``training/megatron_patches.py``), so the numbers Megatron prints (loss, LR, grad norm,
+skipped steps) come with Parcae's: sampled and executed loop depths, executed FLOPs and MFU,
+and every ``--telemetry-interval`` steps the stability signals of spec §4.6 (‖h_T‖,
+‖h_T − h_{T−1}‖ and their ratio, Ā and Δ ranges, spectral norms of B̄ and C). Loop
+statistics live on the pipeline stage that runs the loop; they are reduced over the world so
+the last rank (which owns the loss) can write them.
 """
 
 from __future__ import annotations
@@ -274,29 +275,3 @@ def read_records(path: Path, kind: str) -> list[dict]:
         if rec.get("type") == kind:
             out.append(rec)
     return out
-
-
-def install() -> None:
-    """Wrap Megatron's ``training_log`` and ``evaluate`` so every step reports to TELEMETRY."""
-    import megatron.training.training as mtrain
-    from megatron.training import get_args
-
-    training_log, evaluate = mtrain.training_log, mtrain.evaluate
-
-    def training_log_with_telemetry(loss_dict, total_loss_dict, learning_rate, iteration,
-                                    loss_scale, report_memory_flag, skipped_iter, grad_norm,
-                                    *args, **kwargs):
-        out = training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
-                           report_memory_flag, skipped_iter, grad_norm, *args, **kwargs)
-        TELEMETRY.on_training_log(get_args(), loss_dict, learning_rate, iteration,
-                                  skipped_iter, grad_norm)
-        return out
-
-    def evaluate_with_telemetry(*args, **kwargs):
-        out = evaluate(*args, **kwargs)
-        if out[0] is not None:
-            TELEMETRY.on_evaluate(out[0], TELEMETRY.last_iteration)
-        return out
-
-    mtrain.training_log = training_log_with_telemetry
-    mtrain.evaluate = evaluate_with_telemetry

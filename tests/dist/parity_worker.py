@@ -80,9 +80,9 @@ def recipe_optimizer(cfg, model, distopt: bool):
     from megatron.core.optimizer import get_standard_config_overrides
     from megatron.training.training import wrap_model_chunks_with_ddp
 
-    from parcae_megatron.training import muon
+    from parcae_megatron.training import megatron_patches, muon_optimizer
 
-    muon.register()
+    megatron_patches.register_parcae_muon()
     ddp = wrap_model_chunks_with_ddp(
         [model], cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
         use_layer_wise_distributed_optimizer=distopt)[0]
@@ -97,10 +97,10 @@ def recipe_optimizer(cfg, model, distopt: bool):
                              # fp32 the "bf16" wrapper keeps every parameter fp32.
                              bf16=distopt)
     config.muon_ns_dtype = "fp32"  # --muon-ns-dtype fp32: exact comparisons on CPU
-    overrides = muon.recipe_overrides(get_standard_config_overrides(config), muon_lr=5e-3,
+    overrides = muon_optimizer.recipe_overrides(get_standard_config_overrides(config), muon_lr=5e-3,
                                       muon_start_wd=0.2, muon_end_wd=0.0)
     optimizer = get_megatron_optimizer(config, [ddp], config_overrides=overrides)
-    scheduler = muon.RecipeParamScheduler(
+    scheduler = muon_optimizer.RecipeParamScheduler(
         optimizer, init_lr=0.0, max_lr=3e-3, min_lr=0.0, lr_warmup_steps=0,
         lr_decay_steps=STEPS * GLOBAL_BATCH, lr_decay_style="constant", start_wd=0.0,
         end_wd=0.0, wd_incr_steps=STEPS * GLOBAL_BATCH, wd_incr_style="linear",

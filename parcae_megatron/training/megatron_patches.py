@@ -1,0 +1,301 @@
+"""Every replacement of a Megatron internal a Parcae run makes, each with its record (target,
+megatron-core version, what it replaces, what it changes, why) and its install function.
+
+The logic the replacements call lives in the job modules (``telemetry``, ``guards``,
+``distopt_fix``, ``muon_optimizer``); the act of patching happens only here. The CPU backend's
+own patches (``platform/cpu_backend.py``) carry the same records, and
+``tests/test_megatron_patches.py`` fails, naming the patch, when a target's signature changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from parcae_megatron.platform.patching import Patch
+from parcae_megatron.training import distopt_fix, guards, muon_optimizer
+from parcae_megatron.training.telemetry import TELEMETRY
+
+_TRAINING = "megatron.training.training"
+_DISTOPT = "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer"
+_EOPT = "megatron.core.optimizer.emerging_optimizers"
+
+# ------------------------------------------------------------------ before parsing
+ADD_MEGATRON_ARGUMENTS = Patch(
+    target="megatron.training.arguments:add_megatron_arguments",
+    replaces="adds all of Megatron-LM's flags to the parser",
+    change="adds them, then appends 'parcae_muon' to the choices of --optimizer",
+    why="--optimizer parcae_muon must parse in every parse of the run (Megatron re-parses "
+        "sys.argv later, e.g. for fault tolerance)")
+HELP_EXPAND = Patch(
+    target="argparse:HelpFormatter._expand_help",
+    replaces="argparse's %-formatting of a flag's help string",
+    change="prints a help string verbatim when formatting it raises",
+    why="megatron-core 0.19.2 has a help string with a bare '%' that makes --help raise")
+COMPILE_DEPENDENCIES = Patch(
+    target="megatron.training.initialize:_compile_dependencies",
+    replaces="builds Megatron's C++ dataset helpers with make on rank 0 at initialisation",
+    change="does nothing",
+    why="the wheel ships the prebuilt helpers but no Makefile: never try to rebuild them")
+
+# ------------------------------------------------------------------ telemetry
+TRAINING_LOG = Patch(
+    target=f"{_TRAINING}:training_log",
+    replaces="Megatron-LM's per-iteration log (loss, LR, grad norm, skipped steps)",
+    change="calls it, then TELEMETRY.on_training_log with the same iteration's numbers",
+    why="Parcae's per-step telemetry (loop depths, executed FLOPs, MFU, stability signals) "
+        "is written next to Megatron's numbers, on every rank")
+EVALUATE = Patch(
+    target=f"{_TRAINING}:evaluate",
+    replaces="Megatron-LM's validation pass, returning the averaged losses",
+    change="calls it, then TELEMETRY.on_evaluate with the losses at every loop count",
+    why="validation records (loss per loop count, tokens seen, FLOPs) for the scaling fits")
+
+# ------------------------------------------------------------------ non-finite steps
+GET_MEGATRON_OPTIMIZER = Patch(
+    target=f"{_TRAINING}:get_megatron_optimizer",
+    replaces="builds the optimizer pretrain trains with (megatron.core.optimizer's, imported "
+             "by name into megatron.training.training)",
+    change="builds it, then guards its prepare_grads (PREPARE_GRADS)",
+    why="non-finite gradients skip the step in bf16/fp32 runs too (training/guards.py)")
+PREPARE_GRADS = Patch(
+    target="megatron.core.optimizer.optimizer:MegatronOptimizer.prepare_grads",
+    replaces="per optimizer object (each part of a ChainedOptimizer): copies gradients to the "
+             "main params and reports inf/nan, which only fp16 loss scaling ever finds",
+    change="also reports any non-finite gradient, reduced over the grad-stats group",
+    why="Megatron then skips the step through its own path (update, LR schedule, optimizer "
+        "state untouched; counted as skipped)",
+    relies_on=("megatron.core.optimizer.optimizer:MixedPrecisionOptimizer.prepare_grads",
+               "megatron.core.optimizer.optimizer:FP32Optimizer.prepare_grads",
+               "megatron.core.optimizer.optimizer:MegatronOptimizer.get_parameters",
+               "megatron.core.optimizer.optimizer:"
+               "MegatronOptimizer.get_grad_stats_parallel_group"))
+
+# ------------------------------------------------------------------ distributed optimizer
+DISTOPT_INIT = Patch(
+    target=f"{_DISTOPT}.__init__",
+    replaces="builds the distributed optimizer and its model_param_group_index_map",
+    change="renumbers the map in the inner optimizer's order ([fp32..., fp16 copies...])",
+    why="with fp32 injection/readout in a bf16 model the map paired parameters with other "
+        "parameters' states: the first checkpoint save failed (training/distopt_fix.py)")
+DISTOPT_SHARDED_STATE_DICT = Patch(
+    target=f"{_DISTOPT}.sharded_state_dict",
+    replaces="the optimizer's sharded state dict (saving and, with is_loading, loading)",
+    change="without Apex/TE, creates the optimizer states (dummy step) before a load; "
+           "accepts model_sharded_state_dict=None as {}",
+    why="with torch's Adam the load read each state's 'step' before any state existed")
+DISTOPT_LOAD_STATE_DICT = Patch(
+    target=f"{_DISTOPT}.load_state_dict",
+    replaces="loads the param groups and the inner optimizer's state dict",
+    change="without Apex/TE, gives every parameter's state its own 'step' tensor",
+    why="torch's Adam shared one 'step' tensor, incremented once per parameter: after a "
+        "resume the bias correction used an N times too large step")
+DISTOPT_SET_MAIN_PARAM = Patch(
+    target=f"{_DISTOPT}._set_main_param_and_optimizer_states",
+    replaces="copies a loaded main parameter and its optimizer state into the shards",
+    change="copies under torch.no_grad() and keeps the already restored 'step'",
+    why="an fp32 parameter's shard is a view of the parameter (in-place copy on a leaf that "
+        "requires grad failed), and the loaded per-parameter 'step' is a placeholder")
+
+# ------------------------------------------------------------------ parcae_muon
+EMERGING_OPTIMIZERS = Patch(
+    target=f"{_EOPT}:_EMERGING_OPTIMIZERS",
+    replaces="Megatron-Core's registry of emerging optimizers (muon, adaptive_muon, ...)",
+    change="adds 'parcae_muon' and routes the AdamW parameters of muon / adaptive_muon the "
+           "authors' way (muon_optimizer.uses_adamw)",
+    why="--optimizer parcae_muon is built by get_megatron_optimizer like Megatron's own Muon",
+    relies_on=(f"{_EOPT}:EmergingOptimizerEntry", f"{_EOPT}:_eopt_init_state_fn",
+               f"{_EOPT}:_muon_config_to_kwargs", f"{_EOPT}:TensorParallelMuon.__init__",
+               f"{_EOPT}:TensorParallelMuon._init_group"))
+TAG_BUFFER_ROUTING = Patch(
+    target="megatron.core.optimizer.layer_wise_optimizer:tag_params_for_buffer_routing",
+    replaces="tags which parameters the layer-wise distributed optimizer's Muon manages",
+    change="tags them by muon_optimizer.uses_adamw, the optimizer groups' routing",
+    why="the DDP buffers must split parameters as the optimizer groups do")
+TAG_BUFFER_ROUTING_TRAINING = Patch(
+    target=f"{_TRAINING}:tag_params_for_buffer_routing",
+    replaces="the same function, imported by name into megatron.training.training",
+    change=TAG_BUFFER_ROUTING.change, why=TAG_BUFFER_ROUTING.why)
+OPTIMIZER_CONFIG = Patch(
+    target=f"{_TRAINING}:get_megatron_optimizer_config",
+    replaces="the OptimizerConfig and param-group overrides of the parsed args",
+    change="with --optimizer parcae_muon adds --muon-beta2 / --muon-ns-dtype to the config "
+           "and the Muon group's LR and weight-decay schedule to the overrides",
+    why="Megatron-LM has no flags for a per-group LR and weight-decay schedule")
+SCHEDULER_CLASS = Patch(
+    target=f"{_TRAINING}:OptimizerParamScheduler",
+    replaces="the scheduler class pretrain instantiates (LR and weight decay)",
+    change="with --optimizer parcae_muon builds muon_optimizer.RecipeParamScheduler",
+    why="the Muon momentum warms up from 0.85 to 0.95 over 300 steps (the authors')")
+
+PATCHES: tuple[Patch, ...] = (
+    ADD_MEGATRON_ARGUMENTS, HELP_EXPAND, COMPILE_DEPENDENCIES, TRAINING_LOG, EVALUATE,
+    GET_MEGATRON_OPTIMIZER, PREPARE_GRADS, DISTOPT_INIT, DISTOPT_SHARDED_STATE_DICT,
+    DISTOPT_LOAD_STATE_DICT, DISTOPT_SET_MAIN_PARAM, EMERGING_OPTIMIZERS, TAG_BUFFER_ROUTING,
+    TAG_BUFFER_ROUTING_TRAINING, OPTIMIZER_CONFIG, SCHEDULER_CLASS)
+
+
+def accept_parcae_optimizer() -> None:
+    """ADD_MEGATRON_ARGUMENTS (idempotent)."""
+    if ADD_MEGATRON_ARGUMENTS.applied():
+        return
+    add = ADD_MEGATRON_ARGUMENTS.original()
+
+    def add_megatron_arguments(parser):
+        parser = add(parser)
+        for action in parser._actions:
+            if "--optimizer" in action.option_strings and action.choices is not None:
+                action.choices = [*action.choices, muon_optimizer.NAME]
+        return parser
+
+    ADD_MEGATRON_ARGUMENTS.apply(add_megatron_arguments)
+
+
+def tolerate_bad_help_strings() -> None:
+    """HELP_EXPAND."""
+    expand = HELP_EXPAND.original()
+
+    def safe_expand(self, action):
+        try:
+            return expand(self, action)
+        except (ValueError, TypeError, KeyError):
+            return action.help or ""
+
+    HELP_EXPAND.apply(safe_expand)
+
+
+def skip_dependency_compilation() -> None:
+    """COMPILE_DEPENDENCIES."""
+    COMPILE_DEPENDENCIES.apply(lambda: None)
+
+
+def install_telemetry() -> None:
+    """TRAINING_LOG and EVALUATE: every step and validation reports to ``TELEMETRY``."""
+    from megatron.training import get_args
+
+    training_log, evaluate = TRAINING_LOG.original(), EVALUATE.original()
+
+    def training_log_with_telemetry(loss_dict, total_loss_dict, learning_rate, iteration,
+                                    loss_scale, report_memory_flag, skipped_iter, grad_norm,
+                                    *args, **kwargs):
+        out = training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
+                           report_memory_flag, skipped_iter, grad_norm, *args, **kwargs)
+        TELEMETRY.on_training_log(get_args(), loss_dict, learning_rate, iteration,
+                                  skipped_iter, grad_norm)
+        return out
+
+    def evaluate_with_telemetry(*args, **kwargs):
+        out = evaluate(*args, **kwargs)
+        if out[0] is not None:
+            TELEMETRY.on_evaluate(out[0], TELEMETRY.last_iteration)
+        return out
+
+    TRAINING_LOG.apply(training_log_with_telemetry)
+    EVALUATE.apply(evaluate_with_telemetry)
+
+
+def guard_non_finite_grads(optimizer) -> None:
+    """PREPARE_GRADS on ``optimizer``, or on each part of a ``ChainedOptimizer`` (each reduces
+    its flag over its own group; the chain ORs them)."""
+    parts = getattr(optimizer, "chained_optimizers", None)
+    if parts is not None:
+        for part in parts:
+            guard_non_finite_grads(part)
+        return
+    original = optimizer.prepare_grads
+
+    def prepare_grads() -> bool:
+        return guards.report_non_finite(optimizer, bool(original()))
+
+    PREPARE_GRADS.apply(prepare_grads, instance=optimizer)
+
+
+def install_guards() -> None:
+    """GET_MEGATRON_OPTIMIZER: the optimizer ``pretrain`` builds is guarded."""
+    build = GET_MEGATRON_OPTIMIZER.original()
+
+    def get_megatron_optimizer(*args, **kwargs):
+        optimizer = build(*args, **kwargs)
+        guard_non_finite_grads(optimizer)
+        return optimizer
+
+    GET_MEGATRON_OPTIMIZER.apply(get_megatron_optimizer)
+
+
+def install_distopt_fixes() -> None:
+    """The four ``DistributedOptimizer`` patches (idempotent)."""
+    if DISTOPT_INIT.applied():
+        return
+    init = DISTOPT_INIT.original()
+
+    def __init__(self, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        if hasattr(self, "model_fp32_groups"):
+            distopt_fix.align_group_index_map(self)
+
+    DISTOPT_INIT.apply(__init__)
+    sharded = DISTOPT_SHARDED_STATE_DICT.original()
+
+    def sharded_state_dict(self, model_sharded_state_dict=None, is_loading: bool = False,
+                           *args, **kwargs):
+        distopt_fix.init_states_before_loading(self, is_loading)
+        return sharded(self, {} if model_sharded_state_dict is None
+                       else model_sharded_state_dict, is_loading, *args, **kwargs)
+
+    DISTOPT_SHARDED_STATE_DICT.apply(sharded_state_dict)
+    load = DISTOPT_LOAD_STATE_DICT.original()
+
+    def load_state_dict(self, state_dict) -> None:
+        load(self, state_dict)
+        distopt_fix.untie_steps(self)
+
+    DISTOPT_LOAD_STATE_DICT.apply(load_state_dict)
+    set_states = DISTOPT_SET_MAIN_PARAM.original()
+
+    @torch.no_grad()
+    def set_main_param_and_optimizer_states(self, model_param, tensors) -> None:
+        set_states(self, model_param, distopt_fix.keep_restored_step(self, model_param, tensors))
+
+    DISTOPT_SET_MAIN_PARAM.apply(set_main_param_and_optimizer_states)
+
+
+def register_parcae_muon() -> None:
+    """EMERGING_OPTIMIZERS and TAG_BUFFER_ROUTING(_TRAINING): ``--optimizer parcae_muon`` is
+    known to Megatron-Core, and Megatron's own Muons route parameters the authors' way."""
+    from megatron.core.optimizer import emerging_optimizers
+
+    registry = emerging_optimizers._EMERGING_OPTIMIZERS
+    for name in ("muon", "adaptive_muon"):  # Megatron's own Muons: same routing
+        if name in registry:
+            registry[name].default_param_overrides = muon_optimizer.adamw_routing()
+    TAG_BUFFER_ROUTING.apply(muon_optimizer.tag_params_for_buffer_routing)
+    TAG_BUFFER_ROUTING_TRAINING.apply(muon_optimizer.tag_params_for_buffer_routing)
+    registry[muon_optimizer.NAME] = muon_optimizer.registry_entry()
+
+
+def install_muon_recipe() -> None:
+    """``register_parcae_muon``, OPTIMIZER_CONFIG and SCHEDULER_CLASS: ``pretrain`` builds the
+    recipe's param groups and momentum warm-up when ``--optimizer parcae_muon``."""
+    from megatron.training import get_args
+
+    register_parcae_muon()
+    build_config = OPTIMIZER_CONFIG.original()
+
+    def get_megatron_optimizer_config(args):
+        config, overrides = build_config(args)
+        return muon_optimizer.recipe_optimizer_config(args, config, overrides)
+
+    def scheduler_class(*a: Any, **kw: Any):
+        return muon_optimizer.scheduler_for(get_args(), *a, **kw)
+
+    OPTIMIZER_CONFIG.apply(get_megatron_optimizer_config)
+    SCHEDULER_CLASS.apply(scheduler_class)
+
+
+def install_training_patches() -> None:
+    """Everything ``parcae_megatron.train`` installs before Megatron's ``pretrain``."""
+    install_telemetry()
+    install_guards()
+    install_distopt_fixes()
+    install_muon_recipe()

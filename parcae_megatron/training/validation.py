@@ -1,0 +1,124 @@
+"""Parse and validate a Parcae command line before any rank starts: expansion, the refusals of
+``flag_policy``, Megatron's own validation, the fusions ``fusions`` adapts, and Parcae's checks.
+A bad configuration ends in one ``error:`` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import traceback
+from pathlib import Path
+
+from parcae_megatron.model.config import ParcaeConfig, ParcaeConfigError
+from parcae_megatron.training import flag_policy, fusions, megatron_patches
+from parcae_megatron.training.arguments import add_parcae_args, parcae_config_from_args
+from parcae_megatron.training.config_expansion import expand_argv
+
+
+def parse_args_or_exit(argv: list[str]) -> argparse.Namespace:
+    """Megatron's parse + validate with Parcae's checks; one clear message and exit 2 on error.
+
+    Flags ParcaeModel cannot honour are refused on the raw parse, before Megatron's
+    validation acts on them; fusions are then adapted to the installed kernels.
+    """
+    import sys
+
+    from megatron.training.arguments import parse_and_validate_args, parse_args
+
+    if "-h" in argv or "--help" in argv:
+        megatron_patches.tolerate_bad_help_strings()
+    megatron_patches.accept_parcae_optimizer()
+    try:
+        argv = expand_argv(argv)
+        sys.argv = [sys.argv[0], *argv]
+        flag_policy.refuse_before_parsing(argv)
+        flag_policy.refuse_unsupported(parse_args(extra_args_provider=add_parcae_args), argv)
+        args = parse_and_validate_args(extra_args_provider=add_parcae_args)
+        notes = fusions.adapt_fusions(args)
+        validate_parcae_args(args)
+    except (ParcaeConfigError, AssertionError, ValueError) as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {_describe_error(exc)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in notes:
+            print(f"parcae: {note}", flush=True)
+    return args
+
+
+def _describe_error(exc: Exception) -> str:
+    """The message, or for Megatron's bare asserts the failing check and where it is."""
+    if str(exc):
+        return str(exc)
+    frame = traceback.extract_tb(exc.__traceback__)[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno}: check failed: {frame.line}"
+
+
+def validate_parcae_args(args: argparse.Namespace) -> ParcaeConfig:
+    """Everything that can be checked before a rank starts; raises ``ParcaeConfigError``
+    with one message. Returns the resolved model config."""
+    layers = (args.num_prelude_layers, args.num_recurrent_layers, args.num_coda_layers)
+    if any(n is None for n in layers):
+        raise ParcaeConfigError("set --preset or all of --num-prelude-layers, "
+                                "--num-recurrent-layers, --num-coda-layers")
+    if args.num_layers != sum(layers):
+        raise ParcaeConfigError(f"--num-layers ({args.num_layers}) must equal prelude + "
+                                f"recurrent + coda layers ({sum(layers)})")
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    if args.world_size % model_parallel:
+        raise ParcaeConfigError(
+            f"world size {args.world_size} is not divisible by tensor x pipeline parallel size "
+            f"{args.tensor_model_parallel_size} x {args.pipeline_model_parallel_size}")
+    _check_data(args)
+    _check_recipe(args)
+    # The tokenizer (and so the padded vocabulary) is only known after initialisation;
+    # check the model with a vocabulary padded the way Megatron will pad it.
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    vocab = -(-(args.vocab_size or 32768) // multiple) * multiple
+    try:
+        return parcae_config_from_args(args, vocab_size=vocab)
+    except ParcaeConfigError:
+        raise
+    except (AssertionError, ValueError, TypeError) as exc:
+        raise ParcaeConfigError(f"invalid configuration: {exc}") from exc
+
+
+def _check_recipe(args: argparse.Namespace) -> None:
+    muon_wd = (args.muon_start_weight_decay, args.muon_end_weight_decay)
+    if (muon_wd[0] is None) != (muon_wd[1] is None):
+        raise ParcaeConfigError("set both --muon-start-weight-decay and --muon-end-weight-decay")
+    if muon_wd[0] is not None and muon_wd[0] != muon_wd[1] \
+            and args.weight_decay_incr_style == "constant":
+        raise ParcaeConfigError("a Muon weight-decay schedule needs --weight-decay-incr-style "
+                                "linear or cosine")
+    if args.optimizer != "parcae_muon":
+        return
+    if args.muon_tp_mode != "duplicated":
+        raise ParcaeConfigError("--optimizer parcae_muon orthogonalises whole matrices under "
+                                "tensor parallelism: set --muon-tp-mode duplicated")
+    if not 1 <= args.muon_num_ns_steps <= 5:
+        raise ParcaeConfigError("--optimizer parcae_muon has 5 Polar Express coefficients: "
+                                "--muon-num-ns-steps must be 1..5")
+    if args.muon_momentum_warmup_iters < 0:
+        raise ParcaeConfigError("--muon-momentum-warmup-iters must be >= 0")
+
+
+def _check_data(args: argparse.Namespace) -> None:
+    if args.mock_data:
+        return
+    paths = [*(args.data_path or []), *(args.train_data_path or []),
+             *(args.valid_data_path or []), *(args.test_data_path or [])]
+    if not paths and not args.data_args_path and not args.per_split_data_args_path:
+        raise ParcaeConfigError("no training data: pass --data-path (or --mock-data)")
+    for item in paths:
+        try:
+            float(item)
+            continue  # a blend weight
+        except ValueError:
+            pass
+        missing = [ext for ext in (".bin", ".idx") if not Path(item + ext).is_file()]
+        if missing:
+            raise ParcaeConfigError(f"dataset prefix {item!r} has no {' / '.join(missing)} file")
+    if args.tokenizer_model and not Path(args.tokenizer_model).exists():
+        raise ParcaeConfigError(f"tokenizer model not found: {args.tokenizer_model}")

@@ -1,0 +1,210 @@
+"""Every patched Megatron internal still has the signature its patch was written for, and no
+module outside ``training/megatron_patches.py`` (and the CPU backend) patches Megatron.
+
+When megatron-core is upgraded, a failure here names the patch to re-check against the new
+source before anything trains with it.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+from parcae_megatron.platform import cpu_backend
+from parcae_megatron.platform.patching import MEGATRON_CORE, Patch
+from parcae_megatron.training import megatron_patches
+from tests.distributed import ROOT
+
+_OPT = "megatron.core.optimizer.optimizer"
+_DISTOPT = "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer"
+_EOPT = "megatron.core.optimizer.emerging_optimizers"
+
+# target -> its signature in megatron-core 0.19.2 (names, kinds and plain defaults; see
+# ``_shape``). A registry (not a function) is "<dict>".
+EXPECTED = {
+    "megatron.training.arguments:add_megatron_arguments": "(parser)",
+    "argparse:HelpFormatter._expand_help": "(self, action)",
+    "megatron.training.initialize:_compile_dependencies": "()",
+    "megatron.training.training:training_log":
+        "(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale, report_memory_flag, "
+        "skipped_iter, grad_norm, params_norm, num_zeros_in_grad, max_attention_logit, "
+        "pg_collection=None, is_first_iteration=False, seqlen_squared_sum_in_batch=None, "
+        "total_real_tokens_in_batch=None)",
+    "megatron.training.training:evaluate":
+        "(forward_step_func, data_iterator, model, process_non_loss_data_func, config, "
+        "verbose=False, non_loss_data_func=None, eval_iters=None, pg_collection=None, "
+        "p2p_communicator=None)",
+    "megatron.training.training:get_megatron_optimizer":
+        "(config, model_chunks, config_overrides=None, use_gloo_process_groups=True, "
+        "pg_collection=None, dump_param_to_param_group_map=None)",
+    f"{_OPT}:MegatronOptimizer.prepare_grads": "(self)",
+    f"{_OPT}:MixedPrecisionOptimizer.prepare_grads": "(self)",
+    f"{_OPT}:FP32Optimizer.prepare_grads": "(self)",
+    f"{_OPT}:MegatronOptimizer.get_parameters": "(self)",
+    f"{_OPT}:MegatronOptimizer.get_grad_stats_parallel_group": "(self)",
+    f"{_DISTOPT}.__init__":
+        "(self, optimizer, config, grad_scaler, init_state_fn, model_chunks, per_model_buffers, "
+        "data_parallel_group, data_parallel_group_gloo, data_parallel_group_idx, "
+        "distributed_optimizer_instance_id)",
+    f"{_DISTOPT}.sharded_state_dict":
+        "(self, model_sharded_state_dict={}, is_loading=False, sharding_type=None, "
+        "metadata=None)",
+    f"{_DISTOPT}.load_state_dict": "(self, state_dict)",
+    f"{_DISTOPT}._set_main_param_and_optimizer_states": "(self, model_param, tensors)",
+    f"{_EOPT}:_EMERGING_OPTIMIZERS": "<dict>",
+    f"{_EOPT}:EmergingOptimizerEntry":
+        "(optimizer_cls, init_state_fn=..., config_to_kwargs=None, "
+        "default_param_overrides=...)",
+    f"{_EOPT}:_eopt_init_state_fn": "(opt, config=None)",
+    f"{_EOPT}:_muon_config_to_kwargs": "(config, model_chunks, pg_collection)",
+    f"{_EOPT}:TensorParallelMuon.__init__":
+        "(self, params, lr=0.0003, momentum=0.95, nesterov=True, weight_decay=0.01, "
+        "use_decoupled_weight_decay=True, split_qkv=False, is_qkv_fn=None, "
+        "qkv_split_shapes=None, fp32_matmul_prec='medium', coefficient_type='quintic', "
+        "num_ns_steps=5, scale_mode='spectral', extra_scale_factor=1.0, pg_collection=None, "
+        "tp_mode='duplicated')",
+    f"{_EOPT}:TensorParallelMuon._init_group": "(self, group, skip_non_grad_params=True)",
+    "megatron.core.optimizer.layer_wise_optimizer:tag_params_for_buffer_routing":
+        "(model_chunks)",
+    "megatron.training.training:tag_params_for_buffer_routing": "(model_chunks)",
+    "megatron.training.training:get_megatron_optimizer_config": "(args)",
+    "megatron.training.training:OptimizerParamScheduler":
+        "(optimizer, init_lr, max_lr, min_lr, lr_warmup_steps, lr_decay_steps, lr_decay_style, "
+        "start_wd, end_wd, wd_incr_steps, wd_incr_style, use_checkpoint_opt_param_scheduler="
+        "True, override_opt_param_scheduler=False, wsd_decay_steps=None, "
+        "lr_wsd_decay_style=None)",
+    # platform/cpu_backend.py
+    "megatron.core.tensor_parallel.random:_get_cuda_rng_state":
+        "(device='cuda', clone=False, graph_safe=False)",
+    "megatron.core.tensor_parallel.random:_set_cuda_rng_state":
+        "(new_state, device=-1, graph_safe=False)",
+    "megatron.training.training:initialize_megatron":
+        "(allow_no_cuda=False, skip_mpu_initialization=False, get_embedding_ranks=None, "
+        "get_position_embedding_ranks=None, store=None, skip_model_parallel_init=False, "
+        "seed_pp_group=None, seed_dp_group=None, seed_tp_group=None, seed_ep_group=None, "
+        "seed_etp_group=None, skip_random_seed=False)",
+    "megatron.training.arguments:get_device_arch_version": "()",
+    "megatron.training.training:set_jit_fusion_options": "(tp_size=None)",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async:get_write_results_queue":
+        "(mp_mode='spawn')",
+}
+
+ALL_PATCHES = (*megatron_patches.PATCHES, *cpu_backend.PATCHES)
+
+
+def _shape(obj) -> str:
+    """A signature without annotations; defaults other than plain literals print as '...'."""
+    if isinstance(obj, dict):
+        return "<dict>"
+    parts, star_done = [], False
+    for p in inspect.signature(obj).parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            parts.append(f"*{p.name}")
+            star_done = True
+            continue
+        if p.kind is p.VAR_KEYWORD:
+            parts.append(f"**{p.name}")
+            continue
+        if p.kind is p.KEYWORD_ONLY and not star_done:
+            parts.append("*")
+            star_done = True
+        text = p.name
+        if p.default is not p.empty:
+            plain = p.default is None or isinstance(p.default, (bool, int, float, str))
+            text += "=" + (repr(p.default) if plain or p.default == {} else "...")
+        parts.append(text)
+    return "(" + ", ".join(parts) + ")"
+
+
+def _resolve(target: str):
+    return Patch(target, "", "", "").original()
+
+
+@pytest.mark.parametrize("patch", ALL_PATCHES, ids=[p.target for p in ALL_PATCHES])
+def test_patched_signatures_are_the_ones_the_patches_were_written_for(patch):
+    for target in (patch.target, *patch.relies_on):
+        assert target in EXPECTED, f"{target} (patch {patch.target}) has no expected signature"
+        got = _shape(_resolve(target))
+        assert got == EXPECTED[target], (
+            f"megatron-core changed {target}, which the patch of {patch.target} "
+            f"({patch.change}) was written for in megatron-core {patch.version} "
+            f"(installed: {version('megatron-core')}):\n  expected {EXPECTED[target]}\n"
+            f"  got      {got}\nre-check the patch against the new source")
+
+
+def test_every_record_is_complete_and_unique():
+    assert len({p.target for p in ALL_PATCHES}) == len(ALL_PATCHES)
+    for patch in ALL_PATCHES:
+        assert patch.version == MEGATRON_CORE
+        assert patch.replaces and patch.change and patch.why, patch.target
+    assert set(EXPECTED) == {t for p in ALL_PATCHES for t in (p.target, *p.relies_on)}
+
+
+def test_the_registry_patch_adds_parcae_muon_and_routes_megatrons_muons():
+    from megatron.core.optimizer.emerging_optimizers import _EMERGING_OPTIMIZERS
+
+    from parcae_megatron.training import muon_optimizer
+
+    megatron_patches.register_parcae_muon()
+    assert _EMERGING_OPTIMIZERS["parcae_muon"].optimizer_cls is muon_optimizer.ParcaeMuon
+    for name in ("muon", "adaptive_muon"):
+        assert _EMERGING_OPTIMIZERS[name].default_param_overrides == \
+            muon_optimizer.adamw_routing()
+    for patch in (megatron_patches.TAG_BUFFER_ROUTING,
+                  megatron_patches.TAG_BUFFER_ROUTING_TRAINING):
+        owner, name = patch.owner()
+        assert getattr(owner, name) is muon_optimizer.tag_params_for_buffer_routing
+        assert patch.original() is not muon_optimizer.tag_params_for_buffer_routing
+
+
+def _megatron_names(tree: ast.AST) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.asname or a.name.split(".")[0] for a in node.names
+                      if a.name.split(".")[0] == "megatron"}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "megatron":
+            names |= {a.asname or a.name for a in node.names}
+    return names
+
+
+def _root(node: ast.AST) -> str | None:
+    """The name an attribute / item chain starts from (``a`` of ``a.b[c].d``)."""
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def test_megatron_is_patched_only_in_megatron_patches():
+    """No assignment to an attribute (or item) of an imported Megatron module or class, no
+    ``setattr`` on one, and no ``Patch`` record outside ``training/megatron_patches.py`` and
+    the CPU backend."""
+    allowed = {"parcae_megatron/training/megatron_patches.py",
+               "parcae_megatron/platform/cpu_backend.py"}
+    found = []
+    for path in sorted([*ROOT.glob("parcae_megatron/**/*.py"), *ROOT.glob("benchmarks/*.py")]):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in allowed:
+            continue
+        tree = ast.parse(Path(path).read_text())
+        if rel != "parcae_megatron/platform/patching.py" and any(
+                isinstance(n, ast.ImportFrom) and n.module == "parcae_megatron.platform.patching"
+                for n in ast.walk(tree)):
+            found.append(f"{rel}: imports Patch")
+        megatron = _megatron_names(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign):
+                targets = [t for t in node.targets if isinstance(t, (ast.Attribute, ast.Subscript))]
+            elif isinstance(node, ast.AugAssign):
+                targets = [node.target]
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr":
+                targets = node.args[:1]
+            else:
+                continue
+            if any(_root(t) in megatron for t in targets):
+                found.append(f"{rel}:{node.lineno}")
+    assert not found, f"Megatron patched outside training/megatron_patches.py: {found}"
