@@ -18,7 +18,7 @@ from parcae_megatron.evaluate.runner import (
     load_megatron_model,
     load_tokenizer,
 )
-from parcae_megatron.evaluate.scoring import default_loop_counts, score
+from parcae_megatron.evaluate.validation_loss import default_loop_counts, score
 
 __all__ = ["build_windows", "default_loop_counts", "evaluate", "fit_loop_curve", "format_table",
            "load_hf_model", "load_megatron_model", "load_tokenizer", "plot", "score",

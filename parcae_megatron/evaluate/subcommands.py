@@ -185,7 +185,7 @@ def _adaptive(args) -> int:
         summarise_histogram,
     )
     from parcae_megatron.evaluate.runner import build_windows
-    from parcae_megatron.evaluate.scoring import score
+    from parcae_megatron.evaluate.validation_loss import score
 
     model, tokenizer, device, name = _load(args)
     max_t = args.max_T or int(model.config.mean_recurrence)
