@@ -71,16 +71,24 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "loss":
         argv = argv[1:]
     args = build_parser().parse_args(argv)
-    for path in (args.out, args.plot):
-        if path and os.path.exists(path) and not args.overwrite:
-            print(f"error: {path} already exists; pass --overwrite to replace it",
-                  file=sys.stderr)
-            return 2
+    if _refuses_overwrite(args):
+        return 2
     try:
         return _run(args)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _refuses_overwrite(args: argparse.Namespace) -> bool:
+    """Whether ``--out`` / ``--plot`` name an existing file without ``--overwrite`` (said in
+    one ``error:`` line)."""
+    for path in (args.out, getattr(args, "plot", None)):
+        if path and os.path.exists(path) and not args.overwrite:
+            print(f"error: {path} already exists; pass --overwrite to replace it",
+                  file=sys.stderr)
+            return True
+    return False
 
 
 def _run_subcommand(command: str, argv: list[str]) -> int:
@@ -100,11 +108,8 @@ def _run_subcommand(command: str, argv: list[str]) -> int:
         parser = core_cli.build_parser(command)
         run = functools.partial(core_cli.run, extended=command == "core-extended")
     args = parser.parse_args(argv)
-    for path in (args.out, getattr(args, "plot", None)):
-        if path and os.path.exists(path) and not args.overwrite:
-            print(f"error: {path} already exists; pass --overwrite to replace it",
-                  file=sys.stderr)
-            return 2
+    if _refuses_overwrite(args):
+        return 2
     try:
         return run(args)
     except (FileNotFoundError, ValueError, RuntimeError, KeyError) as err:
