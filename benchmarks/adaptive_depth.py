@@ -30,7 +30,7 @@ from parcae_megatron.evaluate.runner import (  # noqa: E402
     load_hf_model,
     load_megatron_model,
 )
-from parcae_megatron.evaluate.scoring import score  # noqa: E402
+from parcae_megatron.evaluate.validation_loss import score  # noqa: E402
 
 
 def bench(model, windows, criterion: str, thresholds: list[float], max_t: int, seed: int,

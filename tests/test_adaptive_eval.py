@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from parcae_megatron.evaluate.adaptive import adaptive_loss, best_saving
-from parcae_megatron.evaluate.scoring import score
+from parcae_megatron.evaluate.validation_loss import score
 from parcae_megatron.hf.configuration_parcae import ParcaeConfig
 from parcae_megatron.hf.modeling_parcae import ParcaeForCausalLM
 from tests.distributed import ROOT

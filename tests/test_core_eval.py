@@ -383,8 +383,8 @@ def test_standard_sentencepiece_tokenizer_evaluates(tmp_path, capsys):
     (evaluation and conversion)."""
     from parcae_megatron.convert.errors import ConversionError
     from parcae_megatron.convert.hf_io import write_hf_dir
+    from parcae_megatron.evaluate.__main__ import main as evaluate_main
     from parcae_megatron.evaluate.runner import load_tokenizer
-    from parcae_megatron.evaluate.subcommands import main as evaluate_main
     from parcae_megatron.hf.configuration_parcae import ParcaeConfig
     from parcae_megatron.hf.modeling_parcae import ParcaeForCausalLM
 
@@ -425,10 +425,10 @@ def test_standard_sentencepiece_tokenizer_evaluates(tmp_path, capsys):
     out = tmp_path / "core.json"
     common = ["--hf", str(hf), "--bundle", str(root), "--tasks-yaml", str(root / "core.yaml"),
               "--T", "1", "--seeds", "1", "--quiet", "--device", "cpu"]
-    assert evaluate_main("core", [*common, "--out", str(out)]) == 0
+    assert evaluate_main(["core", *common, "--out", str(out)]) == 0
     assert json.loads(out.read_text())["tasks"][0]["by_T"]["1"]["items"] == 4
     capsys.readouterr()
-    assert evaluate_main("core", [*common, "--tokenizer", str(bad)]) == 2
+    assert evaluate_main(["core", *common, "--tokenizer", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: tokenizer ") and "has no BOS" in err[0]
 

@@ -1,7 +1,8 @@
 """Evaluate a Parcae model at several loop counts: loss, perplexity, bits per byte and the
 test-time law L(T) = L∞ + Z·exp(−z·T) (spec §5.3). CLI: ``python -m parcae_megatron.evaluate``;
-its subcommands ``core`` / ``core-extended`` (``core``, ``core_runner``), ``adaptive``
-(``adaptive``: per-token early exit) and ``lambada`` (``lambada``) live in the modules named.
+the ``loss`` subcommand scores with ``validation_loss``; ``core`` / ``core-extended`` (``core_cli``
+over ``core``, ``core_runner``), ``adaptive`` (``adaptive_cli`` over ``adaptive``: per-token
+early exit) and ``lambada`` (``lambada``) live in the modules named.
 
 Programmatic use with a model object::
 
@@ -18,7 +19,7 @@ from parcae_megatron.evaluate.runner import (
     load_megatron_model,
     load_tokenizer,
 )
-from parcae_megatron.evaluate.scoring import default_loop_counts, score
+from parcae_megatron.evaluate.validation_loss import default_loop_counts, score
 
 __all__ = ["build_windows", "default_loop_counts", "evaluate", "fit_loop_curve", "format_table",
            "load_hf_model", "load_megatron_model", "load_tokenizer", "plot", "score",

@@ -1,4 +1,5 @@
-"""``python -m parcae_megatron.evaluate [loss|core|core-extended|adaptive|lambada] ...``.
+"""``python -m parcae_megatron.evaluate [loss|core|core-extended|adaptive|lambada] ...``: the
+``loss`` command here, the others in ``core_cli``, ``adaptive_cli`` and ``lambada``.
 
 ``loss`` (the default when no subcommand is given): loss / perplexity / bits per byte of a
 held-out token stream at each T (default 1, 2, 4, …, 2·μ_rec) and seed of the initial state,
@@ -10,6 +11,7 @@ iterations per token under per-token early exit. ``lambada``: lm-eval's lambada_
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -65,21 +67,54 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS[1:]:
-        from parcae_megatron.evaluate import subcommands
-
-        return subcommands.main(argv[0], argv[1:])
+        return _run_subcommand(argv[0], argv[1:])
     if argv and argv[0] == "loss":
         argv = argv[1:]
     args = build_parser().parse_args(argv)
-    for path in (args.out, args.plot):
-        if path and os.path.exists(path) and not args.overwrite:
-            print(f"error: {path} already exists; pass --overwrite to replace it",
-                  file=sys.stderr)
-            return 2
+    if _refuses_overwrite(args):
+        return 2
     try:
         return _run(args)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _refuses_overwrite(args: argparse.Namespace) -> bool:
+    """Whether ``--out`` / ``--plot`` name an existing file without ``--overwrite`` (said in
+    one ``error:`` line)."""
+    for path in (args.out, getattr(args, "plot", None)):
+        if path and os.path.exists(path) and not args.overwrite:
+            print(f"error: {path} already exists; pass --overwrite to replace it",
+                  file=sys.stderr)
+            return True
+    return False
+
+
+def _run_subcommand(command: str, argv: list[str]) -> int:
+    """Run ``core``, ``core-extended``, ``adaptive`` or ``lambada`` (each in its own module);
+    returns the exit code (2 with a one-line error on bad input)."""
+    if command == "lambada":
+        from parcae_megatron.evaluate import lambada
+
+        parser, run = lambada.build_parser(), lambada.run_lambada_cli
+    elif command == "adaptive":
+        from parcae_megatron.evaluate import adaptive_cli
+
+        parser, run = adaptive_cli.build_parser(), adaptive_cli.run
+    else:
+        from parcae_megatron.evaluate import core_cli
+
+        parser = core_cli.build_parser(command)
+        run = functools.partial(core_cli.run, extended=command == "core-extended")
+    args = parser.parse_args(argv)
+    if _refuses_overwrite(args):
+        return 2
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as err:
+        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+              file=sys.stderr)
         return 2
 
 

@@ -6,6 +6,7 @@ datasets cache; when neither is reachable the command stops with one ``error:`` 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -79,6 +80,24 @@ def run_lambada(hf_dir: str, iterations: list[int] | None, batch_size: int = 16,
                      "accuracy": res.get("acc,none"),
                      "accuracy_stderr": res.get("acc_stderr,none")})
     return {"task": TASK, "num_fewshot": 0, "model": hf_dir, "limit": limit, "results": rows}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the ``lambada`` subcommand."""
+    prog = "python -m parcae_megatron.evaluate lambada"
+    p = argparse.ArgumentParser(prog=prog, description="LAMBADA (lm-eval lambada_openai, "
+                                "0-shot) at several loop counts; needs the dataset from the "
+                                "Hugging Face Hub (or its datasets cache).")
+    p.add_argument("--hf", metavar="DIR", required=True, help="Hugging Face export directory")
+    p.add_argument("--T", "--iterations", dest="iterations", type=int, nargs="+",
+                   help="loop counts (default: mu_rec)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="at most N documents")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", metavar="JSON")
+    p.add_argument("--overwrite", action="store_true")
+    return p
 
 
 def run_lambada_cli(args) -> int:

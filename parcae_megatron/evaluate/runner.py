@@ -16,7 +16,7 @@ from parcae_megatron.evaluate.data import (
     token_byte_lengths,
 )
 from parcae_megatron.evaluate.report import fit_loop_curve
-from parcae_megatron.evaluate.scoring import default_loop_counts, score
+from parcae_megatron.evaluate.validation_loss import default_loop_counts, score
 
 
 def load_tokenizer(path: str, vocab_size: int | None = None):

@@ -39,7 +39,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from parcae_megatron.model.init import ParcaeInit, keyed_init
+from parcae_megatron.model.init import InitMethod, keyed_init
 
 
 class HeadRMSNorm(torch.nn.Module):
@@ -84,9 +84,9 @@ class ValueEmbedding(MegatronModule):
             # Draw the full tables (PyTorch defaults, spec §1.7) keyed by this parameter and
             # keep this rank's heads, so the initial model does not depend on the layout.
             seed = config.init_seed
-            table = ParcaeInit("normal", 1.0, seed, f"{key}.weight",
+            table = InitMethod("normal", 1.0, seed, f"{key}.weight",
                                (vocab_size, groups * self.head_dim)).full()
-            gate = ParcaeInit("uniform", 1.0 / math.sqrt(self.gate_channels), seed,
+            gate = InitMethod("uniform", 1.0 / math.sqrt(self.gate_channels), seed,
                               f"{key}.gate_weight", (groups, self.gate_channels)).full()
             with torch.no_grad():
                 width = self.heads * self.head_dim

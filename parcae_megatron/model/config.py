@@ -77,6 +77,8 @@ class ParcaeConfig(TransformerConfig):
     min_decay_rate: float = 1e-6
     """Floor on Δ·a, so Ā ≤ exp(-1e-6) < 1 holds in floating point for any parameters."""
     depth_seed: int = 514229
+    """Seed of the loop's random draws in training and evaluation: the sampled depths and the
+    initial loop state h₀ (model/depth.py streams; ``--depth-seed``)."""
     recompute_loop_iterations: bool = False
     """Checkpoint each gradient iteration of the loop (non-reentrant): keep only the loop
     state at iteration boundaries and re-run the iteration in the backward (spec §2.3)."""

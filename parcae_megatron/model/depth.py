@@ -25,8 +25,11 @@ import torch
 
 from parcae_megatron.model.depth_balance import deal_depths
 
-# Generator streams beyond DEPTH/EVAL_STATE/STATE (0-2): the global batch's depths and the
-# balance-preserving relabelling (``depth_balance='global'``).
+# Generator streams of ``draw_seed``, all keyed by ``config.depth_seed``: a micro-batch's
+# depths (0), the h₀ of an evaluation forward (1) and of a training micro-batch (2); with
+# ``depth_balance='global'``, the global batch's depths (3) and the balance-preserving
+# relabelling (4). The numbers are part of every draw: changing one changes the bits.
+DEPTH_STREAM, EVAL_STATE_STREAM, STATE_STREAM = 0, 1, 2
 _GLOBAL_DEPTH_STREAM, _GLOBAL_PERM_STREAM = 3, 4
 
 
@@ -47,9 +50,6 @@ class DepthSample:
         """Every sequence runs ``total`` iterations, the last ``grad`` of them with gradient."""
         return cls(torch.full((batch_size,), total, dtype=torch.long),
                    torch.full((batch_size,), min(grad, total), dtype=torch.long))
-
-
-DEPTH_STREAM, EVAL_STATE_STREAM, STATE_STREAM = 0, 1, 2
 
 
 def draw_seed(seed: int, step: int, global_microbatch: int, stream: int = DEPTH_STREAM) -> int:
@@ -131,7 +131,7 @@ class DepthSampler:
         self.mean_recurrence = config.mean_recurrence
         self.mean_backprop_depth = config.mean_backprop_depth
         self.sigma = config.per_batch_lognormal_sigma
-        self.seed = config.depth_seed
+        self.seed = config.depth_seed  # keys the depth draws and the h₀ seeds alike
         self.balance = getattr(config, "depth_balance", "independent")
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.step = 0
@@ -172,7 +172,7 @@ class DepthSampler:
             self._dealt = (key, layout[self.dp_rank])
         return self._dealt[1]
 
-    def eval_seed(self) -> int:
+    def eval_state_seed(self) -> int:
         """The h₀ seed of an evaluation forward: fresh per call, identical across the TP/PP
         ranks of a replica (they evaluate the same micro-batches in the same order)."""
         self.eval_draws += 1

@@ -4,7 +4,8 @@ Matrices are truncated-normal draws orthogonalised by QR and scaled by
 ``std * sqrt(max(rows, cols))`` so their entries have RMS ≈ std, with
 std = sqrt(2 / (5 d)). Attention-out and MLP-down projections start at zero.
 
-Every init is a `ParcaeInit`, a Megatron ``init_method(tensor)`` callable. Bound to a
+Every init is an `InitMethod`, a Megatron ``init_method(tensor)`` callable for one tensor
+(not the authors' ``ParcaeInit``, their whole-model init scheme). Bound to a
 parameter with `keyed_init` (a key naming the parameter, its *global* shape and the dim
 Megatron shards it along), its values are a pure function of (seed, key, global shape):
 the full matrix is drawn from a generator keyed by (seed, key), and the tensor receives
@@ -64,7 +65,7 @@ def _orthogonalise(draw: torch.Tensor, std: float) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class ParcaeInit:
+class InitMethod:
     """A Megatron ``init_method``: see the module docstring.
 
     ``kind``: 'orthogonal', 'qkv_orthogonal' (Q, K and V each orthogonal, Megatron's fused
@@ -82,7 +83,7 @@ class ParcaeInit:
     query_groups: int | None = None
 
     def bind(self, key: str, global_shape: tuple[int, ...], partition_dim: int | None = None,
-             seed: int | None = None, **changes) -> ParcaeInit:
+             seed: int | None = None, **changes) -> InitMethod:
         """This init tied to one parameter (see `keyed_init`)."""
         return replace(self, key=key, global_shape=tuple(global_shape),
                        partition_dim=partition_dim,
@@ -169,18 +170,18 @@ def keyed_init(init, key: str, global_shape: tuple[int, ...], partition_dim: int
     """Bind ``init`` to one parameter: ``key`` names it (a checkpoint-like path, the same on
     every layout), ``global_shape`` is its unsharded shape, ``partition_dim`` the dim tensor
     parallelism splits (None: replicated). Other init callables are returned unchanged."""
-    if not isinstance(init, ParcaeInit):
+    if not isinstance(init, InitMethod):
         return init
     return init.bind(key, global_shape, partition_dim, seed, **changes)
 
 
-def orthogonal_init(std: float, seed: int | None = None) -> ParcaeInit:
+def orthogonal_init(std: float, seed: int | None = None) -> InitMethod:
     """Megatron init_method: scaled orthogonal matrix with entry RMS ``std``."""
-    return ParcaeInit("orthogonal", std, seed)
+    return InitMethod("orthogonal", std, seed)
 
 
 def qkv_orthogonal_init(head_dim: int, query_groups: int, std: float,
-                        seed: int | None = None) -> ParcaeInit:
+                        seed: int | None = None) -> InitMethod:
     """Init for Megatron's fused QKV weight: Q, K and V are each orthogonal (spec §1.7).
 
     Megatron lays the fused weight out per query group: for each group g the rows of its
@@ -189,10 +190,10 @@ def qkv_orthogonal_init(head_dim: int, query_groups: int, std: float,
     ([groups · hd, d]) are drawn as whole orthogonal matrices and their rows placed there,
     so a TP shard of rows holds whole groups: the slice of the same three matrices.
     """
-    return ParcaeInit("qkv_orthogonal", std, seed, head_dim=head_dim, query_groups=query_groups)
+    return InitMethod("qkv_orthogonal", std, seed, head_dim=head_dim, query_groups=query_groups)
 
 
-zeros_init = ParcaeInit("zeros")
+zeros_init = InitMethod("zeros")
 """Megatron init_method that zeroes the tensor (attention-out / MLP-down projections)."""
 
 

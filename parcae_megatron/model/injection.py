@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-from parcae_megatron.model.init import ParcaeInit
+from parcae_megatron.model.init import InitMethod
 from parcae_megatron.model.norm import mark_sequence_parallel
 
 
@@ -127,7 +127,7 @@ class ConcatLinearInjection(Fp32ParamsModule):
         d = config.hidden_size
         self.weight = torch.nn.Parameter(torch.empty(d, 2 * d, dtype=torch.float32))
         if self.weight.device.type != "meta":
-            ParcaeInit("trunc_normal", config.init_method_std, config.init_seed,
+            InitMethod("trunc_normal", config.init_method_std, config.init_seed,
                        "injection.weight", (d, 2 * d))(self.weight.data)
         self.finish_init(config)
 
@@ -149,7 +149,7 @@ class Readout(Fp32ParamsModule):
         super().__init__(config=config)
         d = config.hidden_size
         self.weight = torch.nn.Parameter(torch.empty(d, d, dtype=torch.float32))
-        ParcaeInit("orthogonal", config.init_method_std, config.init_seed, "readout.weight",
+        InitMethod("orthogonal", config.init_method_std, config.init_seed, "readout.weight",
                    (d, d))(self.weight.data)
         self.finish_init(config)
 

@@ -262,13 +262,13 @@ class ParcaeModel(LanguageModule):
     def _depths_and_state(self, x: Tensor, num_iterations, depths, initial_state, generator):
         cfg = self.config
         batch = x.shape[1]
-        seed = None
+        state_seed = None
         if depths is None:
             if num_iterations is not None:
                 depths = DepthSample.fixed(batch, num_iterations,
                                            cfg.mean_backprop_depth if self.training else 0)
             elif self.training:
-                depths, seed = self.depth_sampler.next(batch)
+                depths, state_seed = self.depth_sampler.next(batch)
             else:
                 depths = DepthSample.fixed(batch, cfg.mean_recurrence, 0)
         full_shape = (self._full_sequence_length(x), *x.shape[1:])
@@ -280,8 +280,9 @@ class ParcaeModel(LanguageModule):
             if generator is None:
                 # On the model's device from the replica's keyed generator: identical on all
                 # TP ranks, reproducible from (seed, step, micro-batch), no host copy.
-                seed = self.depth_sampler.eval_seed() if seed is None else seed
-                generator = self.state_generator(x.device, seed)
+                if state_seed is None:
+                    state_seed = self.depth_sampler.eval_state_seed()
+                generator = self.state_generator(x.device, state_seed)
             h0 = truncated_normal_(torch.empty(full_shape, dtype=torch.float32,
                                                device=generator.device),
                                    cfg.init_method_std, generator).to(x.device)

@@ -1,0 +1,1 @@
+"""Where the code runs: the CPU (gloo) backend for Megatron-Core and process-group setup."""

@@ -1,4 +1,5 @@
-"""Score token windows with a Parcae model at several loop counts T and initial-state seeds."""
+"""Validation loss, perplexity and bits per byte of token windows at several loop counts T
+and initial-state seeds: the scoring of ``evaluate loss`` and of ``adaptive``'s fixed-T curve."""
 
 from __future__ import annotations
 
