@@ -47,7 +47,8 @@ def add_parcae_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--no-value-embeddings", dest="value_embeddings", action="store_false")
     g.add_argument("--qk-layernorm-epsilon", type=float, default=None,
                    help="QK-norm epsilon (default: --norm-epsilon)")
-    g.add_argument("--depth-seed", type=int, default=514229)
+    g.add_argument("--depth-seed", type=int, default=514229,
+                   help="seed of the sampled loop depths and of the initial loop state h0")
     g.add_argument("--init-seed", type=int, default=None,
                    help="seed of the initial weights (default: --seed); --seed keeps the "
                         "data order, so weights can vary with the data fixed")
