@@ -1,9 +1,10 @@
 """A failure during training ends every process within a minute (CPU, gloo, the real entry point).
 
-An exception injected with ``PARCAE_FAULT`` at step 3 (1 rank, DP=2, TP=2) ends the run with a
-non-zero status promptly, names rank, step and exception, leaves no helper process behind, and
-the step-2 checkpoint resumes bit-exactly. A rank SIGKILLed mid-step makes the other rank give
-up by itself (plain processes, no torchrun to tear it down). Fault-spec parsing is unit-tested.
+An exception injected with ``PARCAE_FAULT`` at step 3 (1 rank; 2 ranks with TP=2) ends the run
+with a non-zero status promptly, names rank, step and exception, leaves no helper process
+behind, and (TP=2) the step-2 checkpoint resumes bit-exactly. A rank SIGKILLed mid-step makes
+the other rank give up by itself (plain processes, no torchrun to tear it down). Fault-spec
+parsing is unit-tested.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from tests.distributed import ROOT
 from tests.training_runs import TINY, command, losses, train
 
 ITERS = 4
-# nproc, flags, faulty rank, whether to resume and compare with a straight run. DP=2 skips
-# the resume (two more launches): its checkpoint is what 1 rank writes, the same code path.
-LAYOUTS = {"1rank": (1, [], 0, True), "dp2": (2, [], 1, False),
+# nproc, flags, faulty rank, whether to resume and compare with a straight run. A 2-rank run
+# with a fault on rank 1 is the case torchrun must tear down; TP=2 makes that rank hold half of
+# every matrix, so its resume is the one worth two more launches (1 rank's bit-exact resume is
+# tests/test_train.py's kill -9 test; DP=2 + distributed optimizer's is the rehearsal's).
+LAYOUTS = {"1rank": (1, [], 0, False),
            "tp2": (2, ["--tensor-model-parallel-size", "2"], 1, True)}
 PROMPT_S = 60  # a failure must end the run within this many seconds
 TIMEOUT_MIN = 1  # --distributed-timeout-minutes of the SIGKILL test (the shortest there is)
@@ -115,7 +118,7 @@ def test_previous_checkpoint_resumes_bit_exactly(failed_run):
     assert failed_run["checkpoint"] == "2"
     assert (failed_run["run_dir"] / "iter_0000002").is_dir()
     if "resume" not in failed_run:
-        pytest.skip("resume checked with 1 rank and TP=2 (test time)")
+        pytest.skip("resume checked with TP=2 (see LAYOUTS)")
     assert "successfully loaded checkpoint" in failed_run["resume"]
     expected = losses(failed_run["straight"] / "telemetry.jsonl")
     got = losses(failed_run["run_dir"] / "telemetry.jsonl")

@@ -1,7 +1,7 @@
 """launch on a real SLURM cluster (launch/local_cluster.sh: two emulated nodes): a 2 x 2 CPU
 job of the tiny Parcae config, preemption with requeue and exact resume, a job array of two
-configs, bounded restarts after crashes, and a crash injected mid-training (PARCAE_FAULT): seen
-at once, requeued and resumed, or given up after --max-crash-restarts.
+configs, bounded restarts after crashes (given up after --max-crash-restarts), and a crash
+injected mid-training (PARCAE_FAULT): seen at once, requeued and resumed.
 
 Skipped when no cluster answers, unless PARCAE_REQUIRE_SLURM=1 (CI) makes that a failure.
 Start one with ``bash launch/local_cluster.sh start`` (root; installs SLURM if needed).
@@ -229,7 +229,7 @@ def test_crashing_job_is_restarted_a_bounded_number_of_times(cluster, tmp_path):
     assert log.count(reason) == 2, log
 
 
-# --- a crash mid-training (training/faults.py): seen at once, requeued, bounded ---------------
+# --- a crash mid-training (training/faults.py): seen at once, requeued, resumed ----------------
 FAULTY = ["--nodes", "2", "--procs-per-node", "1", "--config", "configs/parcae-tiny-cpu.yaml"]
 FAULTY_TRAIN = ["--", *TINY, "--train-iters", "4", "--eval-interval", "4", "--save-interval", "2"]
 FAULT_LINE = re.compile(r"fault injection \(PARCAE_FAULT=[^)]*\): raise on rank 1 at step 3 "
@@ -272,22 +272,6 @@ def test_crash_in_first_attempt_requeues_resumes_and_completes(cluster, tmp_path
                                              ).read_text()
     assert [r["iteration"] for r in train_records(run_dir)] == [1, 2, 3, 4]
     assert checkpoint_iteration(run_dir) == 4
-
-
-def test_persistent_crash_gives_up_after_max_restarts(cluster, tmp_path):
-    run_dir = tmp_path / "crash-always"
-    job = submit(cluster, run_dir, *FAULTY, "--max-crash-restarts", "1", "--env",
-                 "PARCAE_FAULT=raise@step=3,rank=1", *FAULTY_TRAIN)
-    wait_done(job, [run_dir], timeout=600)
-    log = (run_dir / "launch.log").read_text()
-    assert status(run_dir) == "failed", diagnostics(run_dir)
-    assert (run_dir / "state" / "attempts").read_text().strip() == "2", log
-    reason = "rank-1.log:error: rank 1 failed at step 3: InjectedFault"
-    assert log.count(reason) == 2, log
-    assert "restart 1 of 1; requeueing" in log and "giving up" in log
-    assert "newest checkpoint: iteration 2" in log.split("attempt 2: start")[1]
-    for attempt in (1, 2):
-        assert fault_to_attempt_end(run_dir, attempt) < 60, log
 
 
 def rank_environments(tmp_path: Path, visible: str) -> dict[int, dict]:
