@@ -26,7 +26,7 @@ from pathlib import Path
 
 from launch import sweep as sweeps
 from launch.sbatch import WARNING_SIGNALS, JobSpec, LaunchError, RunSpec, check_output_dir, render
-from parcae_megatron.config_file import ConfigFileError, load_config, standalone_text
+from parcae_megatron.config_file import ConfigFileError, flag_value, load_config, standalone_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,17 +84,6 @@ def parser() -> argparse.ArgumentParser:
     act.add_argument("--dry-run", action="store_true",
                      help="write the run directory and print the script; do not submit")
     return p
-
-
-def flag_value(args: list[str] | tuple[str, ...], flag: str) -> str | None:
-    """The last value given for ``flag`` (``--flag V`` or ``--flag=V``)."""
-    value = None
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg.split("=", 1)[1]
-    return value
 
 
 def config_keys(config: Path) -> set[str]:

@@ -5,11 +5,12 @@ relative to this file's directory, then the working directory, then the project'
 ``configs/``, then the project root); bases may themselves have a base.
 So ``configs/parcae-1.3b-fp8.yaml`` is ``configs/parcae-1.3b.yaml`` plus its FP8 keys, by
 construction. A missing base or a cycle is a ``ConfigFileError`` with one message. Light on
-purpose (no torch / Megatron): the SLURM launcher reads configs too.
+purpose (no torch / Megatron): the SLURM launcher reads configs and command lines too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,19 @@ def standalone_text(value: str | Path) -> str:
         return text
     return (f"# resolved from {value} (its base: chain merged)\n"
             + yaml.safe_dump(merged, sort_keys=False))
+
+
+def flag_present(argv: Sequence[str], flag: str) -> bool:
+    """Whether ``flag`` is given in ``argv`` (as ``--flag`` or ``--flag=value``)."""
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The last value ``argv`` gives ``flag`` (``--flag v`` or ``--flag=v``), else None."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value

@@ -35,11 +35,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from parcae_megatron.config_file import ConfigFileError, load_config
+from parcae_megatron.config_file import ConfigFileError, flag_value, load_config
 from parcae_megatron.paths import PROJECT_ROOT, resolve_config
 from parcae_megatron.rehearse import tiny
 from parcae_megatron.rehearse.tiny import RehearsalError
-from parcae_megatron.training.config_expansion import flag_value
 
 STAGES = ("config", "model", "data", "train", "slurm")
 GIB = 2.0**30

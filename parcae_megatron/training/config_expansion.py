@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from parcae_megatron.config_file import load_config
+from parcae_megatron.config_file import flag_present, flag_value, load_config
 from parcae_megatron.model.config import ParcaeConfigError
 from parcae_megatron.model.presets import PRESETS
 
@@ -50,22 +50,6 @@ def _flag_items(mapping: dict[str, Any]) -> list[str]:
         else:
             argv += [flag, str(value)]
     return argv
-
-
-def flag_present(argv: list[str], flag: str) -> bool:
-    """Whether ``flag`` is given in ``argv`` (as ``--flag`` or ``--flag=value``)."""
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
-
-
-def flag_value(argv: list[str], flag: str) -> str | None:
-    """The last value ``argv`` gives ``flag`` (``--flag v`` or ``--flag=v``), else None."""
-    value = None
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif a.startswith(flag + "="):
-            value = a.split("=", 1)[1]
-    return value
 
 
 def expand_argv(argv: list[str]) -> list[str]:
