@@ -96,3 +96,17 @@ def test_probe_end_to_end_tiny_budget(tmp_path):
                  "transformer/telemetry.jsonl"):
         assert (run_dir / path).exists(), path
     assert "Depth probe" in proc.stdout
+
+
+def test_thin_pair_only_with_the_default_configs(tmp_path):
+    from parcae_megatron.probe.__main__ import DEFAULT_CONFIGS, model_flags
+
+    flags = model_flags("parcae", DEFAULT_CONFIGS["parcae"], ["--lr", "0.01"], "--seed 3")
+    assert flags[:6] == ["--num-prelude-layers", "1", "--num-recurrent-layers", "1",
+                         "--num-coda-layers", "1"]
+    assert flags[-4:] == ["--lr", "0.01", "--seed", "3"]  # the user's flags come last, win
+    assert model_flags("transformer", DEFAULT_CONFIGS["transformer"], [], "") == [
+        "--num-prelude-layers", "3"]
+    own = tmp_path / "mine.yaml"
+    own.write_text("preset: parcae-tiny\n")
+    assert model_flags("parcae", own, ["--lr", "0.01"], "") == ["--lr", "0.01"]
