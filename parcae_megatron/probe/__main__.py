@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transformer-config", default=str(DEFAULT_CONFIGS["transformer"]),
                    help="the Transformer's YAML config; with the default one the probe "
                         f"trains it as {THIN_PAIR_ARGS['transformer']!r}")
-    p.add_argument("--train-iters", type=int, default=600)
+    p.add_argument("--train-iters", type=int, default=1500)
     p.add_argument("--micro-batch-size", type=int, default=32)
     p.add_argument("--global-batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-2)
