@@ -25,7 +25,7 @@ from parcae_megatron.probe.task import TaskSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# The chosen recipe (docs/probe.md "What was tried"): 6-letter cycles, k = 1..3, the
+# The chosen recipe (docs/probe.md "What was tried"): 7-letter cycles, k = 1..3, the
 # configs' Muon at lr 1e-2, batch 32. With the default (tiny) configs the probe trains a thin
 # pair: a 1/1/1-layer Parcae is 3 layers deep at T = 1 and 6 at T = μ_rec = 4, its equal-
 # parameter Transformer 3 layers, so the hardest chains (k = 3: a previous-token layer plus
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parcae-args", default="", help="extra trainer flags for Parcae only")
     p.add_argument("--transformer-args", default="",
                    help="extra trainer flags for the Transformer only")
-    p.add_argument("--n-symbols", type=int, default=6, help="letters the tables permute")
+    p.add_argument("--n-symbols", type=int, default=7, help="letters the tables permute")
     p.add_argument("--max-k", type=int, default=3, help="longest chain (look-ups)")
     p.add_argument("--k-weights", default="3,2,2",
                    help="comma list, relative frequency of k = 1..max-k in training; "
