@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra trainer flags for the Transformer only")
     p.add_argument("--n-symbols", type=int, default=7, help="letters the tables permute")
     p.add_argument("--max-k", type=int, default=3, help="longest chain (look-ups)")
-    p.add_argument("--k-weights", default="3,2,2",
+    p.add_argument("--k-weights", default="3,1,1",
                    help="comma list, relative frequency of k = 1..max-k in training; "
                         "'' for uniform")
     p.add_argument("--seq-length", type=int, default=64, help="tokens per document")
