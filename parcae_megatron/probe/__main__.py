@@ -28,10 +28,11 @@ ROOT = Path(__file__).resolve().parents[2]
 # The chosen recipe (docs/probe.md "What was tried"): 7-letter cycles, k = 1..3, the
 # configs' Muon at lr 1e-2, batch 32. With the default (tiny) configs the probe trains a thin
 # pair: a 1/1/1-layer Parcae is 3 layers deep at T = 1 and 6 at T = μ_rec = 4, its equal-
-# parameter Transformer 3 layers, so the hardest chains (k = 3: a previous-token layer plus
-# one layer per look-up) fit the loop at T = μ_rec but neither a T = 1 pass nor the
-# Transformer. Full backprop through the loop (μ_bwd = μ_rec) learns the look-ups much faster
-# than the preset's μ_bwd = 2 (runs g, h).
+# parameter Transformer 3 layers, so the hardest chains (k = 3 on 7 letters: a previous-token
+# step plus one layer per look-up; on 6 letters k = 3 is the antipode, a shortcut) fit the loop
+# at T = μ_rec but neither a T = 1 pass nor the Transformer. Full backprop through the loop
+# (μ_bwd = μ_rec) learns the look-ups much faster than the preset's μ_bwd = 2 (runs g, h).
+# At 1,500 steps on CPU only k = 1 is learned (run o): the targets are not met.
 DEFAULT_TRAIN_ARGS = ""
 DEFAULT_CONFIGS = {"parcae": ROOT / "configs" / "parcae-tiny-cpu.yaml",
                    "transformer": ROOT / "configs" / "transformer-tiny-cpu.yaml"}
