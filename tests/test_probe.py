@@ -11,7 +11,7 @@ import pytest
 from parcae_megatron.probe.task import TaskSpec, follow, generate, parse, split_of
 from tests.distributed import ROOT
 
-SPEC = TaskSpec(n_symbols=8, max_k=4, doc_chars=63)
+SPEC = TaskSpec(n_symbols=9, max_k=4, doc_chars=63)
 
 
 def test_generator_is_deterministic_by_seed():
@@ -40,7 +40,7 @@ def test_chains_are_correct_and_need_k_lookups():
 
 
 def test_k_weights_shape_the_training_mix():
-    spec = TaskSpec(n_symbols=8, max_k=4, doc_chars=63, k_weights=(1, 0, 0, 1))
+    spec = TaskSpec(n_symbols=9, max_k=4, doc_chars=63, k_weights=(1, 0, 0, 1))
     ks = {q[0] for d in generate(spec, "train", 50, seed=0) for q in d.queries}
     assert ks == {1, 4}
 
@@ -59,6 +59,8 @@ def test_no_chain_is_shared_between_splits():
 def test_bad_specs_are_refused():
     with pytest.raises(ValueError):
         TaskSpec(n_symbols=6, max_k=4)  # f^4 == f^-2 on a 6-cycle: two look-ups back
+    with pytest.raises(ValueError):
+        TaskSpec(n_symbols=6, max_k=3)  # the antipode: 2 look-ups each way, then elimination
     with pytest.raises(ValueError):
         TaskSpec(doc_chars=20)
 
@@ -96,3 +98,17 @@ def test_probe_end_to_end_tiny_budget(tmp_path):
                  "transformer/telemetry.jsonl"):
         assert (run_dir / path).exists(), path
     assert "Depth probe" in proc.stdout
+
+
+def test_thin_pair_only_with_the_default_configs(tmp_path):
+    from parcae_megatron.probe.__main__ import DEFAULT_CONFIGS, model_flags
+
+    flags = model_flags("parcae", DEFAULT_CONFIGS["parcae"], ["--lr", "0.01"], "--seed 3")
+    assert flags[:6] == ["--num-prelude-layers", "1", "--num-recurrent-layers", "1",
+                         "--num-coda-layers", "1"]
+    assert flags[-4:] == ["--lr", "0.01", "--seed", "3"]  # the user's flags come last, win
+    assert model_flags("transformer", DEFAULT_CONFIGS["transformer"], [], "") == [
+        "--num-prelude-layers", "3"]
+    own = tmp_path / "mine.yaml"
+    own.write_text("preset: parcae-tiny\n")
+    assert model_flags("parcae", own, ["--lr", "0.01"], "") == ["--lr", "0.01"]

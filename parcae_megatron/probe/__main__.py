@@ -25,9 +25,22 @@ from parcae_megatron.probe.task import TaskSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# The chosen recipe (docs/probe.md "What was tried"): 6-letter cycles, k = 1..3 weighted
-# towards short chains, the configs' Muon at lr 1e-2, batch 32, 600 steps.
+# The chosen recipe (docs/probe.md "What was tried"): 7-letter cycles, k = 1..3, the
+# configs' Muon at lr 1e-2, batch 32. With the default (tiny) configs the probe trains a thin
+# pair: a 1/1/1-layer Parcae is 3 layers deep at T = 1 and 6 at T = μ_rec = 4, its equal-
+# parameter Transformer 3 layers, so the hardest chains (k = 3 on 7 letters: a previous-token
+# step plus one layer per look-up; on 6 letters k = 3 is the antipode, a shortcut) fit the loop
+# at T = μ_rec but neither a T = 1 pass nor the Transformer. Full backprop through the loop
+# (μ_bwd = μ_rec) learns the look-ups much faster than the preset's μ_bwd = 2 (runs g, h).
+# At 1,500 steps on CPU only k = 1 is learned (run o): the targets are not met.
 DEFAULT_TRAIN_ARGS = ""
+DEFAULT_CONFIGS = {"parcae": ROOT / "configs" / "parcae-tiny-cpu.yaml",
+                   "transformer": ROOT / "configs" / "transformer-tiny-cpu.yaml"}
+THIN_PAIR_ARGS = {
+    "parcae": "--num-prelude-layers 1 --num-recurrent-layers 1 --num-coda-layers 1 "
+              "--mean-backprop-depth 4",
+    "transformer": "--num-prelude-layers 3",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,10 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/probe", help="where everything goes")
     p.add_argument("--models", default="parcae,transformer",
                    help="comma list of parcae, transformer (default both)")
-    p.add_argument("--parcae-config", default=str(ROOT / "configs" / "parcae-tiny-cpu.yaml"))
-    p.add_argument("--transformer-config",
-                   default=str(ROOT / "configs" / "transformer-tiny-cpu.yaml"))
-    p.add_argument("--train-iters", type=int, default=600)
+    p.add_argument("--parcae-config", default=str(DEFAULT_CONFIGS["parcae"]),
+                   help="Parcae's YAML config; with the default one the probe trains it "
+                        f"as {THIN_PAIR_ARGS['parcae']!r}")
+    p.add_argument("--transformer-config", default=str(DEFAULT_CONFIGS["transformer"]),
+                   help="the Transformer's YAML config; with the default one the probe "
+                        f"trains it as {THIN_PAIR_ARGS['transformer']!r}")
+    p.add_argument("--train-iters", type=int, default=1500)
     p.add_argument("--micro-batch-size", type=int, default=32)
     p.add_argument("--global-batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-2)
@@ -50,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parcae-args", default="", help="extra trainer flags for Parcae only")
     p.add_argument("--transformer-args", default="",
                    help="extra trainer flags for the Transformer only")
-    p.add_argument("--n-symbols", type=int, default=6, help="letters the tables permute")
+    p.add_argument("--n-symbols", type=int, default=7, help="letters the tables permute")
     p.add_argument("--max-k", type=int, default=3, help="longest chain (look-ups)")
-    p.add_argument("--k-weights", default="3,2,2",
+    p.add_argument("--k-weights", default="3,1,1",
                    help="comma list, relative frequency of k = 1..max-k in training; "
                         "'' for uniform")
     p.add_argument("--seq-length", type=int, default=64, help="tokens per document")
@@ -62,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of test-time T (default 1 … 2·μ_rec)")
     p.add_argument("--seed", type=int, default=0, help="data seed")
     return p
+
+
+def model_flags(name: str, config: Path, common: list[str], own: str) -> list[str]:
+    """Trainer flags of one model: the thin pair's shape (default configs only: a user's
+    config keeps its own layers), then the flags of both runs, then this model's own."""
+    thin = THIN_PAIR_ARGS[name] if config.resolve() == DEFAULT_CONFIGS[name] else ""
+    return shlex.split(thin) + common + shlex.split(own)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in models:
         config = Path(getattr(args, f"{name}_config"))
         ckpt, telemetry = run_dir / name / "checkpoints", run_dir / name / "telemetry.jsonl"
-        own = shlex.split(getattr(args, f"{name}_args"))
         cmd = train_command(config, data, ckpt, telemetry, args.seq_length, args.train_iters,
-                            args.nproc, extra + own)
+                            args.nproc, model_flags(name, config, extra,
+                                                    getattr(args, f"{name}_args")))
         wall = train(name, cmd, ckpt, telemetry, args.train_iters, log)
         counts = [int(t) for t in args.loop_counts.split(",")] if args.loop_counts else None
         print(f"==> scoring {name} on held-out chains", flush=True)

@@ -2,10 +2,11 @@
 
 A document (one line of the probe corpus) is a random cyclic permutation f of ``n_symbols``
 letters (one cycle through all of them, so f^k(x) != x for k < n_symbols and no answer can be
-guessed from the query letter; k <= n_symbols / 2, so going backwards round the cycle is never
-shorter) written as a table, then queries, each three characters ``k x y`` with ``y = f^k(x)``::
+guessed from the query letter; k < n_symbols / 2, so neither going backwards round the cycle
+nor eliminating the letters near x is shorter) written as a table, then queries, each three
+characters ``k x y`` with ``y = f^k(x)``::
 
-    cb,ad,ba,dc,|2ab1cb3dc4aa...
+    cb,ae,ba,dc,ed,|2ad1cb2ec1ed...
 
 Table entries come in shuffled order, so answering ``k x`` needs k sequential look-ups of the
 table (no shortcut through position). The answer ``y`` is predicted at the position of ``x``;
@@ -31,8 +32,8 @@ ENTRY_CHARS, QUERY_CHARS = 3, 3
 class TaskSpec:
     """Shape of the probe documents."""
 
-    n_symbols: int = 8
-    max_k: int = 4
+    n_symbols: int = 7
+    max_k: int = 3
     doc_chars: int = 63  # seq_length - 1 (one EOS token per document)
     k_weights: tuple[float, ...] | None = None  # relative weight of k = 1..max_k
     test_fraction: float = 0.1
@@ -40,10 +41,12 @@ class TaskSpec:
     def __post_init__(self) -> None:
         if not 2 <= self.n_symbols <= 26:
             raise ValueError("n_symbols must be in 2..26")
-        if not 1 <= self.max_k <= min(9, self.n_symbols // 2):
-            # on an n-cycle f^k = f^-(n-k): k > n/2 look-ups forward are n-k backward
-            raise ValueError("max_k must be in 1..min(9, n_symbols // 2) (one digit, and "
-                             "no shorter way round the cycle)")
+        if not 1 <= self.max_k <= min(9, (self.n_symbols - 1) // 2):
+            # on an n-cycle f^k = f^-(n-k): k > n/2 look-ups forward are n-k backward, and
+            # f^(n/2)(x) is the one letter not within n/2 - 1 steps of x either way
+            # (look-ups both ways in parallel, then elimination): k < n/2 has no shortcut
+            raise ValueError("max_k must be in 1..min(9, (n_symbols - 1) // 2) (one digit, "
+                             "and no shorter way round the cycle)")
         if self.n_queries < 1:
             raise ValueError(f"doc_chars {self.doc_chars} leaves no room for a query after "
                              f"a {self.n_symbols}-entry table")
