@@ -105,10 +105,22 @@ def test_thin_pair_only_with_the_default_configs(tmp_path):
 
     flags = model_flags("parcae", DEFAULT_CONFIGS["parcae"], ["--lr", "0.01"], "--seed 3")
     assert flags[:6] == ["--num-prelude-layers", "1", "--num-recurrent-layers", "1",
-                         "--num-coda-layers", "1"]
+                         "--num-coda-layers", "0"]
     assert flags[-4:] == ["--lr", "0.01", "--seed", "3"]  # the user's flags come last, win
     assert model_flags("transformer", DEFAULT_CONFIGS["transformer"], [], "") == [
-        "--num-prelude-layers", "3"]
+        "--num-prelude-layers", "2"]
     own = tmp_path / "mine.yaml"
     own.write_text("preset: parcae-tiny\n")
     assert model_flags("parcae", own, ["--lr", "0.01"], "") == ["--lr", "0.01"]
+
+
+def test_not_below_allows_only_sampling_noise():
+    from parcae_megatron.probe.report import not_below_margin
+
+    # 1.000 at T = μ_rec and 0.999 at 2·μ_rec over 1,300 queries: one query, within noise
+    assert 0.999 >= 1.0 - not_below_margin(1.0, 0.999, 1300)
+    # 0.95 -> 0.90 over 1,300 queries is a real drop (≈ 5 standard errors)
+    assert 0.90 < 0.95 - not_below_margin(0.95, 0.90, 1300)
+    # hand-computed: p = 0.5, n = 200 -> 2·sqrt(2·0.25/200) = 0.1
+    assert abs(not_below_margin(0.5, 0.5, 200) - 0.1) < 1e-12
+    assert not_below_margin(1.0, 1.0, 500) == 0.0 and not_below_margin(0.9, 0.8, 0) == 0.0
