@@ -12,13 +12,16 @@ def _fit_error_curves(ts: list[int], by_t: dict[str, dict[str, float]],
                       queries: dict[str, int]) -> dict:
     """Fit the test-time law err(T) = E_inf + Z·exp(-z·T) to each k's error rate
     (``scaling.fit.fit_test_time_curve``); the noise is the binomial standard error of the
-    accuracy over that k's held-out queries, so a curve within it reports "not determined"."""
+    accuracy over that k's held-out queries, so a curve within it reports "not determined".
+    The error rate carries half a wrong query of continuity correction, (wrong + 0.5) / (n + 1),
+    so a row the model answers perfectly is a small positive error, as the law's L∞ > 0 needs,
+    not a zero that stops the fit."""
     from parcae_megatron.scaling.fit import fit_test_time_curve
 
     out = {}
     for k in next(iter(by_t.values())):
-        errors = [1.0 - by_t[str(t)][k] for t in ts]
         n = max(int(queries.get(k, 0)), 1)
+        errors = [((1.0 - by_t[str(t)][k]) * n + 0.5) / (n + 1) for t in ts]
         noise = max(math.sqrt(max(e * (1.0 - e), 0.0) / n) for e in errors)
         out[k] = fit_test_time_curve(ts, errors, noise=noise)
     return out
