@@ -95,7 +95,7 @@ def test_probe_end_to_end_tiny_budget(tmp_path):
     assert (run_dir / "probe.png").stat().st_size > 5_000
     for path in ("data/train.bin", "data/test.idx", "data/tokenizer.model",
                  "parcae/checkpoints/latest_checkpointed_iteration.txt",
-                 "transformer/telemetry.jsonl"):
+                 "transformer/telemetry.jsonl", "parcae/train_wall_s.txt"):
         assert (run_dir / path).exists(), path
     assert "Depth probe" in proc.stdout
 
@@ -124,3 +124,25 @@ def test_not_below_allows_only_sampling_noise():
     # hand-computed: p = 0.5, n = 200 -> 2·sqrt(2·0.25/200) = 0.1
     assert abs(not_below_margin(0.5, 0.5, 200) - 0.1) < 1e-12
     assert not_below_margin(1.0, 1.0, 500) == 0.0 and not_below_margin(0.9, 0.8, 0) == 0.0
+
+
+def test_report_fits_a_step_like_sweep_and_draws_it(tmp_path):
+    """A perfectly answered row is a positive (continuity-corrected) error, so a sweep that
+    reaches 1.000 is still fitted; the plot gets the fit panel."""
+    from parcae_megatron.probe.report import plot, summarise
+
+    spec = TaskSpec(n_symbols=7, max_k=3, doc_chars=63)
+    k3 = {1: 0.184, 2: 0.779, 3: 0.999, 4: 1.0, 5: 1.0, 6: 1.0, 7: 0.999, 8: 0.999}
+    acc = {str(t): {"1": 1.0, "2": 1.0 if t > 1 else 0.26, "3": a} for t, a in k3.items()}
+    results = {"parcae": {"looped": True, "mean_recurrence": 4, "accuracy": acc,
+                          "queries_by_k": {"1": 1300, "2": 1300, "3": 1300},
+                          "parameters": 148_096, "train_wall_s": 1.0},
+               "transformer": {"looped": False, "mean_recurrence": None, "parameters": 139_712,
+                               "accuracy": {"0": {"1": 1.0, "2": 0.82, "3": 0.60}},
+                               "train_wall_s": 1.0}}
+    summary = summarise(results, spec, {}, 1.0)
+    assert summary["test_time_fit"]["3"]["determined"]
+    assert 0 < summary["test_time_fit"]["3"]["L_inf"] < 0.01
+    assert all(t["met"] for t in summary["targets"].values())
+    plot(tmp_path / "probe.png", summary)
+    assert (tmp_path / "probe.png").stat().st_size > 5_000

@@ -91,12 +91,14 @@ def train_command(config: Path, data: Path, ckpt: Path, telemetry: Path, seq_len
 
 
 def train(name: str, cmd: list[str], ckpt: Path, telemetry: Path, iters: int, log: Path) -> float:
-    """Train one model (skipped when its final checkpoint exists); returns wall seconds."""
+    """Train one model (skipped when its final checkpoint exists); returns the training's
+    wall seconds (for a skipped model, those recorded when it was trained)."""
     from tqdm import tqdm
 
     marker = ckpt / "latest_checkpointed_iteration.txt"
+    wall_file = ckpt.parent / "train_wall_s.txt"
     if marker.exists() and marker.read_text().strip() == str(iters):
-        return 0.0
+        return float(wall_file.read_text()) if wall_file.exists() else 0.0
     start = time.time()
     with log.open("a") as out:
         out.write(f"\n$ {' '.join(cmd)}\n")
@@ -114,4 +116,6 @@ def train(name: str, cmd: list[str], ckpt: Path, telemetry: Path, iters: int, lo
     if proc.returncode != 0:
         raise SystemExit(f"error: training {name} failed (exit {proc.returncode}); see {log}\n"
                          f"{log.read_text()[-2000:]}")
-    return time.time() - start
+    wall = time.time() - start
+    wall_file.write_text(f"{wall:.1f}\n")
+    return wall

@@ -91,7 +91,8 @@ def summarise(results: dict, spec: TaskSpec, options: dict, wall: float) -> dict
 
 
 def plot(path: Path, summary: dict) -> None:
-    """Heatmap of Parcae's accuracy by k × T, the Transformer as a last column."""
+    """Heatmap of Parcae's accuracy by k × T with the Transformer as a last column and, beside
+    it, Parcae's error rate by T per k with the fitted test-time law where it is determined."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,7 +106,12 @@ def plot(path: Path, summary: dict) -> None:
             cols.append([res["accuracy"][t].get(k, 0.0) for k in ks])
             labels.append(f"T={t}" if res["looped"] else name)
     grid = np.array(cols).T
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(cols), 1.5 + 0.5 * len(ks)))
+    fits = summary.get("test_time_fit")
+    width = 1.0 + 0.7 * len(cols)
+    fig, axes = plt.subplots(1, 2 if fits else 1, figsize=(width + (4.5 if fits else 0),
+                                                          1.5 + 0.5 * max(len(ks), 4)),
+                             gridspec_kw={"width_ratios": [width, 4.5]} if fits else None)
+    ax = axes[0] if fits else axes
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
     for (i, j), v in np.ndenumerate(grid):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
@@ -114,6 +120,27 @@ def plot(path: Path, summary: dict) -> None:
     ax.set_yticks(range(len(ks)), ks)
     ax.set(ylabel="k (look-ups)", title="Held-out exact match: Parcae by T, Transformer")
     fig.colorbar(im, ax=ax, fraction=0.04)
+    if fits:
+        _plot_fits(axes[1], summary, ks, np)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_fits(ax, summary: dict, ks: list[str], np) -> None:
+    """Parcae's (continuity-corrected) error rate by T per k, the fitted law dashed."""
+    parcae = summary["models"]["parcae"]
+    ts = sorted(int(t) for t in parcae["accuracy"])
+    for k in ks:
+        n = max(int(parcae.get("queries_by_k", {}).get(k, 0)), 1)
+        err = [((1.0 - parcae["accuracy"][str(t)][k]) * n + 0.5) / (n + 1) for t in ts]
+        line, = ax.plot(ts, err, "o", ms=4, label=f"k = {k}")
+        fit = summary["test_time_fit"].get(k, {})
+        if fit.get("determined"):
+            tt = np.linspace(ts[0], ts[-1], 100)
+            ax.plot(tt, fit["L_inf"] + fit["Z"] * np.exp(-fit["z"] * tt), "--",
+                    color=line.get_color(), label=f"fit: {fit['L_inf']:.1g} + "
+                    f"{fit['Z']:.3g}·e^(−{fit['z']:.2f}T)")
+    ax.set(yscale="log", xlabel="loop count T", ylabel="error rate",
+           title="Parcae error by T, fitted law")
+    ax.legend(fontsize=7)
