@@ -121,26 +121,24 @@ def plot(path: Path, summary: dict) -> None:
     ax.set(ylabel="k (look-ups)", title="Held-out exact match: Parcae by T, Transformer")
     fig.colorbar(im, ax=ax, fraction=0.04)
     if fits:
-        _plot_fits(axes[1], summary, ks, np)
+        _plot_fits(axes[1], summary, ks)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _plot_fits(ax, summary: dict, ks: list[str], np) -> None:
-    """Parcae's (continuity-corrected) error rate by T per k, the fitted law dashed."""
+def _plot_fits(ax, summary: dict, ks: list[str]) -> None:
+    """Parcae's (continuity-corrected) error rate by T per k, with each k's fitted law."""
+    from parcae_megatron.scaling.plots import draw_test_time_fit
+
     parcae = summary["models"]["parcae"]
     ts = sorted(int(t) for t in parcae["accuracy"])
     for k in ks:
         n = max(int(parcae.get("queries_by_k", {}).get(k, 0)), 1)
         err = [((1.0 - parcae["accuracy"][str(t)][k]) * n + 0.5) / (n + 1) for t in ts]
         line, = ax.plot(ts, err, "o", ms=4, label=f"k = {k}")
-        fit = summary["test_time_fit"].get(k, {})
-        if fit.get("determined"):
-            tt = np.linspace(ts[0], ts[-1], 100)
-            ax.plot(tt, fit["L_inf"] + fit["Z"] * np.exp(-fit["z"] * tt), "--",
-                    color=line.get_color(), label=f"fit: {fit['L_inf']:.1g} + "
-                    f"{fit['Z']:.3g}·e^(−{fit['z']:.2f}T)")
+        draw_test_time_fit(ax, summary["test_time_fit"].get(k), ts[0], ts[-1],
+                           color=line.get_color(), name=f"k = {k}")
     ax.set(yscale="log", xlabel="loop count T", ylabel="error rate",
            title="Parcae error by T, fitted law")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)

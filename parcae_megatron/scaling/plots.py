@@ -30,21 +30,23 @@ def test_time_fit_label(fit: dict) -> str:
     return f"fit not determined: {fit.get('reason')}"
 
 
-def draw_test_time_fit(ax, fit: dict | None, t_min: float, t_max: float) -> None:
+def draw_test_time_fit(ax, fit: dict | None, t_min: float, t_max: float, color: str = "C1",
+                       name: str = "") -> None:
     """Draw a determined ``fit_test_time_curve`` fit (curve and L∞ line) on ``ax`` between
     ``t_min`` and ``t_max``, or a legend entry saying why it is not determined (call
-    ``ax.legend()`` afterwards)."""
+    ``ax.legend()`` afterwards). ``name`` prefixes the legend entry (one curve of several)."""
     if not fit:
         return
+    prefix = f"{name} " if name else ""
     if fit.get("determined"):
         dense = np.linspace(t_min, t_max, 200)
-        ax.plot(dense, fit["L_inf"] + fit["Z"] * np.exp(-fit["z"] * dense), color="C1",
-                label=f"fit: {fit['L_inf']:.3f} + {fit['Z']:.3f}·exp(−{fit['z']:.3f}·T)")
-        ax.axhline(fit["L_inf"], color="C1", ls=":", lw=1)
+        ax.plot(dense, fit["L_inf"] + fit["Z"] * np.exp(-fit["z"] * dense), color=color,
+                label=f"{prefix}fit: {fit['L_inf']:.4g} + {fit['Z']:.4g}·exp(−{fit['z']:.4g}·T)")
+        ax.axhline(fit["L_inf"], color=color, ls=":", lw=1)
     else:  # a legend entry, so that matplotlib places it clear of the points
         import textwrap
 
-        ax.plot([], [], " ", label=textwrap.fill(test_time_fit_label(fit), 50))
+        ax.plot([], [], " ", label=textwrap.fill(prefix + test_time_fit_label(fit), 50))
 
 
 def _save(fig, path: Path) -> Path:
