@@ -6,14 +6,19 @@ hardest chains (k = max_k) at T = 1, μ_rec and 2·μ_rec, the equal-parameter T
 and the ratios the issue's targets are stated in. The baseline of every ratio is measured in
 the same run (Parcae at T = 1; the Transformer).
 
-Usage: python benchmarks/probe.py [--seeds 0 1 2] [--quick] [-- PROBE FLAGS...]
+It also prints the whole k × T table (Parcae at every T, the Transformer) as mean ± std over
+the seeds. ``--keep DIR`` keeps each seed's run directory (heatmaps, probe.json) under DIR.
+
+Usage: python benchmarks/probe.py [--seeds 0 1 2] [--quick] [--keep DIR] [-- PROBE FLAGS...]
 ``--quick`` is a smoke run (one seed, a few steps). Last line: one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,11 +56,46 @@ def headline(summary: dict) -> dict:
     return out
 
 
+def seed_table(summaries: list[dict]) -> dict:
+    """Mean and population std over seeds of every accuracy cell: ``{"parcae": {T: {k: [mean,
+    std]}}, "transformer": {k: [mean, std]}}``."""
+    def cell(values: list[float]) -> list[float]:
+        return [statistics.fmean(values), statistics.pstdev(values)]
+
+    out = {}
+    first = summaries[0]["models"]
+    if "parcae" in first:
+        out["parcae"] = {t: {k: cell([s["models"]["parcae"]["accuracy"][t][k] for s in summaries])
+                             for k in row}
+                         for t, row in sorted(first["parcae"]["accuracy"].items(),
+                                              key=lambda kv: int(kv[0]))}
+    if "transformer" in first:
+        row = first["transformer"]["accuracy"]["0"]
+        out["transformer"] = {k: cell([s["models"]["transformer"]["accuracy"]["0"][k]
+                                       for s in summaries]) for k in row}
+    return out
+
+
+def table_text(table: dict) -> str:
+    """The seed table as text, one row per Parcae T and one for the Transformer."""
+    rows = [*(("parcae T=" + t, row) for t, row in table.get("parcae", {}).items()),
+            *((("transformer", table["transformer"]),) if "transformer" in table else ())]
+    ks = sorted(rows[0][1], key=int)
+    lines = ["  " + " " * 14 + "".join(f"k={k:<14}" for k in ks)]
+    for label, row in rows:
+        lines.append(f"  {label:<14}" + "".join(f"{row[k][0]:.3f} ± {row[k][1]:.3f}   "
+                                                for k in ks))
+    return "\n".join(lines)
+
+
 def main() -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true", help="one seed, a few steps (smoke)")
+    parser.add_argument("--keep", default=None,
+                        help="keep each seed's run directory under this one (default: a "
+                             "temporary directory, removed at the end)")
     parser.add_argument("probe_args", nargs=argparse.REMAINDER,
                         help="after --: flags for parcae_megatron.probe")
     args = parser.parse_args()
@@ -65,10 +105,12 @@ def main() -> int:
         seeds = seeds[:1]
         extra = ["--train-iters", "5", "--train-docs", "300", "--test-docs", "30", *extra]
     started = time.time()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="probe-bench-") as tmp:
+    rows, summaries = [], []
+    with (contextlib.nullcontext(args.keep) if args.keep
+          else tempfile.TemporaryDirectory(prefix="probe-bench-")) as tmp:
         for seed in seeds:
             summary = run_seed(seed, Path(tmp) / f"seed{seed}", extra)
+            summaries.append(summary)
             row = {"seed": seed, **headline(summary),
                    "train_wall_s": {m: r["train_wall_s"] for m, r in summary["models"].items()},
                    "targets": {n: t["met"] for n, t in summary.get("targets", {}).items()}}
@@ -83,9 +125,11 @@ def main() -> int:
         ratios["hardest_T_mu_over_T_1"] = mean[t_mu] / max(mean["parcae_T1"], 1e-9)
         if "transformer" in mean:
             ratios["hardest_parcae_T_mu_minus_transformer"] = mean[t_mu] - mean["transformer"]
+    table = seed_table(summaries)
+    print(f"held-out exact match, mean ± std over {len(rows)} seed(s):\n{table_text(table)}")
     print(f"mean over {len(rows)} seed(s): " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items()))
     print(json.dumps({"benchmark": "probe", "quick": args.quick, "seeds": seeds,
-                      "mean": mean, "ratios": ratios, "per_seed": rows,
+                      "mean": mean, "ratios": ratios, "per_seed": rows, "table": table,
                       "wall_s": round(time.time() - started, 1)}))
     return 0
 
