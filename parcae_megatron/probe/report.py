@@ -8,20 +8,26 @@ from pathlib import Path
 from parcae_megatron.probe.task import TaskSpec
 
 
+def corrected_errors(by_t: dict[str, dict[str, float]], ts: list[int], k: str,
+                     n: int) -> list[float]:
+    """k's error rate at each T with half a wrong query of continuity correction,
+    (wrong + 0.5) / (n + 1): a perfectly answered row is a small positive error, as the
+    test-time law's L∞ > 0 needs, not a zero that stops the fit."""
+    return [((1.0 - by_t[str(t)][k]) * n + 0.5) / (n + 1) for t in ts]
+
+
 def _fit_error_curves(ts: list[int], by_t: dict[str, dict[str, float]],
                       queries: dict[str, int]) -> dict:
     """Fit the test-time law err(T) = E_inf + Z·exp(-z·T) to each k's error rate
     (``scaling.fit.fit_test_time_curve``); the noise is the binomial standard error of the
     accuracy over that k's held-out queries, so a curve within it reports "not determined".
-    The error rate carries half a wrong query of continuity correction, (wrong + 0.5) / (n + 1),
-    so a row the model answers perfectly is a small positive error, as the law's L∞ > 0 needs,
-    not a zero that stops the fit."""
+    The error rates are ``corrected_errors``."""
     from parcae_megatron.scaling.fit import fit_test_time_curve
 
     out = {}
     for k in next(iter(by_t.values())):
         n = max(int(queries.get(k, 0)), 1)
-        errors = [((1.0 - by_t[str(t)][k]) * n + 0.5) / (n + 1) for t in ts]
+        errors = corrected_errors(by_t, ts, k, n)
         noise = max(math.sqrt(max(e * (1.0 - e), 0.0) / n) for e in errors)
         out[k] = fit_test_time_curve(ts, errors, noise=noise)
     return out
@@ -30,7 +36,7 @@ def _fit_error_curves(ts: list[int], by_t: dict[str, dict[str, float]],
 def not_below_margin(a: float, b: float, n: int) -> float:
     """How far accuracy ``b`` may sit under ``a`` and still count as "not below": two standard
     errors of the difference of two accuracies over the same ``n`` held-out queries (pooled
-    binomial), i.e. not significantly below. 0 when either is exact (p = 0 or 1 pooled)."""
+    binomial), i.e. not significantly below. 0 when both are exact (pooled p = 0 or 1)."""
     if n <= 0:
         return 0.0
     p = (a + b) / 2
@@ -135,7 +141,7 @@ def _plot_fits(ax, summary: dict, ks: list[str]) -> None:
     ts = sorted(int(t) for t in parcae["accuracy"])
     for k in ks:
         n = max(int(parcae.get("queries_by_k", {}).get(k, 0)), 1)
-        err = [((1.0 - parcae["accuracy"][str(t)][k]) * n + 0.5) / (n + 1) for t in ts]
+        err = corrected_errors(parcae["accuracy"], ts, k, n)
         line, = ax.plot(ts, err, "o", ms=4, label=f"k = {k}")
         draw_test_time_fit(ax, summary["test_time_fit"].get(k), ts[0], ts[-1],
                            color=line.get_color(), name=f"k = {k}")
