@@ -7,7 +7,7 @@ is exact), local spec, fp32. Modes: no recompute; ``--recompute-loop-iterations`
 (per-iteration loop checkpoints); Megatron's full recompute (uniform, 1 layer) on every
 stack; both. The model has the paper's 1:1:1 prelude/recurrent/coda split.
 
-Targets (issue 12): without recompute, bytes at μ_rec=32 ≤ 1.05 × μ_rec=8 (no-grad iterations
+Targets: without recompute, bytes at μ_rec=32 ≤ 1.05 × μ_rec=8 (no-grad iterations
 save nothing); with loop checkpointing, bytes ≤ 1/3 of without (μ_bwd = 4).
 
 Usage: python benchmarks/activation_memory.py [--seq 256] [--batch 2]. Last line: JSON.

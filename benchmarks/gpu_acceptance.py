@@ -6,7 +6,7 @@
 (b) step_time: a real training step (Megatron DDP, the authors' parcae_muon on Megatron's
     distributed optimizer, loop-iteration recompute as in configs/parcae-1.3b.yaml) of the
     1.3B shape at micro-batch 8, sequence 2048, in bf16 and in FP8 (hybrid, tensorwise
-    current scaling); step time, tokens/s and MFU (spec §5.1 FLOPs at the step's fixed
+    current scaling); step time, tokens/s and MFU (docs/design.md §8.1 FLOPs at the step's fixed
     depths T = μ_rec, k = μ_bwd, against the GPU's dense bf16 peak, for FP8 too).
     ``--layers N`` runs N/N/N layers instead of 8/8/8 if memory needs it.
 (c) vs_gpt: forward + backward of Parcae (full backprop, no value embeddings) against

@@ -3,7 +3,7 @@
 Runs ``python -m parcae_megatron.probe`` once per seed (data seed and trainer ``--seed``
 both set to it) and reports, per seed and averaged, Parcae's held-out exact match on the
 hardest chains (k = max_k) at T = 1, μ_rec and 2·μ_rec, the equal-parameter Transformer's,
-and the ratios the issue's targets are stated in. The baseline of every ratio is measured in
+and the ratios of the probe's targets (docs/probe.md). The baseline of every ratio is measured in
 the same run (Parcae at T = 1; the Transformer).
 
 It also prints the whole k × T table (Parcae at every T, the Transformer) as mean ± std over

@@ -3,7 +3,7 @@
 Trains the tiny Parcae (``parcae-tiny``, same init, same seed) for N steps twice on an embedded
 byte-level corpus (paragraphs of this Python's standard library, <bos> text <eos>):
 
-- ``previous``: the configs before issue 13: Megatron's ``muon`` (emerging-optimizers Polar
+- ``previous``: the configs before this recipe: Megatron's ``muon`` (emerging-optimizers Polar
   Express coefficients, shape scaling, Nesterov 0.95, no weight decay, no variance rescale),
   Megatron's concatenating GPTDataset;
 - ``recipe``: ``parcae_muon`` (momentum 0.85→0.95, NorMuon rescale, cautious wd 0.2→0) and

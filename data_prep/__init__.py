@@ -3,7 +3,7 @@
 Command-line tools (each has ``--help``):
 
 - ``python -m data_prep.corpus``: the embedded default corpus (Python's own standard library).
-- ``python -m data_prep.train_tokenizer``: a SentencePiece BPE model (spec §2.3 settings).
+- ``python -m data_prep.train_tokenizer``: a SentencePiece BPE model (docs/design.md §6.3 settings).
 - ``python -m data_prep.preprocess``: jsonl/json/parquet/txt (plain, .gz, .zst) to .bin/.idx.
 - ``python -m data_prep.merge``: concatenate several datasets into one.
 - ``python -m data_prep.inspect``: counts, histograms, samples and a consistency check.

@@ -1,7 +1,8 @@
 """SentencePiece tokenizer with the interface Megatron's datasets and trainer expect.
 
-The Parcae tokenizer (spec §2.3) is a byte-level BPE with byte fallback, split digits, a 32768
-vocabulary and the special tokens ``<|bos|>``, ``<|eos|>`` and ``<|pad|>``. Models trained by
+The Parcae tokenizer (docs/design.md §6.3) is a byte-level BPE with byte fallback, split digits,
+a 32768 vocabulary and the special tokens ``<|bos|>``, ``<|eos|>`` and ``<|pad|>``. Models
+trained by
 ``python -m data_prep.train_tokenizer`` use identity normalisation, no dummy prefix and keep
 all whitespace, so ``detokenize(tokenize(text)) == text`` for every string with one exception:
 

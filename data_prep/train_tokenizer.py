@@ -1,4 +1,5 @@
-"""``python -m data_prep.train_tokenizer``: train the SentencePiece BPE tokenizer (spec §2.3).
+"""``python -m data_prep.train_tokenizer``: train the SentencePiece BPE tokenizer
+(docs/design.md §6.3).
 
 Reads the same inputs as ``data_prep.preprocess``, samples up to ``--max-chars`` characters of
 documents (each capped at ``--max-doc-chars``) and trains a byte-fallback BPE model with split
@@ -40,8 +41,8 @@ from data_prep.tokenizer import (
 )
 
 DEFAULT_VOCAB = 32768
-DEFAULT_MAX_CHARS = 2_000_000_000  # spec §2.3: 2B characters of FineWeb-Edu
-DEFAULT_MAX_DOC_CHARS = 10_000  # spec §2.3: documents capped at 10k characters
+DEFAULT_MAX_CHARS = 2_000_000_000  # docs/design.md §6.3: 2B characters of FineWeb-Edu
+DEFAULT_MAX_DOC_CHARS = 10_000  # docs/design.md §6.3: documents capped at 10k characters
 DEFAULT_THREADS = 16  # SentencePiece's own default
 _PIECE_SIZE = 64 * 1000 * 1000
 
@@ -220,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(default %(default)s)")
     parser.add_argument("--max-chars", type=parse_size, default=DEFAULT_MAX_CHARS,
                         help="characters to sample for training, e.g. 2G or 50M (default 2G, "
-                             "as spec §2.3; SentencePiece needs roughly 10-20 bytes of memory "
+                             "as docs/design.md §6.3; SentencePiece needs roughly 10-20 bytes "
+                             "of memory "
                              "per sampled character)")
     parser.add_argument("--max-doc-chars", type=int, default=DEFAULT_MAX_DOC_CHARS,
                         help="cap each sampled document at this many characters "

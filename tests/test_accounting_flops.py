@@ -1,5 +1,5 @@
-"""FLOPs per token of the paper's App. D formula next to the code formula (spec §5.1), checked
-against numbers worked out by hand from the spec's 140M sizes (§1.8)."""
+"""FLOPs per token of the paper's App. D formula next to the code formula (docs/design.md §8),
+checked against numbers worked out by hand from the 140M sizes (docs/design.md §7)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from parcae_megatron.model.accounting import (
 )
 from parcae_megatron.model.presets import preset_config
 
-# 140M Parcae (spec §1.8): d = 768, d_ff = 3072, 6 heads x 128, vocab 32768, S = 2048,
+# 140M Parcae (docs/design.md §7): d = 768, d_ff = 3072, 6 heads x 128, vocab 32768, S = 2048,
 # L_P = L_R = L_C = 2, tied embedding, 3 value-embedding (VE) tables, 1 of them in the loop.
 #   one layer = 4d² + 2·d·d_ff + 2d = 2,359,296 + 4,718,592 + 1,536 = 7,079,424
-#   N_R (2 layers + one VE gate of 32·6) = 14,158,848 + 192 = 14,159,040        (spec §1.8)
+#   N_R (2 layers + one VE gate of 32·6) = 14,158,848 + 192 = 14,159,040  (docs/design.md §7)
 #   N_non-R = prelude+coda 4 layers 28,317,696 + 2 VE gates 384 + injection 2d + d² 591,360
 #             + readout d² 589,824 + prelude norm 768 + final norm 768
 #             + unembedding 32768·768 = 25,165,824                      = 54,666,624
@@ -29,12 +29,12 @@ from parcae_megatron.model.presets import preset_config
 #   paper FLOPs/token = 781,089,024 + 276,824,064 = 1,057,913,088
 # Code formula: N_nc = 144,323,136 − 25,165,824 − 14,159,040 = 104,998,272 (keeps the three
 #   VE tables 75,497,472, drops the LM head), so it is larger by
-#   6·(75,497,472 − 25,165,824) = 301,989,888 → 1,359,902,976 (the spec's 1.36e9).
+#   6·(75,497,472 − 25,165,824) = 301,989,888 → 1,359,902,976 (docs/design.md §8.4: 1.36e9).
 PAPER_140M = 1_057_913_088
 CODE_140M = 1_359_902_976
 # Fixed-depth 140M Transformer: N̂₂ = 143,141,184 − 25,165,824 (token table) − 3 VE tables
 #   75,497,472 + unembedding 25,165,824 = 67,643,712; 6·N̂₂ = 405,862,272;
-#   attention 3A·6 layers = 113,246,208 → 519,108,480 (code formula: 8.21e8, spec §5.1).
+#   attention 3A·6 layers = 113,246,208 → 519,108,480 (code formula: 8.21e8, docs/design.md §8.4).
 PAPER_140M_TRANSFORMER = 519_108_480
 
 

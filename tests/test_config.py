@@ -31,7 +31,7 @@ def test_paper_recipe_values():
 
 
 def test_value_embedding_placement():
-    # spec §1.3: alternate layers, last always included; 3 tables at 140M (6 effective layers)
+    # docs/design.md §2.3: alternate layers, last always included; 3 tables at 140M (6 layers)
     cfg = preset_config("parcae-140m")
     assert [i for i in range(6) if cfg.has_value_embedding(i)] == [1, 3, 5]
     assert not preset_config("parcae-140m", value_embeddings=False).has_value_embedding(5)

@@ -31,7 +31,7 @@ def test_per_sequence_poisson_truncated_at_one():
 
 
 def test_expected_max_depth_matches_spec():
-    # spec §2.1: E[max_i T_i] ≈ 14.4 for 32 sequences and ≈ 12.2 for 8 (Poisson(8))
+    # docs/design.md §4.2: E[max_i T_i] ≈ 14.4 for 32 sequences and ≈ 12.2 for 8 (Poisson(8))
     assert round(expected_max_depth(8, 32), 1) == 14.4
     assert round(expected_max_depth(8, 8), 1) == 12.2
     gen = torch.Generator().manual_seed(1)

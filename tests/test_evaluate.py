@@ -158,7 +158,7 @@ def test_quickstart_checkpoint_evaluates_through_load(quickstart_run, tmp_path):
     every T is scored on the same held-out tokens, with bits per byte, a plot and a fit that
     is either determined or says why not.
 
-    No loop-gain threshold here, by decision (issue 20): over five initial draws of this run
+    No loop-gain threshold here, by decision: over five initial draws of this run
     the gain L(T=1) − L(T=4) on held-out text was −0.0001 … +0.011 nats against a
     window-sampling error of 0.002–0.0035, so at this scale the gain is not a property of the
     model that any positive threshold could hold for every draw, whatever the number of

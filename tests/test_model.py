@@ -19,7 +19,7 @@ from parcae_megatron.model.injection import DiagonalInjection
 from parcae_megatron.model.layer_specs import get_parcae_layer_local_spec
 from tests.conftest import perturb_
 
-# spec §1.8 (paper Table 19) and §5.1 (code FLOP formula)
+# docs/design.md §7 (paper Table 19) and §8.1 (code FLOP formula)
 PAPER = {
     "parcae-140m": (144_323_136, 14_159_040, 75_497_472, 1.36e9),
     "parcae-370m": (388_003_328, 50_340_352, 201_326_592, 4.17e9),
@@ -245,7 +245,7 @@ def test_eval_initial_state_fresh_per_forward_and_reproducible(megatron_single):
     ids, _, _ = _batch(b=2)
     with torch.no_grad():
         first, second = model(ids), model(ids)
-        assert not torch.equal(first, second)  # h0 is redrawn on every forward (spec §1.6)
+        assert not torch.equal(first, second)  # h0 redrawn per forward (docs/design.md §4.5)
         model.depth_sampler.eval_draws = 0
         assert torch.equal(model(ids), first)  # ...from a keyed generator: reproducible
 

@@ -1,5 +1,5 @@
-"""The Muon update maths (``training/muon_math.py``) alone, against the spec's formulas (§2.2)
-written out here in float64: no Megatron, no optimizer object."""
+"""The Muon update maths (``training/muon_math.py``) alone, against the formulas of
+docs/design.md §6.1 written out here in float64: no Megatron, no optimizer object."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from parcae_megatron.training import muon_math
 
-# Polar Express coefficients of the released MuonAdamW (spec §2.2, authors' muon_adamw.py).
+# Polar Express coefficients of the released MuonAdamW (docs/design.md §6.1, muon_adamw.py).
 COEFFS = [
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -35,7 +35,7 @@ def spec_orthogonalize(u: torch.Tensor) -> torch.Tensor:
 
 
 def spec_step(p, grad, m, v, *, lr, wd, mom, beta2=0.95):
-    """One step of the spec's Muon in float64; returns (p, m, v) with v of reduced shape."""
+    """One step of the authors' Muon in float64; returns (p, m, v) with v of reduced shape."""
     m = m + (1 - mom) * (grad - m)
     u = grad + mom * (m - grad)                              # Nesterov
     x = spec_orthogonalize(u)

@@ -1,4 +1,4 @@
-"""Parcae's QKV init under grouped-query attention (spec §1.7: Q, K and V each orthogonal).
+"""Parcae's QKV init under grouped-query attention (docs/design.md §5: Q, K and V each orthogonal).
 
 Megatron's fused QKV weight holds, per query group, the rows of that group's query heads, then
 its key head, then its value head. Every Q, K and V head must be a block of rows of an

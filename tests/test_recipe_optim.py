@@ -1,5 +1,5 @@
-"""The authors' optimizer recipe (spec §2.2) on Megatron: ``parcae_muon`` against the formulas
-of tests/test_muon_math.py, the schedules, and the parameter routing of parcae-140m."""
+"""The authors' optimizer recipe (docs/design.md §6.1) on Megatron: ``parcae_muon`` against the
+formulas of tests/test_muon_math.py, the schedules, and the parameter routing of parcae-140m."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Activation recompute (issue 12): Megatron's full (uniform / block) and selective recompute
+"""Activation recompute: Megatron's full (uniform / block) and selective recompute
 and the per-iteration loop checkpoint give the gradients of no recompute at TP=1 (DP=2),
 TP=2 (with and without sequence parallelism) and PP=2 (1F1B, several micro-batches in
 flight), with per-sequence depths and compaction; loop checkpointing keeps only the loop

@@ -52,7 +52,7 @@ def test_init_seed_changes_weights_not_data_order(monkeypatch, megatron_single):
     assert all(torch.equal(base[k], v) for k, v in _weights(default).items())  # deterministic
     changed = _weights(other_init)
     # Drawn weights: all but constants (zeros, norm gains) and the injection's fixed init
-    # (B = I, dt_bias from the decay target: spec §1.2).
+    # (B = I, dt_bias from the decay target: docs/design.md §5).
     random = [k for k, v in base.items()
               if v.std() > 0 and k not in ("injection.B", "injection.dt_bias")]
     assert len(random) > 10 and all(not torch.equal(base[k], changed[k]) for k in random)

@@ -1,4 +1,4 @@
-"""Scaling-law fits recover known constants from synthetic data (spec §5.2-5.3)."""
+"""Scaling-law fits recover known constants from synthetic data (docs/design.md §10)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from parcae_megatron.scaling.fit import (
     prediction_errors,
 )
 
-# Paper's 140M parametric law (spec §5.2)
+# Paper's 140M parametric law (docs/design.md §10.2)
 E, A, ALPHA, B, BETA = 2.662, 522733.307, 0.771, 25420.102, 0.525
 
 
@@ -50,7 +50,7 @@ def test_parametric_law_exact_without_noise():
 def test_isoflop_parabola_and_power_laws():
     mus = np.array([2, 4, 6, 8, 10, 12])
     budgets = np.array([1e18, 2e18, 4e18, 8e18, 16e18])
-    optimum = 0.5 * (budgets / 1e18) ** 0.40  # γ_μ = 0.40 (spec §5.2), scaled to the grid
+    optimum = 0.5 * (budgets / 1e18) ** 0.40  # γ_μ = 0.40 (docs/design.md §10.1), grid-scaled
     found = []
     for c, mu_star in zip(budgets, optimum * 8):
         loss = 3.0 + 0.05 * (np.log(mus) - np.log(mu_star)) ** 2 + 0.01 * np.log10(c)
@@ -76,7 +76,7 @@ def test_test_time_law_recovers_constants():
 
 
 @pytest.mark.parametrize("l_inf,z_amp,z,ts", [
-    (2.95, 0.6, 0.45, [1, 2, 3, 4, 6, 8, 12, 16]),  # a paper-like curve (spec §5.3)
+    (2.95, 0.6, 0.45, [1, 2, 3, 4, 6, 8, 12, 16]),  # a paper-like curve (docs/design.md §10.3)
     (4.2, 1.5, 1.2, [1, 2, 3, 4, 5, 6, 7, 8]),  # fast decay, still seen at T = 2
     (3.3, 0.3, 0.2, [1, 2, 4, 8, 16, 24]),  # slow decay, mostly inside the sweep
 ])
@@ -96,7 +96,7 @@ def test_test_time_report_recovers_known_constants(l_inf, z_amp, z, ts):
     ([1, 2, 2, 1], [3.0, 2.9, 2.9, 3.0], "at least three distinct"),
     ([1, 2, 4], [3.0, float("nan"), 2.8], "not finite"),
     ([1, 2, 4, 8], [3.0, 3.0, 3.0, 3.0], "flat"),
-    # the quickstart's curve at 300 steps (issue 20): 0.004 nats over T = 1..8
+    # the quickstart's curve at 300 steps: 0.004 nats over T = 1..8
     ([1, 2, 3, 4, 5, 6, 7, 8], [4.6157, 4.6113, 4.6120, 4.6130, 4.6140, 4.6130, 4.6135,
                                 4.6139], "flat"),
     # docs/evaluation.md's old example: fitted as 4.62 + 620·exp(−11.6·T)
@@ -120,8 +120,9 @@ def test_test_time_report_noise_sets_the_tolerance():
 
 
 def _unified_synthetic(gamma: float, noise: float, seed: int = 0):
-    """The paper's 140M training law (spec §5.2) as the floor of the unified test-time law
-    (spec §5.3) with Z = 0.5, z = 3, on an iso-FLOP grid evaluated at the paper's T values."""
+    """The paper's 140M training law (docs/design.md §10.2) as the floor of the unified
+    test-time law (docs/design.md §10.4) with Z = 0.5, z = 3, on an iso-FLOP grid evaluated at
+    the paper's T values."""
     rng = np.random.default_rng(seed)
     rows = []
     for budget in (1e18, 2e18, 4e18, 8e18, 16e18):
@@ -148,7 +149,7 @@ def test_unified_test_time_law_recovers_constants():
 
 
 def test_unified_test_time_law_learns_gamma():
-    # γ = 1.19: the paper's learned exponent for 140M (spec §5.3)
+    # γ = 1.19: the paper's learned exponent for 140M (docs/design.md §10.4)
     n, d, t, mu, loss = _unified_synthetic(gamma=1.19, noise=2e-4, seed=1)
     fit = fit_unified_test_time_law(n, d, t, mu, loss, restarts=15, seed=0, learn_gamma=True)
     assert fit.gamma == pytest.approx(1.19, abs=0.03)

@@ -1,4 +1,4 @@
-"""Iso-FLOP planning: FLOPs/token per μ_rec from spec §5.1, token budgets, and a sweep file
+"""Iso-FLOP planning: FLOPs/token per μ_rec from docs/design.md §8, token budgets, and a sweep file
 that launch.submit accepts."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tests.distributed import ROOT
 def test_plan_matches_spec_flops_and_budgets():
     runs = plan_isoflop("parcae-140m", [16e18], [2, 8])
     by_mu = {r.mean_recurrence: r for r in runs}
-    assert f"{by_mu[8].flops_per_token:.2e}" == "1.36e+09"  # spec §5.1 table at μ=8, μ_bwd=4
+    assert f"{by_mu[8].flops_per_token:.2e}" == "1.36e+09"  # docs/design.md §8.4, μ=8, μ_bwd=4
     assert by_mu[2].mean_backprop_depth == 1 and by_mu[8].mean_backprop_depth == 4
     for r in runs:  # tokens · FLOPs/token hits the budget within one step
         assert abs(r.tokens * r.flops_per_token - 16e18) <= 524288 * r.flops_per_token
@@ -53,7 +53,7 @@ def test_sweep_document_shape():
 
 
 def test_plan_with_paper_formula():
-    # spec §5.1 App. D formula, 140M at μ_rec = 8, μ_bwd = 4: 1,057,913,088 FLOPs/token
+    # docs/design.md §8.2 (App. D) formula, 140M at μ_rec = 8, μ_bwd = 4: 1,057,913,088 FLOPs/token
     # (worked out in tests/test_accounting_flops.py); code formula 1,359,902,976
     runs = plan_isoflop("parcae-140m", [16e18], [8], flops_formula="paper")
     (run,) = runs

@@ -18,7 +18,7 @@ N_BASE, N_REC = 1.0e8, 1.4e7  # non-embedding params and one recurrent block (�
 
 def _write_run(path, mu, budget, paper_offset=None):
     """A finished run at ``budget`` FLOPs; with ``paper_offset`` the budget is met under a
-    "paper" FLOPs/token that is the code one minus that offset (as in spec §5.1)."""
+    "paper" FLOPs/token that is the code one minus that offset (as in docs/design.md §8.2)."""
     flops_per_token = 6 * (N_BASE + (mu - 1) * N_REC)  # any per-μ cost works for the test
     paper = None if paper_offset is None else flops_per_token - paper_offset
     tokens = budget / (flops_per_token if paper is None else paper)

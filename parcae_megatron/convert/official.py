@@ -1,6 +1,6 @@
 """The authors' released checkpoint format ↔ our Hugging Face export.
 
-Authors' format (``/work/shared/notes/official-checkpoint-format.md``): ``config.json`` with
+Authors' format (docs/design.md §12): ``config.json`` with
 their field names and ``"_class_name": "ParcaeConfig"``, and ``pytorch_model.bin``, a
 ``torch.save`` of the full state dict: the RoPE buffer ``freqs_cis``, ``transformer.*``,
 ``value_embeds.*`` and ``lm_head.weight`` (sharing storage with ``transformer.wte.weight``).
@@ -77,7 +77,7 @@ def value_embedding_layout(n_p: int, n_r: int, n_c: int, mean_recurrence: int,
 
 def check_value_embedding_rules(n_p: int, n_r: int, n_c: int, mean_recurrence: int,
                                 mean_backprop_depth: int) -> None:
-    """Raise unless the authors' table rule and gate rule pick the same layers (spec §1.3).
+    """Raise unless the authors' table and gate rules pick the same layers (docs/design.md §12.4).
 
     They disagree for some odd stage sizes; the authors' model then has unused tables and
     gates, which our model (a gate exactly where a table is) cannot represent.

@@ -1,4 +1,4 @@
-"""BOS-aligned best-fit packing with crop (spec §2.3, the authors' "BestFit-Crop"), as a
+"""BOS-aligned best-fit packing with crop (docs/design.md §6.3, the authors' "BestFit-Crop"), as a
 Megatron dataset over indexed datasets: ``--packing bestfit``.
 
 Each row holds ``seq_length + 1`` tokens (inputs and labels shifted by one) and is filled from a

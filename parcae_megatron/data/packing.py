@@ -1,4 +1,4 @@
-"""Best-fit packing with crop (spec §2.3) at the scale of a real run.
+"""Best-fit packing with crop (docs/design.md §6.3) at the scale of a real run.
 
 The rule (the authors' "BestFit-Crop"): each row holds ``row_length`` tokens and is filled
 from a buffer of up to ``buffer_size`` documents, refilled from the document stream before
@@ -318,7 +318,7 @@ def synthetic_lengths(count: int, seed: int = 0, mean: float = 1100.0,
     """``count`` int32 document lengths, lognormal with the given mean (at least 1 token).
 
     mean 1100 and sigma 1.1 give ~3.2 pieces per best-fit row of 2049 tokens, as measured on
-    the issue's corpus; drawn in slices, so the float temporaries stay small.
+    a real corpus; drawn in slices, so the float temporaries stay small.
     """
     rng = numpy.random.default_rng(seed)
     mu = numpy.log(mean) - sigma**2 / 2

@@ -1,8 +1,9 @@
 """Evaluate a Parcae model at several loop counts: loss, perplexity, bits per byte and the
-test-time law L(T) = L∞ + Z·exp(−z·T) (spec §5.3). CLI: ``python -m parcae_megatron.evaluate``;
-the ``loss`` subcommand scores with ``validation_loss``; ``core`` / ``core-extended`` (``core_cli``
-over ``core``, ``core_runner``), ``adaptive`` (``adaptive_cli`` over ``adaptive``: per-token
-early exit) and ``lambada`` (``lambada``) live in the modules named.
+test-time law L(T) = L∞ + Z·exp(−z·T) (docs/design.md §10.3). CLI:
+``python -m parcae_megatron.evaluate``; the ``loss`` subcommand scores with ``validation_loss``;
+``core`` / ``core-extended`` (``core_cli`` over ``core``, ``core_runner``), ``adaptive``
+(``adaptive_cli`` over ``adaptive``: per-token early exit) and ``lambada`` (``lambada``) live in
+the modules named.
 
 Programmatic use with a model object::
 

@@ -3,8 +3,8 @@
 
 ``loss`` (the default when no subcommand is given): loss / perplexity / bits per byte of a
 held-out token stream at each T (default 1, 2, 4, …, 2·μ_rec) and seed of the initial state,
-with the fit L(T) = L∞ + Z·exp(−z·T) (spec §5.3). ``core`` / ``core-extended``: the paper's
-in-context benchmarks on the DCLM eval bundle. ``adaptive``: loss (and CORE) against mean
+with the fit L(T) = L∞ + Z·exp(−z·T) (docs/design.md §10.3). ``core`` / ``core-extended``: the
+paper's in-context benchmarks on the DCLM eval bundle. ``adaptive``: loss (and CORE) against mean
 iterations per token under per-token early exit. ``lambada``: lm-eval's lambada_openai.
 """
 

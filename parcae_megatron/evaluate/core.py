@@ -1,7 +1,7 @@
 """CORE / CORE-Extended (paper App. M; DCLM / nanochat eval bundle): task specs, bundle reading,
 prompt rendering, span selection and scoring.
 
-Rules (``shared/notes/core-eval.md``): few-shot examples first, each followed by a blank line;
+Rules (docs/design.md §9.3): few-shot examples first, each followed by a blank line;
 every prompt tokenized with ⟨bos⟩ prepended; multiple choice scores the span after the longest
 common token prefix of an item's prompts, schema the longest common token suffix, language
 modeling the tokens the continuation adds; multiple choice / schema pick the lowest mean NLL

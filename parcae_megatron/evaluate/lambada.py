@@ -1,4 +1,5 @@
-"""LAMBADA through lm-eval (``lambada_openai``, 0-shot) at several loop counts (spec §6).
+"""LAMBADA through lm-eval (``lambada_openai``, 0-shot) at several loop counts
+(docs/design.md §9.4).
 
 The dataset (``EleutherAI/lambada_openai``) comes from the Hugging Face Hub or its local
 datasets cache; when neither is reachable the command stops with one ``error:`` line.

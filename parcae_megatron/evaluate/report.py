@@ -1,4 +1,4 @@
-"""The test-time law fit (spec §5.3), the JSON report and the loss-vs-T plot."""
+"""The test-time law fit (docs/design.md §10.3), the JSON report and the loss-vs-T plot."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ EXIT_CRITERIA = ("residual", "kl", "argmax")
 
 
 class ParcaeConfig(PretrainedConfig):
-    """Prelude / looped core / coda Transformer (spec §1).
+    """Prelude / looped core / coda Transformer (docs/design.md §2).
 
     Loop count: ``num_iterations`` is the default number of recurrent iterations T at
     inference (the training mean μ_rec unless set); every forward and ``generate`` call can

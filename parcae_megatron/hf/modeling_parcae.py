@@ -1,4 +1,4 @@
-"""Hugging Face modeling code for Parcae looped language models (spec §1, §6).
+"""Hugging Face modeling code for Parcae looped language models (docs/design.md §2, §9).
 
 Self-contained (``torch`` + ``transformers``): copied next to exported weights so
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works offline.
@@ -185,7 +185,7 @@ class Block(nn.Module):
 
 
 class Adapter(nn.Module):
-    """The loop injection u = Ā ⊙ h + B̄ e (fp32; spec §1.2)."""
+    """The loop injection u = Ā ⊙ h + B̄ e (fp32; docs/design.md §3.1)."""
 
     def __init__(self, config: ParcaeConfig) -> None:
         super().__init__()

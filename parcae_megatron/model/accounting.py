@@ -1,9 +1,9 @@
-"""Parameter and FLOP accounting for Parcae models (spec §1.8, §5.1).
+"""Parameter and FLOP accounting for Parcae models (docs/design.md §7, §8).
 
 Counts come from the real module tree (build it on the meta device to avoid allocating);
-categories follow the spec: ``embedding_params`` are the token embedding plus value-embedding
-tables (lookups, not matmuls); ``recurrent_params`` is one copy of the recurrent block
-including its VE gates but not its VE table.
+categories follow docs/design.md §7: ``embedding_params`` are the token embedding plus
+value-embedding tables (lookups, not matmuls); ``recurrent_params`` is one copy of the recurrent
+block including its VE gates but not its VE table.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def token_embedding_params(config: ParcaeConfig) -> int:
 
 def flops_per_token(config: ParcaeConfig, counts: dict[str, int],
                     sequence_length: int | None = None) -> float:
-    """Training FLOPs per token with the authors' code formula (spec §5.1).
+    """Training FLOPs per token with the authors' code formula (docs/design.md §8.1).
 
     6·N_nc + 3·A·(L_P+L_C) + (2·N_R + A·L_R)·μ_rec + (4·N_R + 2·A·L_R)·μ_bwd, with
     A = 4·d·S forward attention FLOPs per layer per token and
@@ -108,8 +108,8 @@ def flops_per_token(config: ParcaeConfig, counts: dict[str, int],
 def effective_params(config: ParcaeConfig, counts: dict[str, int]) -> int:
     """N(μ_rec): non-embedding parameters with the recurrent block unrolled μ_rec times.
 
-    The paper's "effective parameter count if all loops were unrolled" (spec §5.2); whether
-    embeddings belong in N is an open question there — we exclude token and value-embedding
+    The paper's "effective parameter count if all loops were unrolled" (docs/design.md §8.3);
+    whether embeddings belong in N is an open question there — we exclude token and value-embedding
     tables (lookups, not matmuls).
     """
     unrolled = config.mean_recurrence if config.is_looped else 1
@@ -117,7 +117,7 @@ def effective_params(config: ParcaeConfig, counts: dict[str, int]) -> int:
 
 
 def paper_effective_params(config: ParcaeConfig, counts: dict[str, int]) -> tuple[int, int]:
-    """(N̂₁, N̂₂) of the paper's App. D formula (spec §5.1).
+    """(N̂₁, N̂₂) of the paper's App. D formula (docs/design.md §8.2).
 
     N̂₁ = (μ_rec − μ_bwd)·N_R are the unrolled parameters run without gradient and
     N̂₂ = N_non-R + μ_bwd·N_R those run with backprop. Embedding tables (token and value
@@ -135,7 +135,7 @@ def paper_effective_params(config: ParcaeConfig, counts: dict[str, int]) -> tupl
 
 def paper_flops_per_token(config: ParcaeConfig, counts: dict[str, int],
                           sequence_length: int | None = None) -> float:
-    """Training FLOPs per token with the paper's App. D formula (spec §5.1).
+    """Training FLOPs per token with the paper's App. D formula (docs/design.md §8.2).
 
     2·N̂₁ + 6·N̂₂ plus nanochat/PaLM-style attention FLOPs: A = 4·h·d_head·S forward per layer
     per token (score and value matmuls, no causal halving), tripled where the layer is

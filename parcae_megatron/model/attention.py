@@ -1,6 +1,6 @@
 """Parcae self-attention: Megatron `SelfAttention` plus gated value embeddings.
 
-Value embeddings (spec §1.3): some layers own a token-indexed table E ∈ R^{V × n_kv·hd};
+Value embeddings (docs/design.md §2.3): some layers own a token-indexed table E ∈ R^{V × n_kv·hd};
 their values become v + g ⊙ E[s] with a per-head gate g = 2·sigmoid(W_g · x[..., :32]) on the
 normed block input x. Recurrent layers reuse their table on every loop iteration because the
 table lives in the (shared) layer. Under tensor parallelism the table and the gate are sharded
@@ -43,7 +43,7 @@ from parcae_megatron.model.init import InitMethod, keyed_init
 
 
 class HeadRMSNorm(torch.nn.Module):
-    """Parameter-free RMS normalisation over the head dim (the QK-norm of spec §1.3).
+    """Parameter-free RMS normalisation over the head dim (the QK-norm of docs/design.md §2.2).
 
     Parcae applies it after RoPE; RoPE is a rotation of each head vector, which preserves
     its RMS, so normalising before RoPE (where Megatron applies q/k norms) is the same map.
@@ -81,7 +81,7 @@ class ValueEmbedding(MegatronModule):
         set_tensor_model_parallel_attributes(self.weight, True, 1, 1)
         set_tensor_model_parallel_attributes(self.gate_weight, True, 0, 1)
         if config.perform_initialization and self.weight.device.type != "meta":
-            # Draw the full tables (PyTorch defaults, spec §1.7) keyed by this parameter and
+            # Draw the full tables (PyTorch defaults, docs/design.md §5) keyed by this parameter and
             # keep this rank's heads, so the initial model does not depend on the layout.
             seed = config.init_seed
             table = InitMethod("normal", 1.0, seed, f"{key}.weight",
@@ -150,7 +150,7 @@ class ParcaeSelfAttention(SelfAttention):
         prefix = f"layers.{effective_layer}.self_attention"
         hd, d = config.kv_channels, config.hidden_size
         groups = config.num_query_groups or config.num_attention_heads
-        # Q, K and V are each orthogonal (spec §1.7); inits keyed by parameter (model/init.py).
+        # Q, K and V are each orthogonal (docs/design.md §5); inits keyed by parameter (init.py).
         qkv = ({"kind": "qkv_orthogonal", "head_dim": hd, "query_groups": groups}
                if getattr(config.init_method, "kind", None) == "orthogonal" else {})
         init_config = copy.copy(config)

@@ -1,6 +1,6 @@
 """`ParcaeConfig`: a Megatron `TransformerConfig` for prelude / looped core / coda models.
 
-Block internals follow the Parcae paper (spec §1.3): pre-norm RMSNorm (eps 1e-5),
+Block internals follow the Parcae paper (docs/design.md §2.2): pre-norm RMSNorm (eps 1e-5),
 no biases, parameter-free QK-norm, RoPE θ = 50,000, 0.5·ReLU² MLP, scaled-zero
 orthogonal init. A config with ``num_recurrent_layers == 0`` is the fixed-depth
 Transformer baseline.
@@ -73,7 +73,7 @@ class ParcaeConfig(TransformerConfig):
     """``compact`` runs each iteration only on the still-active sequences; ``masked``
     runs every sequence for the maximum depth and selects (the authors' behaviour)."""
     init_decay: float = math.sqrt(0.2)
-    """Ā at init (spec §1.2): Δ₀ = -ln(init_decay), A_log = 0."""
+    """Ā at init (docs/design.md §5): Δ₀ = -ln(init_decay), A_log = 0."""
     min_decay_rate: float = 1e-6
     """Floor on Δ·a, so Ā ≤ exp(-1e-6) < 1 holds in floating point for any parameters."""
     depth_seed: int = 514229
@@ -81,7 +81,7 @@ class ParcaeConfig(TransformerConfig):
     initial loop state h₀ (model/depth.py streams; ``--depth-seed``)."""
     recompute_loop_iterations: bool = False
     """Checkpoint each gradient iteration of the loop (non-reentrant): keep only the loop
-    state at iteration boundaries and re-run the iteration in the backward (spec §2.3)."""
+    state at iteration boundaries and re-run the iteration in the backward (docs/design.md §4.2)."""
     init_seed: int = 1234
     """Seed of the initial weights: each parameter is drawn from a generator keyed by
     (init_seed, its name), whatever the TP/PP layout (model/init.py). Training sets it to
@@ -121,7 +121,7 @@ class ParcaeConfig(TransformerConfig):
     def __post_init__(self) -> None:
         self._validate_parcae()
         self.num_layers = self.num_prelude_layers + self.num_recurrent_layers + self.num_coda_layers
-        # spec §1.7: std = sqrt(2 / (5 d)) for every matrix; output projections start at zero.
+        # docs/design.md §5: std = sqrt(2 / (5 d)) for every matrix; output projections start at 0.
         self.init_method_std = math.sqrt(2.0 / (5.0 * self.hidden_size))
         if self.init_method is None:
             self.init_method = orthogonal_init(self.init_method_std, seed=self.init_seed)
@@ -154,7 +154,8 @@ class ParcaeConfig(TransformerConfig):
         return self.num_prelude_layers + self.num_recurrent_layers + self.num_coda_layers
 
     def has_value_embedding(self, effective_layer: int) -> bool:
-        """Spec §1.3: layer i has a table iff i mod 2 == (n_eff - 1) mod 2 (last always has one)."""
+        """Layer i has a table iff i mod 2 == (n_eff - 1) mod 2: the last always has one
+        (docs/design.md §2.3)."""
         return self.value_embeddings and effective_layer % 2 == (self.num_effective_layers - 1) % 2
 
     def stage_layout(self) -> list[str]:

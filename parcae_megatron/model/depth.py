@@ -1,4 +1,4 @@
-"""Recurrence-depth sampling (spec §2.1).
+"""Recurrence-depth sampling (docs/design.md §4).
 
 Per sequence i: T_i = max(1, Poisson(μ_rec)) total iterations, of which the last
 k_i = min(T_i, μ_bwd) receive gradient and the first n_i = T_i - k_i run without it.

@@ -1,4 +1,4 @@
-"""Parcae's "scaled-zero" orthogonal initialisation (spec §1.7), independent of the layout.
+"""Parcae's "scaled-zero" orthogonal initialisation (docs/design.md §5), independent of the layout.
 
 Matrices are truncated-normal draws orthogonalised by QR and scaled by
 ``std * sqrt(max(rows, cols))`` so their entries have RMS ≈ std, with
@@ -182,7 +182,7 @@ def orthogonal_init(std: float, seed: int | None = None) -> InitMethod:
 
 def qkv_orthogonal_init(head_dim: int, query_groups: int, std: float,
                         seed: int | None = None) -> InitMethod:
-    """Init for Megatron's fused QKV weight: Q, K and V are each orthogonal (spec §1.7).
+    """Init for Megatron's fused QKV weight: Q, K and V are each orthogonal (docs/design.md §5).
 
     Megatron lays the fused weight out per query group: for each group g the rows of its
     query heads, then its key head, then its value head ([q_g…, k_g, v_g]; multi-head
@@ -199,6 +199,6 @@ zeros_init = InitMethod("zeros")
 
 def truncated_normal_(tensor: torch.Tensor, std: float,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """Truncated normal at ±3σ (the `like_init` loop-state draw, spec §1.6)."""
+    """Truncated normal at ±3σ (the `like_init` loop-state draw, docs/design.md §4.5)."""
     return torch.nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-3 * std, b=3 * std,
                                        generator=generator)

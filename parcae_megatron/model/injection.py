@@ -1,14 +1,14 @@
 """Loop injection: how the prelude output e enters the state at every iteration.
 
-u_t = Ā ⊙ h_t + B̄ e feeds the recurrent block, h_{t+1} = F_R(u_t) (spec §1.1–1.2).
+u_t = Ā ⊙ h_t + B̄ e feeds the recurrent block, h_{t+1} = F_R(u_t) (docs/design.md §2.1, §3).
 
 * ``diagonal`` (Parcae): Ā = exp(-Δ ⊙ exp(A_log)) (ZOH), B̄ e = Δ ⊙ (B e) (Euler),
   Δ = softplus(dt_bias).
-* ``diagonal_exact_zoh``: same Ā, input gain (1 - exp(-Δa)) / a instead of Δ (spec §1.2, [H]).
+* ``diagonal_exact_zoh``: same Ā, input gain (1 - exp(-Δa)) / a instead of Δ (docs/design.md §3.3).
 * ``additive``: u = h + e (Ā = B̄ = I, marginally stable).
 * ``concat_linear`` (Huginn/RDM): u = W [h; e], ρ(Ā) unconstrained.
 
-All parameters and arithmetic are fp32 whatever the model dtype (spec §2.3): the modules
+All parameters and arithmetic are fp32 whatever the model dtype (docs/design.md §3.4): the modules
 refuse dtype casts of their parameters. Loop-invariant terms (Ā and B̄e) are computed once per
 forward by ``prepare`` and reused by every ``step``.
 

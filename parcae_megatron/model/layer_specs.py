@@ -1,6 +1,6 @@
 """Layer specs for Parcae blocks: a local spec (any device) and a Transformer Engine spec.
 
-Both build the same block (spec §1.3): pre-norm RMSNorm, biasless QKV/out projections,
+Both build the same block (docs/design.md §2.2): pre-norm RMSNorm, biasless QKV/out projections,
 parameter-free QK-norm, gated value embeddings, 0.5·ReLU² MLP. Checkpoint keys are the same
 for both, so a run can switch between them.
 """

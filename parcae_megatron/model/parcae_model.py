@@ -162,7 +162,7 @@ class ParcaeModel(LanguageModule):
             if stack is not None:
                 self._assign_value_rows_columns(stack)
         if self.has_loop:
-            # Spec §2.2: B and C (like A_log, dt_bias) belong to the AdamW group. Their own
+            # docs/design.md §6.1: B and C (like A_log, dt_bias) are in the AdamW group. Their own
             # flag (read by the optimizer routing), not Megatron's embedding flag, which would
             # also give them --decoupled-lr.
             for param in (*self.injection.parameters(), *self.readout.parameters()):

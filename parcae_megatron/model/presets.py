@@ -1,4 +1,4 @@
-"""Named model sizes (spec §1.8, paper Table 19) and tiny presets for tests.
+"""Named model sizes (docs/design.md §7, paper Table 19) and tiny presets for tests.
 
 ``parcae-*`` are looped models (L_P / L_R / L_C, μ_rec = 8, μ_bwd = 4); ``transformer-*``
 are the fixed-depth baselines with 3× the per-stage layer count and the same width.

@@ -1,4 +1,4 @@
-"""Probe report: accuracy tables, the issue's targets, the test-time fit per k, the heatmap."""
+"""Probe report: accuracy tables, targets (docs/probe.md), the test-time fit per k, the heatmap."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def not_below_margin(a: float, b: float, n: int) -> float:
 
 
 def summarise(results: dict, spec: TaskSpec, options: dict, wall: float) -> dict:
-    """The probe.json content, with ``targets`` (the issue's four checks) and a text table."""
+    """The probe.json content, with ``targets`` (docs/probe.md's four checks) and a text table."""
     hardest = str(spec.max_k)
     summary = {"task": {"form": "pointer chasing: permutation table in context, answer f^k(x)",
                         "n_symbols": spec.n_symbols, "max_k": spec.max_k,

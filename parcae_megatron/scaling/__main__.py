@@ -1,5 +1,5 @@
-"""`python -m parcae_megatron.scaling plan|fit ...`: plan an iso-FLOP sweep (spec §5.2), fit
-the scaling laws to its finished runs (spec §5.2-5.3).
+"""`python -m parcae_megatron.scaling plan|fit ...`: plan an iso-FLOP sweep (docs/design.md §10.1),
+fit the scaling laws to its finished runs (docs/design.md §10).
 
 Example::
 
@@ -76,7 +76,7 @@ def _plan(args) -> int:
         return 2
     doc = sweep_document(runs, args.config, Path(args.out).stem, args.concurrency)
     Path(args.out).write_text(sweep_header(runs) + yaml.safe_dump(doc, sort_keys=False))
-    print(f"tokens from the {args.flops_formula} FLOP formula (spec §5.1)")
+    print(f"tokens from the {args.flops_formula} FLOP formula (docs/design.md §8)")
     print(f"{'run':<30} {'FLOPs/tok code':>14} {'FLOPs/tok paper':>15} {'tokens':>14} "
           f"{'steps':>8} {'FLOPs code':>11} {'FLOPs paper':>11}")
     for r in runs:

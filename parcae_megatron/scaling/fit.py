@@ -1,4 +1,4 @@
-"""Scaling-law fits for looped models (spec §5.2-5.3).
+"""Scaling-law fits for looped models (docs/design.md §10).
 
 * ``fit_isoflop_parabola``: loss vs log μ_rec at one FLOP budget → the optimal μ*_rec.
 * ``fit_power_law``: y = k · C^γ in log-log space (μ*(C), D*(C)).
@@ -8,7 +8,7 @@
   ``fit_test_time_curve``: the same fit as a JSON-ready dict that says "not determined" (and
   why) for sweeps that cannot fix the three constants (too few T, flat, decay unresolved).
 * ``fit_unified_test_time_law``: L(T | μ_rec, D) = E + X·N(μ_rec)^(−x) + Y·D^(−y)
-  + Z·exp(−z·T/μ_rec), Huber on log-loss, L-BFGS from seeded restarts (spec §5.3).
+  + Z·exp(−z·T/μ_rec), Huber on log-loss, L-BFGS from seeded restarts (docs/design.md §10.4).
 * ``prediction_errors``: RMSE and mean absolute relative error of predictions (held-out checks).
 
 All fits are deterministic given their seed.
@@ -100,11 +100,11 @@ class ParametricFit:
 
 def fit_parametric_law(n, d, loss, restarts: int = 200, seed: int = 0,
                        delta: float = 1e-3) -> ParametricFit:
-    """Chinchilla-style fit (spec §5.2): minimise Σ Huber_δ(LSE(e, α − a ln N, β − b ln D) −
-    ln L) over θ = (e, α, a, β, b) with L-BFGS-B from ``restarts`` seeded starting points,
-    within the bounds of ``UNIFIED_BOUNDS`` (exponents in [0, 3]: a loss that *grows* with
-    parameters or data is not a scaling law); E = e^e, A = e^α, B = e^β. Returns the best
-    restart."""
+    """Chinchilla-style fit (docs/design.md §10.2): minimise
+    Σ Huber_δ(LSE(e, α − a ln N, β − b ln D) − ln L) over θ = (e, α, a, β, b) with L-BFGS-B
+    from ``restarts`` seeded starting points, within the bounds of ``UNIFIED_BOUNDS``
+    (exponents in [0, 3]: a loss that *grows* with parameters or data is not a scaling law);
+    E = e^e, A = e^α, B = e^β. Returns the best restart."""
     log_n, log_d = np.log(np.asarray(n, float)), np.log(np.asarray(d, float))
     log_l = np.log(np.asarray(loss, float))
 
@@ -145,7 +145,7 @@ class TestTimeFit:
 
 
 def fit_test_time_law(loop_counts, loss, restarts: int = 20, seed: int = 0) -> TestTimeFit:
-    """Least squares on log-loss (spec §5.3), from seeded starting points; at least three
+    """Least squares on log-loss (docs/design.md §10.3), from seeded starting points; at least three
     distinct loop counts. Fits whatever it is given: ``fit_test_time_curve`` says whether
     the result means anything."""
     t, log_l = np.asarray(loop_counts, float), np.log(np.asarray(loss, float))
@@ -252,7 +252,8 @@ def _span(distinct: np.ndarray) -> str:
 
 @dataclass
 class UnifiedTestTimeFit:
-    """L(T | μ_rec, D) = E + X·N(μ_rec)^(−x) + Y·D^(−y) + Z·exp(−z·T/μ_rec^γ) (spec §5.3).
+    """L(T | μ_rec, D) = E + X·N(μ_rec)^(−x) + Y·D^(−y) + Z·exp(−z·T/μ_rec^γ)
+    (docs/design.md §10.4).
 
     γ = 1 (the paper's choice) unless fitted with ``learn_gamma``.
     """
@@ -313,7 +314,7 @@ UNIFIED_BOUNDS = [(-10.0, 10.0), (-60.0, 60.0), (0.0, 3.0), (-60.0, 60.0), (0.0,
 def fit_unified_test_time_law(n, d, t, mu, loss, restarts: int = 200, seed: int = 0,
                               delta: float = 1e-3,
                               learn_gamma: bool = False) -> UnifiedTestTimeFit:
-    """Fit the unified test-time law (spec §5.3) to points (N(μ_rec), D, T, μ_rec, loss).
+    """Fit the unified test-time law (docs/design.md §10.4) to points (N(μ_rec), D, T, μ_rec, loss).
 
     Minimises the mean Huber_δ loss between LSE(e, α − x·lnN, β − y·lnD, ζ − z·T/μ^γ) and ln L
     over θ = (e, α, x, β, y, ζ, ln z[, γ]) with L-BFGS-B (analytic gradient, wide bounds:

@@ -1,7 +1,7 @@
-"""Iso-FLOP sweep planning (spec §5.2): one run per (FLOP budget, μ_rec).
+"""Iso-FLOP sweep planning (docs/design.md §10.1): one run per (FLOP budget, μ_rec).
 
 For each μ_rec (μ_bwd = ⌈μ_rec/2⌉) the training FLOPs per token follow the authors' code
-formula (spec §5.1, the default: it reproduces the paper's budgets) or the paper's App. D
+formula (docs/design.md §8.1, the default: it reproduces the paper's budgets) or the paper's App. D
 formula (2·N̂₁ + 6·N̂₂ plus attention); tokens = budget / (FLOPs per token), steps = tokens /
 tokens per step. Both formulas' FLOPs per token are kept on every run. The plan is written as
 a sweep file that ``python -m launch.submit --sweep`` runs as one SLURM job array.
@@ -52,10 +52,10 @@ def budget_label(budget: float) -> str:
 def plan_isoflop(preset: str, budgets: list[float], recurrences: list[int],
                  global_batch: int = 256, seq_length: int = 2048,
                  flops_formula: str = "code", vocab_size: int | None = None) -> list[PlannedRun]:
-    """The runs of an iso-FLOP sweep of ``preset`` (spec §5.2 conventions); tokens are set by
-    ``flops_formula`` ("code" or "paper", spec §5.1). ``vocab_size`` (padded, as the model
-    sees it) overrides the preset's when the tokenizer differs: value-embedding tables and
-    the LM head enter the FLOPs."""
+    """The runs of an iso-FLOP sweep of ``preset`` (docs/design.md §10.1 conventions); tokens are
+    set by ``flops_formula`` ("code" or "paper", docs/design.md §8). ``vocab_size`` (padded,
+    as the model sees it) overrides the preset's when the tokenizer differs: value-embedding
+    tables and the LM head enter the FLOPs."""
     if flops_formula not in FLOPS_FORMULAS:
         raise ValueError(f"unknown FLOP formula {flops_formula!r}; known: {sorted(FLOPS_FORMULAS)}")
     tokens_per_step = global_batch * seq_length
@@ -90,7 +90,7 @@ def sweep_header(runs: list[PlannedRun]) -> str:
     """YAML comment lines recording each run's budget and FLOPs under both formulas."""
     formula = runs[0].flops_formula if runs else "code"
     lines = [f"# iso-FLOP plan (parcae_megatron.scaling plan); tokens set by the {formula} "
-             "FLOP formula (spec §5.1)",
+             "FLOP formula (docs/design.md §8)",
              "# run: budget | FLOPs/token code, paper | tokens | FLOPs code, paper"]
     for r in runs:
         lines.append(f"#   {r.name}: {r.budget:.3g} | {r.code_flops_per_token:.4g}, "

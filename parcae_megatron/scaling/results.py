@@ -1,9 +1,9 @@
-"""Fit the scaling laws to finished runs (spec §5.2-5.3), with held-out errors, and plot them.
+"""Fit the scaling laws to finished runs (docs/design.md §10), with held-out errors, and plot them.
 
 A run is a telemetry file (``telemetry.jsonl`` of a run directory); its last validation
 record gives the loss at μ_rec (``lm_loss``), the loss at other loop counts (``lm_loss_T=k``),
-tokens seen, μ_rec, FLOPs per token under the code and the paper formula (spec §5.1) and the
-effective parameter count N(μ_rec).
+tokens seen, μ_rec, FLOPs per token under the code and the paper formula (docs/design.md §8) and
+the effective parameter count N(μ_rec).
 
 Runs are grouped into FLOP budgets by their compute C = tokens × FLOPs/token under the chosen
 formula (runs within 10 % of a group's smallest C share a budget: step rounding). Held-out
@@ -14,8 +14,8 @@ points (``holdout``) are kept out of every fit and only predicted:
 * ``fraction``: a seeded random share of the runs (at least one);
 * ``none``.
 
-The per-run test-time laws are checked the paper's way instead (spec §5.3): with a holdout
-they are fitted on T <= μ_rec (when that leaves 4 points) and predict T > μ_rec.
+The per-run test-time laws are checked the paper's way instead (docs/design.md §10.3): with a
+holdout they are fitted on T <= μ_rec (when that leaves 4 points) and predict T > μ_rec.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ BUDGET_TOLERANCE = 1.1
 
 @dataclass(frozen=True)
 class RunResult:
-    """What the fits use from one finished run (``flops``: code formula, spec §5.1)."""
+    """What the fits use from one finished run (``flops``: code formula, docs/design.md §8.1)."""
 
     name: str
     mean_recurrence: int

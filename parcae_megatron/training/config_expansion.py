@@ -14,7 +14,7 @@ from parcae_megatron.config_file import flag_present, flag_value, load_config
 from parcae_megatron.model.config import ParcaeConfigError
 from parcae_megatron.model.presets import PRESETS
 
-# The Parcae block (spec §1.3) expressed as Megatron flags; always applied first.
+# The Parcae block (docs/design.md §2.2) expressed as Megatron flags; always applied first.
 BLOCK_ARGS = [
     "--normalization", "RMSNorm", "--norm-epsilon", "1e-5", "--disable-bias-linear",
     "--qk-layernorm", "--position-embedding-type", "rope", "--rotary-base", "50000",

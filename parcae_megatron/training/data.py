@@ -68,7 +68,7 @@ def build_datasets(args: argparse.Namespace, tokenizer, train_val_test_num_sampl
     from parcae_megatron.data.bestfit import BestFitDatasetConfig, dataset_class
 
     config_class, extra = GPTDatasetConfig, {}
-    if args.packing == "bestfit":  # BOS-aligned best-fit rows (spec §2.3)
+    if args.packing == "bestfit":  # BOS-aligned best-fit rows (docs/design.md §6.3)
         config_class, extra = BestFitDatasetConfig, {"packing_buffer": args.packing_buffer}
     config = gpt_dataset_config_from_args(args, tokenizer, config_class, **extra)
     dataset_type = dataset_class(args.packing, args.mock_data)

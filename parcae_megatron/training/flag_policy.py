@@ -1,9 +1,9 @@
 """Which Megatron flags a Parcae run refuses, and why (the table ``REFUSALS``).
 
 Megatron-LM's command line describes a GPTModel; ``ParcaeModel`` is built from the same
-arguments but fixes its block (spec §1.3), its initialisation (spec §1.7) and its layout
-(the loop on one pipeline stage). A flag it cannot honour is refused here, before Megatron's
-own validation and before any rank starts, with one message naming the flag — never
+arguments but fixes its block (docs/design.md §2.2), its initialisation (docs/design.md §5) and
+its layout (the loop on one pipeline stage). A flag it cannot honour is refused here, before
+Megatron's own validation and before any rank starts, with one message naming the flag — never
 silently ignored. Kernel fusions that need a missing extension are adapted in
 ``fusions.py``.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from parcae_megatron.model.config import ParcaeConfigError
 
 _PIPELINE = "the loop must stay on one stage: place stages with --parcae-pipeline-layout"
-_BLOCK = "the Parcae block (spec §1.3) is fixed, and checkpoints / HF export assume it"
+_BLOCK = "the Parcae block (docs/design.md §2.2) is fixed, and checkpoints / HF export assume it"
 _CUDA_GRAPHS = ("CUDA graphs need static shapes and call counts; the loop's depth and "
                 "compacted batch change every micro-batch")
 # With delayed scaling Transformer Engine all-reduces amaxes over the amax group (TP x DP by
@@ -94,14 +94,15 @@ REFUSALS: tuple[Refusal, ...] = (
     Refusal("--rotary-seq-len-interpolation-factor",
             _set("rotary_seq_len_interpolation_factor"), "ParcaeModel does not scale RoPE"),
     Refusal("--use-rope-scaling", _set("use_rope_scaling"), "ParcaeModel does not scale RoPE"),
-    # Initialisation (spec §1.7) is fixed by ParcaeConfig.
+    # Initialisation (docs/design.md §5) is fixed by ParcaeConfig.
     Refusal("--init-method-std", _given("--init-method-std"),
-            "Parcae initialises every matrix with std sqrt(2 / (5 · hidden size)) (spec §1.7); "
+            "Parcae initialises every matrix with std sqrt(2 / (5 · hidden size)) "
+            "(docs/design.md §5); "
             "the value would be overwritten"),
     Refusal("--init-method-xavier-uniform", _set("init_method_xavier_uniform"),
-            "Parcae's initialisation is fixed (spec §1.7)"),
+            "Parcae's initialisation is fixed (docs/design.md §5)"),
     Refusal("--embedding-init-method-std", _set("embedding_init_method_std"),
-            "Parcae's initialisation is fixed (spec §1.7)"),
+            "Parcae's initialisation is fixed (docs/design.md §5)"),
     # Parallelism.
     Refusal("--context-parallel-size", lambda a, g: a.context_parallel_size > 1,
             "context parallelism is not supported: the batch is never sharded along the "

@@ -1,4 +1,4 @@
-"""The authors' Muon update (spec §2.2) as pure functions of tensors: no Megatron imports.
+"""The authors' Muon update (docs/design.md §6.1) as pure functions of tensors: no Megatron imports.
 
 One step on a 2-D matrix W (rows × cols) with gradient G, as in the released MuonAdamW:
 

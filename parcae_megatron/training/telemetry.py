@@ -3,7 +3,7 @@
 Hooked into Megatron's own ``training_log`` and ``evaluate`` (called on every rank; patched in
 ``training/megatron_patches.py``), so the numbers Megatron prints (loss, LR, grad norm,
 skipped steps) come with Parcae's: sampled and executed loop depths, executed FLOPs and MFU,
-and every ``--telemetry-interval`` steps the stability signals of spec §4.6 (‖h_T‖,
+and every ``--telemetry-interval`` steps the stability signals of docs/design.md §11 (‖h_T‖,
 ‖h_T − h_{T−1}‖ and their ratio, Ā and Δ ranges, spectral norms of B̄ and C). Loop
 statistics live on the pipeline stage that runs the loop; they are reduced over the world so
 the last rank (which owns the loss) can write them.
@@ -142,7 +142,7 @@ class Telemetry:
 
     # ------------------------------------------------------------------ internals
     def executed_flops_per_token(self, depth_mean: float, grad_depth_mean: float) -> float:
-        """Spec §5.1's formula with the realised mean depths instead of μ_rec / μ_bwd."""
+        """docs/design.md §8.1's formula with the realised mean depths instead of μ_rec / μ_bwd."""
         cfg = self.model.config
         if self.nominal is None:
             counts = count_parameters_from_config(cfg)
@@ -208,7 +208,7 @@ class Telemetry:
 
 @torch.no_grad()
 def stability_signals(model) -> list[float]:
-    """Ā and Δ ranges and the spectral norms of B̄ = diag(Δ)·B and C (spec §4.6)."""
+    """Ā and Δ ranges and the spectral norms of B̄ = diag(Δ)·B and C (docs/design.md §11)."""
     inj = model.injection
     decay, delta = inj.decay(), inj.delta()
     bbar = delta[:, None] * inj.B
