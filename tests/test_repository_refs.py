@@ -13,14 +13,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DESIGN = ROOT / "docs" / "design.md"
 
-# Built from pieces so that this file does not match its own patterns.
 FORBIDDEN = {
-    "a section of an outside spec": re.compile("spec" + r" §", re.IGNORECASE),
-    "the outside spec file": re.compile("parcae" + "_spec"),
-    "a path to outside notes": re.compile(r"(^|[\s`'\"(])(\.\./)?" + "shared" + r"/(notes\b)?"),
-    "an absolute shared path": re.compile("/" + "shared" + "/"),
-    "an outside note": re.compile("notes/" + r"(official-checkpoint-format|core-eval)"),
-    "an issue number": re.compile(r"\b[Ii]ssues?" + r" #?\d+|#\d+ issue|\(" + "issue"),
+    "a section of an outside spec": re.compile(r"spec §", re.IGNORECASE),
+    "the outside spec file": re.compile(r"parcae_spec"),
+    "a path to outside notes": re.compile(r"(^|[\s`'\"(])(\.\./)?shared/(notes\b)?"),
+    "an absolute shared path": re.compile(r"/shared/"),
+    "an outside note": re.compile(r"notes/(official-checkpoint-format|core-eval)"),
+    "an issue number": re.compile(r"\b[Ii]ssues? #?\d+|\(issue"),
 }
 SECTION_REF = re.compile(r"design\.md §(\d+(?:\.\d+)*)((?:, §\d+(?:\.\d+)*)*)")
 HEADING = re.compile(r"^#{2,3} (\d+(?:\.\d+)*)\.? ", re.MULTILINE)
@@ -56,8 +55,9 @@ def design_sections() -> set[str]:
 def test_no_reference_outside_the_repository():
     files = tracked_text_files()
     assert len(files) > 100  # the scan sees the repository, not an empty listing
+    own = Path(__file__).resolve().relative_to(ROOT).as_posix()  # its examples must match
     hits = [f"{name}:{n}: {what}: {line.strip()[:120]}"
-            for name, lines in files.items() for n, line in enumerate(lines, 1)
+            for name, lines in files.items() if name != own for n, line in enumerate(lines, 1)
             for what, pattern in FORBIDDEN.items() if pattern.search(line)]
     assert not hits, "references a clone cannot follow:\n" + "\n".join(hits)
 
@@ -79,7 +79,7 @@ def test_design_sections_exist():
 
 def test_patterns_catch_what_they_are_for():
     """Each pattern flags the kind of text it exists for, and not ordinary prose."""
-    caught = ["see spec §1.3", "Spec §2.2: B and C", "the parcae" + "_spec file",
+    caught = ["see spec §1.3", "Spec §2.2: B and C", "the parcae_spec file",
               "``shared/notes/core-eval.md``", "/work/shared/notes/x.md", "(issue 20)",
               "Issue 20's four targets", "issues #12", "notes/official-checkpoint-format.md"]
     for text in caught:
