@@ -149,3 +149,32 @@ def test_bad_arguments(megatron_single):
         estimate_memory(cfg, micro_batch_size=1, seq_length=32, optimizer="sgd")
     with pytest.raises(ValueError, match=">= 1"):
         estimate_memory(cfg, micro_batch_size=0, seq_length=32)
+
+
+def test_loop_state_as_the_loop_keeps_it(megatron_single):
+    """The loop's kept bytes, metered on the real loop (autograd's saved tensors and the
+    checkpoints' inputs, fp32, local spec), against ``loop_state_bytes``."""
+    from parcae_megatron.model import ParcaeModel
+    from parcae_megatron.model.activation_memory import SavedTensorMeter
+    from parcae_megatron.model.depth import DepthSample
+    from parcae_megatron.model.layer_specs import get_parcae_layer_local_spec
+    from parcae_megatron.model.memory import loop_state_bytes
+
+    s, b = 32, 2
+    for k in (2, 4):
+        cfg = preset_config("parcae-tiny", recompute_loop_iterations=True,
+                            mean_backprop_depth=k, mean_recurrence=k + 2)
+        model = ParcaeModel(cfg, get_parcae_layer_local_spec()).train()
+        ids = torch.randint(0, cfg.vocab_size, (b, s))
+        rope = model.rotary_pos_emb(s)
+        x = model.prelude(hidden_states=model.embedding(input_ids=ids, position_ids=None),
+                          attention_mask=None, rotary_pos_emb=rope,
+                          context=model.value_embedding_rows(model.prelude, ids))
+        rows = model.value_embedding_rows(model.core, ids)
+        with SavedTensorMeter(model) as meter:
+            model._loop(x, None, rope, rows, None, DepthSample.fixed(b, k + 2, k), None, None)
+        expected = loop_state_bytes(cfg, micro_batch_size=b, seq_length=s, bf16=False)
+        # the local torch norm also keeps its normalised output (one fp32 [s, b, d]); what is
+        # left is small (RoPE table, 1/rms, Ā, indices)
+        extra = meter.bytes - expected - 4 * s * b * cfg.hidden_size
+        assert 0 <= extra < 0.1 * expected, (k, meter.bytes, expected)

@@ -273,6 +273,25 @@ def buffer_layouts(params: list[torch.nn.Parameter], *, dp: int, bucket_size: in
 _INJECTION_KEEPS = {"diagonal": 3, "diagonal_exact_zoh": 3, "additive": 1, "concat_linear": 2}
 
 
+def loop_state_bytes(config: ParcaeConfig, *, micro_batch_size: int, seq_length: int,
+                     tp: int = 1, bf16: bool = True) -> int:
+    """Bytes the loop keeps for the backward besides its layers' activations: the fp32 state
+    at each gradient iteration's input and the readout's fp32 input, the injection's
+    loop-invariant fp32 terms, the prelude norm's input (Transformer Engine's norm keeps only
+    that and 1/rms; the local torch norm also its normalised output) and the recurrent stack's
+    value-embedding rows."""
+    s, b, t = seq_length, micro_batch_size, tp
+    width = 2 if bf16 else 4
+    shard = t if config.sequence_parallel else 1
+    sbd = s * b * config.hidden_size // shard
+    n_pre, n_rec = config.num_prelude_layers, config.num_recurrent_layers
+    rows = sum(config.has_value_embedding(i) for i in range(n_pre, n_pre + n_rec))
+    groups = config.num_query_groups or config.num_attention_heads
+    fp32_tensors = config.mean_backprop_depth + 1 + _INJECTION_KEEPS[config.injection_type]
+    return (4 * sbd * fp32_tensors + (width * sbd if config.prelude_norm else 0)
+            + s * b * rows * groups * config.kv_channels // t * width)
+
+
 def activation_phases(config: ParcaeConfig, *, micro_batch_size: int, seq_length: int,
                       tp: int = 1, bf16: bool = True, recompute_loop_iterations: bool = False,
                       recompute_granularity: str | None = None) -> ActivationPhases:
@@ -293,12 +312,7 @@ def activation_phases(config: ParcaeConfig, *, micro_batch_size: int, seq_length
     transients = 2 * 4 * sbd_state  # the gradients of h and of the drive, fp32
     loop_kept, working = 0, (layer if full else 0)
     if config.is_looped:
-        rows = sum(config.has_value_embedding(i) for i in range(n_pre, n_pre + n_rec))
-        groups = config.num_query_groups or config.num_attention_heads
-        loop_kept = (4 * sbd_state * (grad_iters + 1 + _INJECTION_KEEPS[config.injection_type])
-                     + (width * sbd // (t if config.sequence_parallel else 1)
-                        if config.prelude_norm else 0)
-                     + s * b * rows * groups * config.kv_channels // t * width)
+        loop_kept = loop_state_bytes(config, micro_batch_size=b, seq_length=s, tp=t, bf16=bf16)
         if recompute_loop_iterations:
             working = n_rec * layer  # the whole block of one iteration is re-run
         else:
