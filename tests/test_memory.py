@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from parcae_megatron.config_file import load_config
 from parcae_megatron.model.memory import (
     CUDA_CONTEXT_BYTES,
     FRAGMENTATION,
@@ -19,6 +20,7 @@ from parcae_megatron.model.memory import (
     meta_parameters,
 )
 from parcae_megatron.model.presets import preset_config
+from tests.distributed import ROOT
 
 SBD = 2048 * 8 * 1536  # s·b·d of the 1.3B run at micro-batch 8
 LAYER = 34 * SBD  # bf16, flash attention, TP = 1
@@ -92,7 +94,10 @@ def test_1p3b_at_32_gpus(megatron_single):
     params = meta_parameters(cfg)
     run = dict(micro_batch_size=8, seq_length=2048, dp=32, recompute_loop_iterations=True,
                params=params)
-    one = estimate_memory(cfg, **run)  # the config: no grad-reduce overlap -> one bucket
+    shipped = load_config(ROOT / "configs/parcae-1.3b.yaml")  # no grad-reduce overlap
+    assert shipped["overlap-grad-reduce"] is False and "ddp-bucket-size" not in shipped
+    assert ddp_bucket_size(1_338_591_744, 32, overlap_grad_reduce=False) is None  # one bucket
+    one = estimate_memory(cfg, **run)
     muon, adamw, fp32 = 679_481_856, 654_388_224, 4_721_664  # injection and readout: fp32
     assert muon + adamw + fp32 == 1_338_591_744  # paper Table 19
     by_name = {b.name: b for b in one.buffers}
