@@ -48,16 +48,20 @@ from parcae_megatron.model.config import ParcaeConfig
 GIB = 2.0**30
 OPTIMIZERS = ("parcae_muon", "muon", "adam")
 
-# Allowance outside the tensors counted here (assumptions until gpu_acceptance (d) measures them):
+# Allowance outside the tensors counted here. Assumptions, not measurements: no GPU has run
+# this stack yet; benchmarks/gpu_acceptance.py (d) reports measured reserved / estimated.
 FRAGMENTATION = 0.10
-"""Reserved over allocated: the caching allocator's rounding and split blocks. PyTorch's memory
-notes put typical training overhead at 5-15 %; ``expandable_segments`` lowers it."""
+"""Reserved over allocated: the caching allocator rounds block sizes up and splits cached
+blocks, so it holds more than the live tensors (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+lowers this). 10 % is an assumed allowance."""
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)
-"""The CUDA context (driver state, loaded kernels of torch, cuBLAS and Transformer Engine),
-outside the allocator: typically 0.5-1 GiB on Hopper with CUDA's lazy module loading."""
+"""The CUDA context: driver state and the loaded kernels of torch, cuBLAS and Transformer
+Engine, outside the allocator (not in ``max_memory_reserved``, seen by ``nvidia-smi``). An
+assumed 0.75 GiB: the context of a torch process on a recent GPU is commonly 0.5-1 GiB."""
 NCCL_BYTES_PER_COMMUNICATOR = int(0.5 * GIB)
-"""NCCL's buffers per communicator in use: NCCL_BUFFSIZE (4 MiB by default) per channel and
-peer for each protocol, up to 32 channels on NVLink/InfiniBand."""
+"""NCCL's device buffers per communicator with traffic: NCCL_BUFFSIZE (4 MiB by default in
+NCCL's environment-variable documentation) per channel, peer and protocol; with up to 32
+channels on NVLink/InfiniBand that is of the order of 0.5 GiB (assumed)."""
 NCCL_COMMUNICATORS = 2
 """Communicators with GPU traffic in a TP = PP = 1 step: the data-parallel group (gradient
 reduce-scatter, parameter all-gather) and the world (loss and grad-norm reductions)."""
@@ -147,10 +151,10 @@ class MemoryEstimate:
         p = self.phases
         lines.append(f"  activations: max(forward end {p.forward_end / GIB:.2f}, backward "
                      f"{p.backward / GIB:.2f} GiB); total = allocated peak")
-        lines.append(f"  reserved = total x {1 + FRAGMENTATION:.2f} (allocator fragmentation); "
-                     f"device = reserved + {self.context_bytes / GIB:.2f} GiB (CUDA context "
-                     f"{CUDA_CONTEXT_BYTES / GIB:.2f} + NCCL {NCCL_COMMUNICATORS} x "
-                     f"{NCCL_BYTES_PER_COMMUNICATOR / GIB:.2f})")
+        lines.append(f"  assumed allowance: reserved = total x {1 + FRAGMENTATION:.2f} (allocator "
+                     f"fragmentation); device = reserved + {self.context_bytes / GIB:.2f} GiB "
+                     f"(CUDA context {CUDA_CONTEXT_BYTES / GIB:.2f} + NCCL {NCCL_COMMUNICATORS} "
+                     f"x {NCCL_BYTES_PER_COMMUNICATOR / GIB:.2f})")
         bucket = "one bucket" if self.bucket_size is None else f"buckets of {self.bucket_size:,}"
         for b in self.buffers:
             lines.append(f"  {b.name} buffer: {b.numel:,} params -> {b.padded:,} elements "
