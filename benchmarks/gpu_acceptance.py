@@ -12,8 +12,9 @@
 (c) vs_gpt: forward + backward of Parcae (full backprop, no value embeddings) against
     Megatron's ``GPTModel`` with the same width and the same executed layers
     (L_P + T·L_R + L_C), same spec family, bf16.
-(d) memory: peak allocated bytes of (b)'s steps against ``estimate_memory`` (the estimate
-    the trainer's tooling prints) for the same shape, bf16 and FP8.
+(d) memory: peak allocated and reserved bytes of (b)'s steps (``torch.cuda.max_memory_*``)
+    over ``estimate_memory``'s allocated and reserved totals (the estimate the trainer's
+    tooling prints, model/memory.py) for the same shape, bf16 and FP8.
 (e) initial_state: (b)'s bf16 step with h₀ drawn on the device against drawn on the host and
     copied, and the draw alone at the 1.3B s·b·d.
 (f) fp8_vs_bf16_loss: a few hundred steps of a small model on a learnable synthetic stream
@@ -69,8 +70,10 @@ SCHEMA: dict[str, dict[str, type]] = {
                   "flops_per_token": float},
     "vs_gpt": {"executed_layers": int, "micro_batch": int, "seq": int, "gpt_step_s": float,
                "parcae_step_s": float, "parcae_over_gpt": float},
-    "memory": {"bf16_peak_bytes": int, "bf16_estimate_bytes": int, "bf16_peak_over_estimate": float,
-               "fp8_peak_bytes": int, "fp8_estimate_bytes": int, "fp8_peak_over_estimate": float},
+    "memory": {f"{p}_{k}": kind for p in ("bf16", "fp8") for k, kind in (
+        ("peak_bytes", int), ("estimate_bytes", int), ("peak_over_estimate", float),
+        ("reserved_bytes", int), ("reserved_estimate_bytes", int),
+        ("reserved_over_estimate", float))},
     "initial_state": {"step_device_h0_s": float, "step_host_h0_s": float,
                       "step_host_over_device": float, "draw_device_s": float,
                       "draw_host_s": float, "draw_host_over_device": float},
@@ -279,15 +282,16 @@ def peak_flops() -> float | None:
     return next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def estimate(cfg, sizes: Sizes, fp8: bool) -> tuple[int | None, str | None]:
-    """Total bytes of the trainer's memory estimate (model/memory.py) for this shape."""
+def estimate(cfg, sizes: Sizes, fp8: bool) -> tuple[int, int]:
+    """Allocated and reserved totals of the trainer's memory estimate (model/memory.py) for
+    this shape, on one GPU (DP = 1, one bucket: grad-reduce overlap off, as in ``Trainer``)."""
     from parcae_megatron.model.memory import estimate_memory
 
     est = estimate_memory(cfg, micro_batch_size=sizes.mb, seq_length=sizes.seq, tp=1, pp=1,
                           dp=1, bf16=True, fp8=fp8, distributed_optimizer=True,
                           recompute_loop_iterations=cfg.recompute_loop_iterations,
                           recompute_granularity=None, optimizer="parcae_muon")
-    return int(est.total), None
+    return int(est.total), int(est.reserved)
 
 
 def run_shape(sizes: Sizes, cuda: bool, fp8: bool) -> dict:
@@ -308,7 +312,8 @@ def run_shape(sizes: Sizes, cuda: bool, fp8: bool) -> dict:
     peak = peak_flops()
     out = {"cfg": cfg, "step_s": step, "tokens_per_s": tps, "flops_per_token": flops,
            "mfu": flops * tps / peak if peak else None,
-           "peak_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None}
+           "peak_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
+           "reserved_bytes": int(torch.cuda.max_memory_reserved()) if cuda else None}
     if not fp8:
         host = torch.Generator()
         out["h0"] = {
@@ -333,16 +338,16 @@ def part_step_time(sizes: Sizes, cuda: bool) -> tuple[dict, dict, dict]:
             "fp8_mfu": fp8 and fp8["mfu"],
             "fp8_over_bf16_time": fp8 and fp8["step_s"] / bf16["step_s"]}
     # The estimate is arithmetic (also in the dry run); peaks need device memory.
-    est, why = estimate(cfg, sizes, fp8=False)
-    fp8_est = estimate(cfg, sizes, fp8=True)[0]
-    memory = blank("memory", why or ("ok" if cuda else f"peaks {NO_CUDA}"))
-    memory.update(bf16_estimate_bytes=est, fp8_estimate_bytes=fp8_est)
-    if cuda:
-        memory.update(bf16_peak_bytes=bf16["peak_bytes"],
-                      bf16_peak_over_estimate=est and bf16["peak_bytes"] / est)
-    if fp8:
-        memory.update(fp8_peak_bytes=fp8["peak_bytes"],
-                      fp8_peak_over_estimate=fp8_est and fp8["peak_bytes"] / fp8_est)
+    memory = blank("memory", "ok" if cuda else f"peaks {NO_CUDA}")
+    for name, run in (("bf16", bf16), ("fp8", fp8)):
+        est, reserved = estimate(cfg, sizes, fp8=name == "fp8")
+        memory.update({f"{name}_estimate_bytes": est,
+                       f"{name}_reserved_estimate_bytes": reserved})
+        if run is not None and cuda:
+            memory.update({f"{name}_peak_bytes": run["peak_bytes"],
+                           f"{name}_peak_over_estimate": run["peak_bytes"] / est,
+                           f"{name}_reserved_bytes": run["reserved_bytes"],
+                           f"{name}_reserved_over_estimate": run["reserved_bytes"] / reserved})
     h0 = bf16["h0"]
     draws = draw_times(sizes, cuda)
     h0.update(draws, status="ok", step_host_over_device=h0["step_host_h0_s"]

@@ -24,9 +24,10 @@ KEYS = {
                   "flops_per_token": NUM},
     "vs_gpt": {"executed_layers": int, "micro_batch": int, "seq": int, "gpt_step_s": NUM,
                "parcae_step_s": NUM, "parcae_over_gpt": NUM},
-    "memory": {"bf16_peak_bytes": int, "bf16_estimate_bytes": int,
-               "bf16_peak_over_estimate": NUM, "fp8_peak_bytes": int,
-               "fp8_estimate_bytes": int, "fp8_peak_over_estimate": NUM},
+    "memory": {f"{p}_{k}": kind for p in ("bf16", "fp8") for k, kind in (
+        ("peak_bytes", int), ("estimate_bytes", int), ("peak_over_estimate", NUM),
+        ("reserved_bytes", int), ("reserved_estimate_bytes", int),
+        ("reserved_over_estimate", NUM))},
     "initial_state": {"step_device_h0_s": NUM, "step_host_h0_s": NUM,
                       "step_host_over_device": NUM, "draw_device_s": NUM, "draw_host_s": NUM,
                       "draw_host_over_device": NUM},
@@ -42,8 +43,8 @@ NEEDS_CUDA = {
     "te_vs_local": set(KEYS["te_vs_local"]),
     "step_time": {"bf16_mfu", "fp8_step_s", "fp8_tokens_per_s", "fp8_mfu",
                   "fp8_over_bf16_time"},
-    "memory": {"bf16_peak_bytes", "bf16_peak_over_estimate", "fp8_peak_bytes",
-               "fp8_peak_over_estimate"},
+    "memory": {f"{p}_{k}" for p in ("bf16", "fp8") for k in (
+        "peak_bytes", "peak_over_estimate", "reserved_bytes", "reserved_over_estimate")},
     "fp8_vs_bf16_loss": {"fp8_first", "fp8_last", "rel_diff_last", "agree"},
 }
 
@@ -98,5 +99,6 @@ def test_parts_that_run_on_cpu_measure_something(dry_run):
     assert result["vs_gpt"]["executed_layers"] == 1 + 2 * 1 + 1
     assert result["step_time"]["bf16_tokens_per_s"] > 0
     memory = result["memory"]  # model/memory.py's estimate needs no device
-    assert memory["fp8_estimate_bytes"] > 0 and memory["bf16_estimate_bytes"] > 0
+    assert memory["fp8_estimate_bytes"] > memory["bf16_estimate_bytes"] > 0  # + FP8 copies
+    assert memory["bf16_reserved_estimate_bytes"] > memory["bf16_estimate_bytes"]
     assert result["wall_s"] <= 60, result["part_seconds"]

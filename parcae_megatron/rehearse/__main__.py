@@ -185,10 +185,11 @@ class Rehearsal:
             raise RehearsalError(self.layout["model_error"])
         info, mem = self.layout, self.layout["memory"]
         return "pass", (f"{info['params']:,} params, {info['flops_per_token']:.3g} FLOPs/token;"
-                        f" memory/GPU {mem['total'] / GIB:.1f} GiB (weights "
+                        f" memory/GPU {mem['total'] / GIB:.1f} GiB allocated (weights "
                         f"{mem['weights'] / GIB:.1f}, grads {mem['gradients'] / GIB:.1f}, "
                         f"optimizer {mem['optimizer state'] / GIB:.1f}, activations "
-                        f"{mem['activations'] / GIB:.1f})")
+                        f"{mem['activations'] / GIB:.1f}), {mem['reserved'] / GIB:.1f} "
+                        f"reserved, {mem['device'] / GIB:.1f} on the device")
 
     def stage_data(self) -> tuple[str, str]:
         fraction = self.opts.data_fraction

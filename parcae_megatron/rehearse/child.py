@@ -76,7 +76,10 @@ def _describe(args) -> dict:
                                    or args.use_layer_wise_distributed_optimizer),
         recompute_loop_iterations=bool(args.recompute_loop_iterations),
         recompute_granularity=args.recompute_granularity,
-        optimizer=_optimizer_kind(args.optimizer))
+        optimizer=_optimizer_kind(args.optimizer),
+        overlap_grad_reduce=bool(args.overlap_grad_reduce),
+        ddp_bucket_size_flag=args.ddp_bucket_size, ddp_num_buckets=args.ddp_num_buckets,
+        pad_for_high_nccl_busbw=bool(args.ddp_pad_buckets_for_high_nccl_busbw))
     return {
         "model_s": time.time() - start,
         "world_size": args.world_size, "tp": args.tensor_model_parallel_size,
