@@ -34,17 +34,10 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-# The CUDA builds this script installs (PyTorch's wheel index has one per version).
-SUPPORTED_CUDA="12.6 12.8 12.9 13.0"
-# Minimum Linux x86_64 driver of each CUDA release (its GA driver), from NVIDIA's CUDA
-# Toolkit release notes, table "CUDA Toolkit and Corresponding Driver Versions". 12.4 and
-# 12.5 are listed only to say which CUDA an older driver supports.
-DRIVER_TABLE="12.4 550.54.14
-12.5 555.42.02
-12.6 560.28.03
-12.8 570.26
-12.9 575.51.03
-13.0 580.65.06"
+# CUDA release, its minimum NVIDIA driver, and "wheel" for the builds this script installs:
+# one table, shared with the trainer's start-up check (platform/gpu_check.py).
+DRIVER_TABLE=$(grep -v '^#' parcae_megatron/platform/cuda_drivers.txt)
+SUPPORTED_CUDA=$(awk '$3 == "wheel" { printf "%s%s", sep, $1; sep = " " }' <<<"$DRIVER_TABLE")
 
 if [ "$GPU" = 1 ] && [ "$CONTAINER" = 1 ]; then
   echo "error: --gpu and --container are two routes: choose one ($USAGE)" >&2
@@ -82,7 +75,7 @@ min_driver() {  # min_driver CUDA: the oldest driver that runs it
 
 newest_cuda() {  # newest_cuda DRIVER [LIST]: the newest CUDA in LIST (default: table) it runs
   local driver=$1 list=${2:-} best="" cuda minimum
-  while read -r cuda minimum; do
+  while read -r cuda minimum _; do
     if [ -n "$list" ] && [[ " $list " != *" $cuda "* ]]; then continue; fi
     if version_ge "$driver" "$minimum"; then best=$cuda; fi
   done <<<"$DRIVER_TABLE"
@@ -112,14 +105,14 @@ choose_cuda() {  # sets CUDA from --cuda or the driver; refuses a driver too old
     if [ -z "$fits" ]; then
       echo "error: NVIDIA driver $driver ${supports:+supports CUDA up to $supports; it }is older" \
            "than the oldest CUDA build installed here: upgrade the driver to >=" \
-           "$(min_driver 12.6) for --cuda 12.6 or newer" >&2
+           "$(min_driver "${SUPPORTED_CUDA%% *}") for --cuda ${SUPPORTED_CUDA%% *} or newer" >&2
       exit 1
     fi
     CUDA=$fits
     echo "NVIDIA driver $driver: installing the CUDA $CUDA build (pass --cuda to choose)"
   elif ! version_ge "$driver" "$(min_driver "$CUDA")"; then
     local fix="use --cuda $fits"
-    [ -n "$fits" ] || fix="upgrade the driver to >= $(min_driver 12.6) for --cuda 12.6 or newer"
+    [ -n "$fits" ] || fix="upgrade the driver to >= $(min_driver "${SUPPORTED_CUDA%% *}") for --cuda ${SUPPORTED_CUDA%% *} or newer"
     echo "error: CUDA $CUDA needs NVIDIA driver >= $(min_driver "$CUDA"), this node has" \
          "$driver${supports:+ (CUDA up to $supports)}: $fix" >&2
     exit 1
