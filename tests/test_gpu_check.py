@@ -23,6 +23,8 @@ from tests.distributed import ROOT
     ({"PARCAE_EXPECT_GPU": "1", "CUDA_VISIBLE_DEVICES": ""}, "PARCAE_EXPECT_GPU=1"),
     ({"PARCAE_EXPECT_GPU": "0"}, None),
     ({"SLURM_JOB_GPUS": "0,1,2,3"}, "SLURM_JOB_GPUS=0,1,2,3"),
+    ({"SLURM_JOB_GPUS": "0,1", "CUDA_VISIBLE_DEVICES": ""}, None),  # hidden on purpose
+    ({"SLURM_STEP_GPUS": "2", "CUDA_VISIBLE_DEVICES": "2"}, "CUDA_VISIBLE_DEVICES=2"),
     ({"SLURM_GPUS_ON_NODE": "8"}, "SLURM_GPUS_ON_NODE=8"),
     ({"SLURM_GPUS_ON_NODE": "0"}, None),
     ({"SLURM_GPUS_PER_TASK": "1"}, "SLURM_GPUS_PER_TASK=1"),

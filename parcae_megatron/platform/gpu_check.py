@@ -32,13 +32,17 @@ class GpuUnavailableError(RuntimeError):
 def gpu_requested(env: Mapping[str, str]) -> str | None:
     """Which setting of ``env`` asks for GPUs (``NAME=value``), or None for a CPU run.
 
-    ``CUDA_VISIBLE_DEVICES`` empty or negative (``-1``: hide every GPU) asks for none.
+    ``PARCAE_EXPECT_GPU`` (set by ``launch`` in GPU jobs) decides first. Then a
+    ``CUDA_VISIBLE_DEVICES`` that is set decides: devices listed ask for GPUs, empty or
+    negative (``-1``) hides them on purpose (CPU runs inside a GPU allocation: the tests, the
+    rehearsal). Unset, SLURM's GPU variables of the job or step decide.
     """
     if env.get(EXPECT_GPU, "") not in ("", "0"):
         return f"{EXPECT_GPU}={env[EXPECT_GPU]}"
-    visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
-    if visible and not visible.startswith("-"):
-        return f"CUDA_VISIBLE_DEVICES={visible}"
+    if "CUDA_VISIBLE_DEVICES" in env:
+        visible = env["CUDA_VISIBLE_DEVICES"].strip()
+        return f"CUDA_VISIBLE_DEVICES={visible}" \
+            if visible and not visible.startswith("-") else None
     for name in SLURM_GPU_VARS:
         value = env.get(name, "").strip()
         if value and value not in ("0", "(null)"):
