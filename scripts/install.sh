@@ -184,8 +184,10 @@ run .venv/bin/python -m pip install --quiet --upgrade pip
 if [ "$GPU" = 1 ]; then
   # torch of requirements.txt's version, built for CUDA $CUDA, from PyTorch's own index
   # (PyPI's build is for one CUDA only); requirements.txt then finds its pin satisfied.
+  # --force-reinstall: an existing .venv's torch of the same version but another CUDA build
+  # would otherwise count as installed and stay.
   TORCH=$(grep -E '^torch==' requirements.txt)
-  run .venv/bin/python -m pip install --quiet --index-url \
+  run .venv/bin/python -m pip install --quiet --force-reinstall --index-url \
       "https://download.pytorch.org/whl/cu${CUDA//./}" "$TORCH"
   run .venv/bin/python -c "import sys, torch; c = torch.version.cuda; sys.exit(None if c == '$CUDA' else f'error: torch {torch.__version__} is built for CUDA {c}, not $CUDA')"
 fi

@@ -56,7 +56,8 @@ def test_gpu_route_installs_torch_for_the_chosen_cuda_then_te_for_its_major(tmp_
     steps = commands(install("--gpu", "--cuda", "12.8", driver="570.86.10", tmp=tmp_path))
     pinned = next(line for line in (ROOT / "requirements.txt").read_text().splitlines()
                   if line.startswith("torch=="))
-    torch_step = steps.index(".venv/bin/python -m pip install --quiet --index-url "
+    torch_step = steps.index(".venv/bin/python -m pip install --quiet --force-reinstall "
+                             "--index-url "
                              f"https://download.pytorch.org/whl/cu128 {pinned}")
     cuda_check = torch_step + 1
     assert "torch.version.cuda" in steps[cuda_check] and "'12.8'" in steps[cuda_check]
