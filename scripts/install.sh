@@ -82,9 +82,12 @@ newest_cuda() {  # newest_cuda DRIVER [LIST]: the newest CUDA in LIST (default: 
   echo "$best"
 }
 
-driver_version() {  # the NVIDIA driver of this machine's first GPU, empty without nvidia-smi
+driver_version() {  # the NVIDIA driver of this machine's first GPU; empty without a working
+  local version       # nvidia-smi (a failing one prints its complaint on stdout)
   command -v nvidia-smi >/dev/null 2>&1 || return 0
-  nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' '
+  version=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null \
+      | head -n 1 | tr -d ' ') || true
+  if [[ $version =~ ^[0-9]+(\.[0-9]+)*$ ]]; then echo "$version"; fi
 }
 
 choose_cuda() {  # sets CUDA from --cuda or the driver; refuses a driver too old for it
@@ -92,11 +95,11 @@ choose_cuda() {  # sets CUDA from --cuda or the driver; refuses a driver too old
   driver=$(driver_version)
   if [ -z "$driver" ]; then
     if [ -z "$CUDA" ]; then
-      echo "error: no nvidia-smi here to read the driver version from: pass --cuda" \
+      echo "error: no working nvidia-smi here to read the driver version from: pass --cuda" \
            "${SUPPORTED_CUDA// /|} (the newest your GPU nodes' driver supports)" >&2
       exit 1
     fi
-    echo "No nvidia-smi here: the driver is not checked against CUDA $CUDA"
+    echo "No working nvidia-smi here: the driver is not checked against CUDA $CUDA"
     return 0
   fi
   fits=$(newest_cuda "$driver" "$SUPPORTED_CUDA")

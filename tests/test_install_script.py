@@ -119,8 +119,17 @@ def test_a_driver_older_than_every_build_and_no_driver_at_all_are_refused(tmp_pa
                           text=True, timeout=60)
     if proc.returncode == 0:  # an nvidia-smi in /usr/bin: this is a GPU machine
         pytest.skip("this machine has nvidia-smi")
-    assert proc.stderr.startswith("error: no nvidia-smi here to read the driver version from: "
-                                  "pass --cuda 12.6|12.8|12.9|13.0")
+    assert proc.stderr.startswith("error: no working nvidia-smi here to read the driver "
+                                  "version from: pass --cuda 12.6|12.8|12.9|13.0")
+
+
+def test_a_failing_nvidia_smi_is_no_driver_reading(tmp_path):
+    """nvidia-smi without a working driver prints its complaint on stdout: not a version."""
+    failing = '"NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver"'
+    proc = install("--gpu", driver=failing, tmp=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: no working nvidia-smi")
+    steps = commands(install("--gpu", "--cuda", "12.9", driver=failing, tmp=tmp_path))
+    assert any("https://download.pytorch.org/whl/cu129 torch==" in c for c in steps)
 
 
 def test_container_route_keeps_the_images_cuda_stack():
