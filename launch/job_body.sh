@@ -79,11 +79,21 @@ if [ "$PARCAE_GPUS_PER_NODE" -gt 0 ]; then
     export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
     export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
     export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+    # A rank that finds no usable CUDA stops with one error line instead of falling back to
+    # the CPU backend (parcae_megatron/platform/gpu_check.py).
+    export PARCAE_EXPECT_GPU=1
 else
     export CUDA_VISIBLE_DEVICES=""  # a CPU job: the trainer switches to gloo
 fi
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-MASTER_PORT=${PARCAE_MASTER_PORT:-$((20000 + (SLURM_JOB_ID % 10000) * 4 + ATTEMPT % 4))}
+# The rendezvous port, below the kernel's ephemeral range (ip_local_port_range), where no
+# outgoing connection is given it by chance: in [10000, low), fixed by the job id and moved by
+# the attempt, so a requeued attempt does not meet its predecessor's socket in TIME_WAIT.
+read -r EPHEMERAL_LOW _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || EPHEMERAL_LOW=32768
+PORT_BASE=10000
+[ "$EPHEMERAL_LOW" -gt $((PORT_BASE + 64)) ] 2>/dev/null || PORT_BASE=1024
+PORT_SLOTS=$(((EPHEMERAL_LOW - PORT_BASE) / 4))
+MASTER_PORT=${PARCAE_MASTER_PORT:-$((PORT_BASE + (SLURM_JOB_ID % PORT_SLOTS) * 4 + ATTEMPT % 4))}
 export MASTER_ADDR MASTER_PORT
 
 # --- signals ---

@@ -4,7 +4,8 @@ trainer (``exec``, so signals reach it directly).
     srun ... python -m launch.rank [--module parcae_megatron.train] -- TRAIN_ARGS...
 
 ``MASTER_ADDR`` and ``MASTER_PORT`` come from the batch script (the first node of the job).
-``LOCAL_RANK`` is the task's device index among the GPUs it sees (``bind_device``).
+``LOCAL_RANK`` is the task's device index among the GPUs it sees (``bind_device``), whatever
+the binding: the node's whole list, one GPU per task, or a socket's GPUs (``closest``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Mapping
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 
 def rank_env(slurm: Mapping[str, str]) -> dict[str, str]:
@@ -26,28 +30,76 @@ def rank_env(slurm: Mapping[str, str]) -> dict[str, str]:
             "NODE_RANK": slurm.get("SLURM_NODEID", "0")}
 
 
-def bind_device(env: dict[str, str], visible: str | None) -> dict[str, str]:
+def device_index(local: int, visible: list[str], peers: Mapping[int, str]) -> int:
+    """This task's device: its position among the node's tasks that see the same devices.
+
+    ``peers`` maps every local task of the node to its ``CUDA_VISIBLE_DEVICES``. Where all
+    tasks see the node's whole list this is the local rank; with ``--gpu-bind=closest`` (the
+    tasks on a socket see that socket's GPUs) it is the task's rank among its socket's tasks,
+    whichever way SLURM spread the tasks over the sockets. Raises ``ValueError`` when more
+    tasks share a list than it has devices.
+    """
+    mine = ",".join(visible)
+    sharing = sorted(task for task, seen in peers.items() if seen == mine)
+    position = sharing.index(local)
+    if position >= len(visible):
+        raise ValueError(f"{len(sharing)} tasks of this node see the {len(visible)} GPUs "
+                         f"{mine}: give each task one GPU of its own")
+    return position
+
+
+def node_peers(visible: str, local: int, local_world: int, key: str, root: Path,
+               timeout: float = 120.0) -> dict[int, str]:
+    """Every local task's ``CUDA_VISIBLE_DEVICES``, exchanged through files in ``root``.
+
+    Each task of the node writes its list to ``root/parcae-gpu-bind-KEY/LOCAL`` (written
+    under a temporary name and renamed, so a reader never sees half of it) and waits until all
+    ``local_world`` tasks have. ``root`` must be node-local (``/tmp``); ``KEY`` names the job,
+    step, attempt and node, so a requeued job never reads its predecessor's lists.
+    """
+    folder = root / f"parcae-gpu-bind-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{local}.{os.getpid()}"
+    partial.write_text(visible)
+    os.replace(partial, folder / str(local))
+    deadline = time.monotonic() + timeout
+    while True:
+        done = [p for p in folder.iterdir() if p.name.isdigit()]
+        if len(done) >= local_world:
+            return {int(p.name): p.read_text() for p in done}
+        if time.monotonic() > deadline:
+            raise ValueError(f"only {len(done)} of the {local_world} tasks of this node said "
+                             f"which GPUs they see within {timeout:.0f} s ({folder})")
+        time.sleep(0.05)
+
+
+def bind_device(env: dict[str, str], visible: str | None,
+                peers: Callable[[], Mapping[int, str]] | None = None) -> dict[str, str]:
     """``env`` with ``LOCAL_RANK`` made an index into this task's ``CUDA_VISIBLE_DEVICES``.
 
-    Megatron calls ``torch.cuda.set_device(LOCAL_RANK)``. Where SLURM binds one GPU to each
-    task (``--gpus-per-task=1``, ``--gpu-bind=single:1``) a task sees one device, cuda:0,
-    whatever its local rank, so local rank 1 would fail with "invalid device ordinal": the
-    task's device is then 0. SLURM's own local index stays in ``SLURM_LOCALID`` (and in
-    ``PARCAE_TASK_LOCAL_RANK``). With no devices listed (CPU jobs) or one device per local
-    rank, ``env`` is returned unchanged. Raises ``ValueError`` when several devices are
-    visible but fewer than the local rank needs.
+    Megatron calls ``torch.cuda.set_device(LOCAL_RANK)``, an index among the devices the task
+    sees. Where it sees one (``--gpus-per-task=1``, ``--gpu-bind=single:1``, ``map_gpu``) that
+    is 0; where it sees at least as many as the node has tasks (the node's whole list, the
+    default ``--gpus-per-node`` binding) the local rank; where it sees a part of the node's
+    GPUs shared with other tasks (``--gpu-bind=closest``: a socket's GPUs) its position among
+    those tasks, from ``peers()`` (every local task's list; :func:`node_peers`). SLURM's own
+    local index stays in ``SLURM_LOCALID`` and ``PARCAE_TASK_LOCAL_RANK``. With no devices
+    listed (CPU jobs) ``env`` is returned unchanged. Raises ``ValueError`` where tasks would
+    have to share a device.
     """
     if not visible or not visible.strip():
         return env
-    devices = [d for d in visible.split(",") if d.strip()]
-    local = int(env["LOCAL_RANK"])
+    devices = [d.strip() for d in visible.split(",") if d.strip()]
+    local, local_world = int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"])
     out = dict(env, PARCAE_TASK_LOCAL_RANK=env["LOCAL_RANK"])
     if len(devices) == 1:
         out["LOCAL_RANK"] = "0"
-    elif local >= len(devices):
-        raise ValueError(f"local rank {local} but this task sees {len(devices)} GPUs "
-                         f"(CUDA_VISIBLE_DEVICES={visible}): give each task one GPU "
-                         "(--gpus-per-task=1) or all of the node's")
+    elif len(devices) < local_world:
+        if peers is None:
+            raise ValueError(f"this task sees {len(devices)} of its node's GPUs ({visible}) "
+                             f"and {local_world} tasks run there: which one is its own "
+                             "needs the other tasks' lists")
+        out["LOCAL_RANK"] = str(device_index(local, devices, peers()))
     return out
 
 
@@ -60,8 +112,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="the Python module each rank runs (its arguments follow --)")
     args = parser.parse_args(argv[:split])
     train_args = argv[split + 1:]
+    env = rank_env(os.environ)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    key = ".".join(os.environ.get(name, "0") for name in (
+        "SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT", "PARCAE_ATTEMPT")) + \
+        "." + os.environ.get("SLURMD_NODENAME", "node")
     try:
-        env = bind_device(rank_env(os.environ), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        env = bind_device(env, visible, lambda: node_peers(
+            ",".join(d.strip() for d in visible.split(",") if d.strip()),
+            int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"]), key,
+            Path(tempfile.gettempdir())))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -124,13 +124,25 @@ def validate(job: JobSpec, runs: list[RunSpec]) -> None:
         check_output_dir(run.run_dir)
 
 
-def srun_flags(job: JobSpec, runs: list[RunSpec], output_dir: Path) -> list[str]:
-    """Flags for the training step: the container (pyxis/enroot) and the user's extras.
+# srun flags that choose how GPUs are bound to tasks; one of them in --srun replaces ours.
+GPU_BINDING_FLAGS = ("--gpu-bind", "--gpus-per-task", "--gpus", "--gpus-per-node", "--gres",
+                     "--tres-per-task")
 
-    The container sees the repository, the submission directory and every checkpoint
-    directory at their own paths, plus ``--container-mounts``.
+
+def srun_flags(job: JobSpec, runs: list[RunSpec], output_dir: Path) -> list[str]:
+    """Flags for the training step: GPU binding, the container (pyxis/enroot), the user's extras.
+
+    A GPU job's tasks each see all of their node's GPUs (``--gpus-per-node=N
+    --gpu-bind=none``), whatever a site's default binding is: CUDA peer-to-peer (NVLink)
+    between the ranks of a node needs every rank to see the other GPUs; ``launch.rank`` then
+    gives each rank its own device. A binding flag among ``--srun`` replaces this. The
+    container sees the repository, the submission directory and every checkpoint directory at
+    their own paths, plus ``--container-mounts``.
     """
     flags: list[str] = []
+    if job.gpus_per_node and not any(f.split("=")[0] in GPU_BINDING_FLAGS
+                                     for f in job.srun_flags):
+        flags += [f"--gpus-per-node={job.gpus_per_node}", "--gpu-bind=none"]
     if job.container_image:
         dirs = [job.repo, output_dir]
         dirs += [r.checkpoint_dir for r in runs if not r.checkpoint_dir.is_relative_to(output_dir)]

@@ -44,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--runs-root", type=Path, default=Path("runs"),
                       help="where new run directories go (default ./runs)")
     what.add_argument("--python", help="python on the nodes (default: the repo's .venv/bin/python"
-                      ", or python inside --container-image)")
+                      "; with --container-image, that venv if install.sh --container made it"
+                      ", else python)")
     what.add_argument("--module", default="parcae_megatron.train", help="module each rank runs")
     res = p.add_argument_group("cluster")
     res.add_argument("--nodes", type=int, default=1)
@@ -138,9 +139,14 @@ def git_state(repo: Path) -> dict[str, object]:
 
 
 def default_python(container: str | None) -> str:
-    if container:
-        return "python"
+    """The repository's .venv python; in a container, only a venv that sees the image's
+    packages (``scripts/install.sh --container``), else the image's ``python``."""
     venv = REPO / ".venv" / "bin" / "python"
+    if container:
+        cfg = REPO / ".venv" / "pyvenv.cfg"
+        made_for_image = cfg.exists() and "include-system-site-packages = true" in \
+            cfg.read_text().splitlines()
+        return str(venv) if made_for_image else "python"
     return str(venv) if venv.exists() else sys.executable
 
 

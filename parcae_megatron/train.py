@@ -19,6 +19,7 @@ from functools import partial
 import torch
 
 from parcae_megatron.platform import cpu_backend
+from parcae_megatron.platform.gpu_check import GpuUnavailableError
 from parcae_megatron.training import failfast, faults, guards, megatron_patches
 from parcae_megatron.training.arguments import parcae_config_from_args
 from parcae_megatron.training.telemetry import TELEMETRY
@@ -155,7 +156,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     validate_only = "--validate-only" in argv
     argv = [a for a in argv if a != "--validate-only"]
-    if cpu_backend.maybe_activate():
+    try:
+        cpu = cpu_backend.maybe_activate()
+    except GpuUnavailableError as exc:  # a GPU job without usable CUDA: stop, every rank
+        print(exc, file=sys.stderr, flush=True)
+        raise SystemExit(2) from None  # 2: the launcher does not restart it (job_body.sh)
+    if cpu:
         cpu_backend.patch_megatron_training()
         # No --use-cpu-initialization: the GPU init path runs on the CPU backend too, and
         # the initial weights do not depend on it (model/init.py). Gradient-accumulation and

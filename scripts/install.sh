@@ -1,24 +1,56 @@
 #!/usr/bin/env bash
-# Create .venv in the project root with a Python 3.12 interpreter and install
-# the requirements.  Usage: bash scripts/install.sh [--gpu] [--dry-run]
-#   --gpu      also build Transformer Engine (GPU machines with a CUDA toolkit only): torch
-#              first (requirements.txt), then the transformer-engine pin of
-#              requirements-gpu.txt with --no-build-isolation, so TE's PyTorch extension
-#              compiles against that torch; its build log is shown (it takes many minutes).
+# Create .venv in the project root and install the requirements.  Three routes:
+#   bash scripts/install.sh                 CPU: Python 3.12 venv, requirements.txt, the project.
+#   bash scripts/install.sh --gpu [--cuda X] GPU: torch from PyTorch's wheel index for CUDA X
+#              (12.6, 12.8, 12.9 or 13.0; default: the newest the driver supports, read
+#              from nvidia-smi), then requirements.txt, then Transformer Engine built against
+#              that torch with TE's core wheel for the same CUDA major (core_cu12 / core_cu13).
+#              A driver too old for CUDA X is refused, naming the --cuda that fits.
+#   bash scripts/install.sh --container     inside an NGC PyTorch image (torch, Transformer
+#              Engine and Apex already there): a venv that sees the image's packages
+#              (--system-site-packages) gets megatron-core, the other requirements and the
+#              project, with the image's torch/TE/Apex/CUDA packages pinned so pip never
+#              replaces them.
 #   --dry-run  print the commands instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+USAGE="usage: bash scripts/install.sh [--gpu [--cuda 12.6|12.8|12.9|13.0] | --container] [--dry-run]"
 GPU=0
+CONTAINER=0
 DRY=0
-for arg in "$@"; do
-  case "$arg" in
+CUDA=""
+while [ $# -gt 0 ]; do
+  case "$1" in
     --gpu) GPU=1 ;;
+    --container) CONTAINER=1 ;;
     --dry-run) DRY=1 ;;
-    *) echo "error: unknown option $arg (usage: bash scripts/install.sh [--gpu] [--dry-run])" >&2
+    --cuda) [ $# -ge 2 ] || { echo "error: --cuda needs a version ($USAGE)" >&2; exit 2; }
+            CUDA=$2; shift ;;
+    --cuda=*) CUDA=${1#--cuda=} ;;
+    *) echo "error: unknown option $1 ($USAGE)" >&2
        exit 2 ;;
   esac
+  shift
 done
+
+# CUDA release, its minimum NVIDIA driver, and "wheel" for the builds this script installs:
+# one table, shared with the trainer's start-up check (platform/gpu_check.py).
+DRIVER_TABLE=$(grep -v '^#' parcae_megatron/platform/cuda_drivers.txt)
+SUPPORTED_CUDA=$(awk '$3 == "wheel" { printf "%s%s", sep, $1; sep = " " }' <<<"$DRIVER_TABLE")
+
+if [ "$GPU" = 1 ] && [ "$CONTAINER" = 1 ]; then
+  echo "error: --gpu and --container are two routes: choose one ($USAGE)" >&2
+  exit 2
+fi
+if [ -n "$CUDA" ] && [ "$GPU" = 0 ]; then
+  echo "error: --cuda goes with --gpu (the container route uses the image's CUDA) ($USAGE)" >&2
+  exit 2
+fi
+if [ -n "$CUDA" ] && [[ " $SUPPORTED_CUDA " != *" $CUDA "* ]]; then
+  echo "error: --cuda $CUDA is not one of ${SUPPORTED_CUDA// /, }" >&2
+  exit 2
+fi
 
 quoted() {  # quoted WORD: WORD as the shell reads it back (single quotes when needed)
   if [[ $1 =~ ^[A-Za-z0-9_./=:,+@-]+$ ]]; then printf '%s' "$1"
@@ -30,6 +62,63 @@ run() {  # run CMD...: the command, or with --dry-run its line, ready to paste
     printf '+'; for word in "$@"; do printf ' %s' "$(quoted "$word")"; done; printf '\n'
   else
     "$@"
+  fi
+}
+
+version_ge() {  # version_ge A B: A >= B, comparing dotted numbers field by field
+  [ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | head -n 1)" = "$2" ]
+}
+
+min_driver() {  # min_driver CUDA: the oldest driver that runs it
+  awk -v c="$1" '$1 == c { print $2 }' <<<"$DRIVER_TABLE"
+}
+
+newest_cuda() {  # newest_cuda DRIVER [LIST]: the newest CUDA in LIST (default: table) it runs
+  local driver=$1 list=${2:-} best="" cuda minimum
+  while read -r cuda minimum _; do
+    if [ -n "$list" ] && [[ " $list " != *" $cuda "* ]]; then continue; fi
+    if version_ge "$driver" "$minimum"; then best=$cuda; fi
+  done <<<"$DRIVER_TABLE"
+  echo "$best"
+}
+
+driver_version() {  # the NVIDIA driver of this machine's first GPU; empty without a working
+  local version       # nvidia-smi (a failing one prints its complaint on stdout)
+  command -v nvidia-smi >/dev/null 2>&1 || return 0
+  version=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null \
+      | head -n 1 | tr -d ' ') || true
+  if [[ $version =~ ^[0-9]+(\.[0-9]+)*$ ]]; then echo "$version"; fi
+}
+
+choose_cuda() {  # sets CUDA from --cuda or the driver; refuses a driver too old for it
+  local driver fits supports
+  driver=$(driver_version)
+  if [ -z "$driver" ]; then
+    if [ -z "$CUDA" ]; then
+      echo "error: no working nvidia-smi here to read the driver version from: pass --cuda" \
+           "${SUPPORTED_CUDA// /|} (the newest your GPU nodes' driver supports)" >&2
+      exit 1
+    fi
+    echo "No working nvidia-smi here: the driver is not checked against CUDA $CUDA"
+    return 0
+  fi
+  fits=$(newest_cuda "$driver" "$SUPPORTED_CUDA")
+  supports=$(newest_cuda "$driver")
+  if [ -z "$CUDA" ]; then
+    if [ -z "$fits" ]; then
+      echo "error: NVIDIA driver $driver ${supports:+supports CUDA up to $supports; it }is older" \
+           "than the oldest CUDA build installed here: upgrade the driver to >=" \
+           "$(min_driver "${SUPPORTED_CUDA%% *}") for --cuda ${SUPPORTED_CUDA%% *} or newer" >&2
+      exit 1
+    fi
+    CUDA=$fits
+    echo "NVIDIA driver $driver: installing the CUDA $CUDA build (pass --cuda to choose)"
+  elif ! version_ge "$driver" "$(min_driver "$CUDA")"; then
+    local fix="use --cuda $fits"
+    [ -n "$fits" ] || fix="upgrade the driver to >= $(min_driver "${SUPPORTED_CUDA%% *}") for --cuda ${SUPPORTED_CUDA%% *} or newer"
+    echo "error: CUDA $CUDA needs NVIDIA driver >= $(min_driver "$CUDA"), this node has" \
+         "$driver${supports:+ (CUDA up to $supports)}: $fix" >&2
+    exit 1
   fi
 }
 
@@ -52,6 +141,41 @@ find_python312() {
   return 1
 }
 
+CHECK='import torch, megatron.core; print("torch", torch.__version__, "CUDA", torch.version.cuda, "megatron-core", megatron.core.__version__)'
+CHECK_TE='import transformer_engine.pytorch as te, transformer_engine; print("transformer-engine", transformer_engine.__version__)'
+
+if [ "$CONTAINER" = 1 ]; then
+  # The image's own Python (python3 in NGC PyTorch images). A venv, not the image's
+  # site-packages: under pyxis/enroot every job starts from the pristine image, so packages
+  # installed into it would be gone; .venv lives in the (mounted) repository and persists.
+  # --system-site-packages lets it see the image's torch, Transformer Engine and Apex.
+  PY=${PYTHON:-python3}
+  echo "Using $PY (the container's Python)"
+  if [ "$DRY" = 0 ] && [ -f .venv/pyvenv.cfg ] \
+      && ! grep -qx 'include-system-site-packages = true' .venv/pyvenv.cfg; then
+    echo "error: .venv exists and does not see the container's packages (not made by" \
+         "--container): move it away and run this again" >&2
+    exit 1
+  fi
+  run "$PY" -m venv --system-site-packages .venv
+  # Pins every package of the image's CUDA stack (torch, TE, Apex, triton, nvidia-*) in a
+  # constraints file, refuses an image without CUDA torch or TE, and writes requirements.txt
+  # without the pinned packages (its torch pin is for the pip routes).
+  run .venv/bin/python scripts/container_pins.py requirements.txt \
+      .venv/container-constraints.txt .venv/container-requirements.txt
+  # NGC images set PIP_CONSTRAINT to their own file, which pins versions of general packages
+  # (numpy, transformers, ...) that our requirements may need newer; ours pins what matters.
+  run env PIP_CONSTRAINT= .venv/bin/python -m pip install --quiet \
+      -c .venv/container-constraints.txt -r .venv/container-requirements.txt
+  run env PIP_CONSTRAINT= .venv/bin/python -m pip install --quiet --no-deps -e .
+  run .venv/bin/python -c "$CHECK"
+  run .venv/bin/python -c "$CHECK_TE"
+  exit 0
+fi
+
+if [ "$GPU" = 1 ]; then
+  choose_cuda
+fi
 PY=$(find_python312) || {
   echo "error: Python 3.12 is required (megatron-core >= 0.17 needs it) and none was found." >&2
   echo "       Install it (e.g. 'pyenv install 3.12') or set PYTHON=/path/to/python3.12." >&2
@@ -60,34 +184,28 @@ PY=$(find_python312) || {
 echo "Using $PY"
 if [ "$DRY" = 1 ] || [ ! -x .venv/bin/python ]; then run "$PY" -m venv .venv; fi
 run .venv/bin/python -m pip install --quiet --upgrade pip
+if [ "$GPU" = 1 ]; then
+  # torch of requirements.txt's version, built for CUDA $CUDA, from PyTorch's own index
+  # (PyPI's build is for one CUDA only); requirements.txt then finds its pin satisfied.
+  # --force-reinstall: an existing .venv's torch of the same version but another CUDA build
+  # would otherwise count as installed and stay.
+  TORCH=$(grep -E '^torch==' requirements.txt)
+  run .venv/bin/python -m pip install --quiet --force-reinstall --index-url \
+      "https://download.pytorch.org/whl/cu${CUDA//./}" "$TORCH"
+  run .venv/bin/python -c "import sys, torch; c = torch.version.cuda; sys.exit(None if c == '$CUDA' else f'error: torch {torch.__version__} is built for CUDA {c}, not $CUDA')"
+fi
 # torch (and everything else) first: Transformer Engine's extension builds against it.
 run .venv/bin/python -m pip install --quiet -r requirements.txt
 if [ "$GPU" = 1 ]; then
   TE=$(grep -E '^transformer-engine' requirements-gpu.txt)
-  # TE's core library comes as a wheel per CUDA major (core_cu12 / core_cu13): match torch's.
-  PROBE='import torch; print((torch.version.cuda or "").split(".")[0])'
-  if [ "$DRY" = 1 ]; then
-    echo "+ CUDA_MAJOR=\$(.venv/bin/python -c '$PROBE')"
-    CUDA_MAJOR='${CUDA_MAJOR}'
-  else
-    CUDA_MAJOR=$(.venv/bin/python -c "$PROBE")
-    if [ -z "$CUDA_MAJOR" ]; then
-      echo "error: the installed torch has no CUDA build; Transformer Engine needs one" >&2
-      exit 1
-    fi
-  fi
-  TE=${TE/\[pytorch\]/[pytorch,core_cu$CUDA_MAJOR]}
+  TE=${TE/\[pytorch\]/[pytorch,core_cu${CUDA%%.*}]}  # TE's core library for the CUDA major
   echo "Building $TE against this torch (many minutes; the build log follows)"
-  if [ "$DRY" = 1 ]; then  # "…${CUDA_MAJOR}…" stays a variable for the line above
-    echo "+ env NVTE_FRAMEWORK=pytorch .venv/bin/python -m pip install --no-build-isolation -v \"$TE\""
-  else
-    run env NVTE_FRAMEWORK=pytorch .venv/bin/python -m pip install --no-build-isolation -v "$TE"
-  fi
+  run env NVTE_FRAMEWORK=pytorch .venv/bin/python -m pip install --no-build-isolation -v "$TE"
 fi
 # The project itself, editable: `import parcae_megatron`, `torchrun -m parcae_megatron.train`,
 # the benchmarks and the parcae-* commands work from any directory.
 run .venv/bin/python -m pip install --quiet --no-deps -e .
-run .venv/bin/python -c 'import torch, megatron.core; print("torch", torch.__version__, "megatron-core", megatron.core.__version__)'
+run .venv/bin/python -c "$CHECK"
 if [ "$GPU" = 1 ]; then
-  run .venv/bin/python -c 'import transformer_engine.pytorch as te, transformer_engine; print("transformer-engine", transformer_engine.__version__)'
+  run .venv/bin/python -c "$CHECK_TE"
 fi

@@ -94,7 +94,8 @@ def test_dry_run_writes_run_dir_with_key_lines(tmp_path):
                  f"            --load {run_dir}/checkpoints",
                  "            --exit-signal-handler", "            --tensor-model-parallel-size 2"]:
         assert line in script.splitlines(), line
-    assert ("PARCAE_SRUN_FLAGS=(\n    '--container-image=nvcr.io#nvidia/pytorch:25.01-py3'\n"
+    assert ("PARCAE_SRUN_FLAGS=(\n    --gpus-per-node=8\n    --gpu-bind=none\n"
+            "    '--container-image=nvcr.io#nvidia/pytorch:25.01-py3'\n"
             f"    --container-mounts={ROOT}:{ROOT},{run_dir}:{run_dir}\n"
             f"    --container-workdir={ROOT}\n    --cpu-bind=none\n)\n") in script
     for fragment in ['STEP_FLAGS=(--nodes="$SLURM_JOB_NUM_NODES"',
@@ -122,8 +123,10 @@ def test_job_runs_one_task_per_rank_with_cpu_defaults(tmp_path, stubs):
     [record] = records(stubs, "srun")
     srun, env = record["argv"], record["env"]
     assert env["PARCAE_TEST_VALUE"] == "42" and env["CUDA_VISIBLE_DEVICES"] == ""
-    assert env["MASTER_ADDR"] == "n1" and 20000 <= int(env["MASTER_PORT"]) < 60000
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert env["MASTER_ADDR"] == "n1" and 10000 <= int(env["MASTER_PORT"]) < ephemeral_low
     assert env["OMP_NUM_THREADS"] == "3" and "NCCL_DEBUG" not in env
+    assert "PARCAE_EXPECT_GPU" not in env  # a CPU job may use the CPU backend
     assert env["PYTHONPATH"].split(":")[0] == str(ROOT)
     args = json.loads((run_dir / "launch.json").read_text())["runs"][0]["train_command"]
     assert srun == ["--nodes=2", "--ntasks-per-node=2", "--kill-on-bad-exit=1",
@@ -133,6 +136,23 @@ def test_job_runs_one_task_per_rank_with_cpu_defaults(tmp_path, stubs):
                         "--module", "parcae_megatron.train"]
     assert (run_dir / "state" / "status").read_text().strip() == "completed"
     assert "training finished" in (run_dir / "launch.log").read_text()
+
+
+def test_gpu_job_sees_the_nodes_gpus_and_expects_cuda(tmp_path, stubs):
+    """A GPU job: every task sees all of its node's GPUs (CUDA P2P between ranks), the ranks
+    are told to expect CUDA, and the rendezvous port is below the ephemeral range."""
+    script = dry_run(tmp_path / "run", "--nodes", "2", "--gpus-per-node", "4")
+    proc = run_job(script, stubs)
+    assert proc.returncode == 0, proc.stderr
+    [record] = records(stubs, "srun")
+    assert record["argv"][4:6] == ["--gpus-per-node=4", "--gpu-bind=none"]
+    assert record["env"]["PARCAE_EXPECT_GPU"] == "1" and "CUDA_VISIBLE_DEVICES" not in record["env"]
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert int(record["env"]["MASTER_PORT"]) == 10000 + (77 % ((low - 10000) // 4)) * 4 + 1
+    # A binding of the user's own replaces the default.
+    script = dry_run(tmp_path / "own", "--gpus-per-node", "8", "--srun=--gpu-bind=closest")
+    assert "--gpu-bind=none" not in script.read_text()
+    assert "--gpu-bind=closest" in script.read_text()
 
 
 def test_rank_environment_from_slurm(tmp_path):
@@ -389,7 +409,7 @@ def test_invalid_config_or_divergence_is_not_restarted(tmp_path, stubs, code):
 
 
 @pytest.mark.parametrize("visible, local, expected", [
-    ("3", "1", "0"),          # --gpus-per-task=1: the task's only device is cuda:0
+    ("3", "1", "0"),          # --gpus-per-task=1 / map_gpu: the task's only device is cuda:0
     ("GPU-5d2e", "3", "0"),   # the same with a UUID
     ("0,1,2,3", "2", "2"),    # every task sees the node's GPUs: device = local rank
     ("", "1", "1"),           # a CPU job (job_body.sh exports an empty list)
@@ -404,13 +424,72 @@ def test_local_rank_indexes_the_visible_devices(visible, local, expected):
         == {k: v for k, v in env.items() if k != "LOCAL_RANK"}
 
 
-def test_too_few_visible_devices_is_one_error_line():
-    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "3",
-             "SLURM_NTASKS_PER_NODE": "4", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0"}
-    env = dict(os.environ, **slurm, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="0,1")
-    proc = subprocess.run([sys.executable, "-m", "launch.rank", "--module",
-                           "tests.launch_fixtures.crash"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("error: local rank 3 but this task sees 2 GPUs"), proc.stderr
-    assert "crash fixture" not in proc.stdout
+SOCKETS = ("0,1,2,3", "4,5,6,7")
+# --gpu-bind=closest on 2 sockets x 4 GPUs, 8 tasks: each task sees its socket's GPUs. SLURM
+# spreads tasks over sockets in blocks (block:block) or in turn (its default, block:cyclic).
+CLOSEST = {"block": {t: SOCKETS[t // 4] for t in range(8)},
+           "cyclic": {t: SOCKETS[t % 2] for t in range(8)}}
+
+
+@pytest.mark.parametrize("layout, devices", [
+    ("block", ["0", "1", "2", "3", "4", "5", "6", "7"]),
+    ("cyclic", ["0", "4", "1", "5", "2", "6", "3", "7"]),
+])
+def test_closest_binding_gives_each_task_its_own_gpu_of_its_socket(layout, devices):
+    peers = CLOSEST[layout]
+    chosen = []
+    for local in range(8):
+        env = {"RANK": str(8 + local), "WORLD_SIZE": "16", "LOCAL_RANK": str(local),
+               "LOCAL_WORLD_SIZE": "8", "NODE_RANK": "1"}
+        bound = bind_device(env, peers[local], lambda: peers)
+        assert bound["PARCAE_TASK_LOCAL_RANK"] == str(local)
+        chosen.append(peers[local].split(",")[int(bound["LOCAL_RANK"])])
+    assert chosen == devices  # the physical GPU of each local task: all different
+
+
+def test_map_gpu_and_one_gpu_per_task_need_no_exchange():
+    """``--gpu-bind=map_gpu:3,2,1,0`` / ``--gpus-per-task=1``: one device each, cuda:0."""
+    def no_exchange():
+        raise AssertionError("one visible device needs no exchange")
+    for local, gpu in enumerate("3210"):
+        env = {"RANK": str(local), "WORLD_SIZE": "4", "LOCAL_RANK": str(local),
+               "LOCAL_WORLD_SIZE": "4", "NODE_RANK": "0"}
+        assert bind_device(env, gpu, no_exchange)["LOCAL_RANK"] == "0"
+
+
+def test_more_tasks_than_gpus_in_a_shared_list_is_refused():
+    peers = {t: "0,1" for t in range(4)}
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4",
+           "NODE_RANK": "0"}
+    with pytest.raises(ValueError, match="4 tasks of this node see the 2 GPUs 0,1"):
+        bind_device(env, "0,1", lambda: peers)
+
+
+def test_closest_binding_through_launch_rank(tmp_path):
+    """Four real ``launch.rank`` tasks of one node, two per socket list (SLURM's cyclic
+    spread), exchange their lists through files and each takes a different GPU."""
+    out = tmp_path / "out"
+    out.mkdir()
+    procs = []
+    for local in range(4):
+        slurm = {"SLURM_PROCID": str(local), "SLURM_NTASKS": "4", "SLURM_LOCALID": str(local),
+                 "SLURM_NTASKS_PER_NODE": "4", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0",
+                 "SLURM_JOB_ID": "91", "SLURM_STEP_ID": "0", "SLURMD_NODENAME": "n1"}
+        env = dict(os.environ, **slurm, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path),
+                   CUDA_VISIBLE_DEVICES=("0,1", "2,3")[local % 2])
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "launch.rank", "--module", "tests.launch_fixtures.rank_env",
+             "--", str(out)], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    seen = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in out.glob("rank-*")}
+    gpus = [seen[r]["CUDA_VISIBLE_DEVICES"].split(",")[int(seen[r]["LOCAL_RANK"])]
+            for r in range(4)]
+    assert gpus == ["0", "2", "1", "3"]
+
+
+def test_a_task_whose_peers_never_report_is_one_error_line(tmp_path, monkeypatch):
+    import launch.rank
+    monkeypatch.setattr(launch.rank.time, "monotonic", iter([0.0, 0.0, 500.0]).__next__)
+    with pytest.raises(ValueError, match="only 1 of the 4 tasks of this node said which GPUs"):
+        launch.rank.node_peers("0,1", 0, 4, "1.0.0.0.n1", tmp_path)

@@ -8,9 +8,11 @@ that the *same* Megatron code paths (TP/PP/DP, distributed optimizer, schedules,
 dist_checkpointing) run on a laptop or a CI box for correctness testing.
 
 It is a debug backend, not a performance path, and it refuses to activate when
-CUDA is available: on a GPU nothing here is ever applied. Each replacement of a Megatron
-internal has a ``Patch`` record below (checked by ``tests/test_megatron_patches.py``); the
-training run's own patches are in ``training/megatron_patches.py``.
+CUDA is available: on a GPU nothing here is ever applied. ``maybe_activate`` also refuses
+where GPUs were asked for and CUDA is unusable (``gpu_check``): a GPU job never runs on the
+CPU. Each replacement of a Megatron internal has a ``Patch`` record below (checked by
+``tests/test_megatron_patches.py``); the training run's own patches are in
+``training/megatron_patches.py``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import torch
 from torch.overrides import TorchFunctionMode
 
+from parcae_megatron.platform import gpu_check
 from parcae_megatron.platform.patching import Patch
 
 __all__ = ["activate", "is_active", "maybe_activate"]
@@ -183,10 +186,20 @@ def activate() -> None:
 
 
 def maybe_activate() -> bool:
-    """Activate the CPU backend iff CUDA is unavailable. Returns whether it is active."""
-    if not torch.cuda.is_available():
-        activate()
-    return is_active()
+    """Activate the CPU backend iff CUDA is unavailable and no GPU was asked for.
+
+    Returns whether it is active. Raises :class:`gpu_check.GpuUnavailableError` (its message
+    one ``error:`` line) where the environment asked for GPUs (``CUDA_VISIBLE_DEVICES``, a
+    SLURM job with GPUs, ``PARCAE_EXPECT_GPU``) and CUDA is unusable: never a silent fallback.
+    """
+    if is_active() or torch.cuda.is_available():
+        return is_active()
+    reason = gpu_check.gpu_requested(os.environ)
+    if reason is not None:
+        raise gpu_check.GpuUnavailableError(gpu_check.no_gpu_message(
+            reason, torch.__version__, torch.version.cuda, gpu_check.driver_version()))
+    activate()
+    return True
 
 
 def patch_megatron_training() -> None:

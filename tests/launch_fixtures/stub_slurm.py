@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 KEEP = {"MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "NCCL_DEBUG",
-        "CUDA_DEVICE_MAX_CONNECTIONS", "PYTHONPATH"}
+        "CUDA_DEVICE_MAX_CONNECTIONS", "PYTHONPATH", "PARCAE_EXPECT_GPU"}
 name = Path(sys.argv[0]).name
 env = {k: v for k, v in os.environ.items() if k in KEEP or k.startswith("PARCAE_TEST_")}
 with open(os.environ["STUB_LOG"], "a") as log:
