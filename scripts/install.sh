@@ -5,7 +5,9 @@
 #              (12.6, 12.8, 12.9 or 13.0; default: the newest the driver supports, read
 #              from nvidia-smi), then requirements.txt, then Transformer Engine built against
 #              that torch with TE's core wheel for the same CUDA major (core_cu12 / core_cu13).
-#              A driver too old for CUDA X is refused, naming the --cuda that fits.
+#              A driver below CUDA X's own but within its major family's minimum runs it
+#              through CUDA minor-version compatibility (a note says so); older is refused,
+#              naming the --cuda that fits.
 #   bash scripts/install.sh --container     inside an NGC PyTorch image (torch, Transformer
 #              Engine and Apex already there): a venv that sees the image's packages
 #              (--system-site-packages) gets megatron-core, the other requirements and the
@@ -69,17 +71,52 @@ version_ge() {  # version_ge A B: A >= B, comparing dotted numbers field by fiel
   [ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | head -n 1)" = "$2" ]
 }
 
-min_driver() {  # min_driver CUDA: the oldest driver that runs it
-  awk -v c="$1" '$1 == c { print $2 }' <<<"$DRIVER_TABLE"
+min_driver() {  # min_driver CUDA: the oldest driver that runs it natively (its GA driver)
+  awk -v c="$1" '$1 == c && $3 != "family" { print $2 }' <<<"$DRIVER_TABLE"
 }
 
-newest_cuda() {  # newest_cuda DRIVER [LIST]: the newest CUDA in LIST (default: table) it runs
-  local driver=$1 list=${2:-} best="" cuda minimum
-  while read -r cuda minimum _; do
+family_min() {  # family_min CUDA: the oldest driver that runs it through minor-version
+  # compatibility (the minimum of its major release family, the table's "family" rows)
+  awk -v f="${1%%.*}.x" '$1 == f && $3 == "family" { print $2 }' <<<"$DRIVER_TABLE"
+}
+
+newest_cuda() {  # newest_cuda DRIVER [LIST]: the newest CUDA in LIST (default: table) it runs natively
+  local driver=$1 list=${2:-} best="" cuda minimum kind
+  while read -r cuda minimum kind; do
+    if [ "$kind" = family ]; then continue; fi
     if [ -n "$list" ] && [[ " $list " != *" $cuda "* ]]; then continue; fi
     if version_ge "$driver" "$minimum"; then best=$cuda; fi
   done <<<"$DRIVER_TABLE"
   echo "$best"
+}
+
+compatible_cuda() {  # compatible_cuda DRIVER: the newest installable CUDA it runs through
+  local best="" cuda minimum  # minor-version compatibility (empty: none)
+  for cuda in $SUPPORTED_CUDA; do
+    minimum=$(family_min "$cuda")
+    if [ -n "$minimum" ] && version_ge "$1" "$minimum"; then best=$cuda; fi
+  done
+  echo "$best"
+}
+
+upgrade_hint() {  # the driver to upgrade to when no build here runs on this one
+  local oldest newest floor="" cuda minimum
+  for cuda in $SUPPORTED_CUDA; do
+    minimum=$(family_min "$cuda")
+    if [ -n "$minimum" ] && { [ -z "$floor" ] || version_ge "$floor" "$minimum"; }; then
+      floor=$minimum; oldest=$cuda
+    fi
+  done
+  newest=${SUPPORTED_CUDA##* }
+  echo "upgrade the driver to >= $floor (the CUDA ${oldest%%.*}.x builds, through minor-version" \
+       "compatibility) or >= $(min_driver "$newest") (every build natively, --cuda $newest)"
+}
+
+compat_note() {  # compat_note DRIVER SUPPORTS: the one line for a build above the driver's CUDA
+  echo "note: NVIDIA driver $1 supports CUDA up to ${2:-an older release} natively; the CUDA" \
+       "$CUDA build runs on it through CUDA minor-version compatibility (limited: no JIT of PTX" \
+       "newer than the driver's CUDA); confirm on a GPU node with" \
+       "\`.venv/bin/python benchmarks/gpu_acceptance.py\`"
 }
 
 driver_version() {  # the NVIDIA driver of this machine's first GPU; empty without a working
@@ -91,7 +128,9 @@ driver_version() {  # the NVIDIA driver of this machine's first GPU; empty witho
 }
 
 choose_cuda() {  # sets CUDA from --cuda or the driver; refuses a driver too old for it
-  local driver fits supports
+  # A build the driver runs natively first (its GA driver or newer); else the newest build
+  # of a major family whose minimum the driver meets (minor-version compatibility, with a note).
+  local driver fits compatible supports
   driver=$(driver_version)
   if [ -z "$driver" ]; then
     if [ -z "$CUDA" ]; then
@@ -103,20 +142,32 @@ choose_cuda() {  # sets CUDA from --cuda or the driver; refuses a driver too old
     return 0
   fi
   fits=$(newest_cuda "$driver" "$SUPPORTED_CUDA")
+  compatible=$(compatible_cuda "$driver")
   supports=$(newest_cuda "$driver")
   if [ -z "$CUDA" ]; then
-    if [ -z "$fits" ]; then
+    if [ -z "$fits$compatible" ]; then
       echo "error: NVIDIA driver $driver ${supports:+supports CUDA up to $supports; it }is older" \
-           "than the oldest CUDA build installed here: upgrade the driver to >=" \
-           "$(min_driver "${SUPPORTED_CUDA%% *}") for --cuda ${SUPPORTED_CUDA%% *} or newer" >&2
+           "than every CUDA build installed here: $(upgrade_hint)" >&2
       exit 1
     fi
-    CUDA=$fits
+    CUDA=${fits:-$compatible}
     echo "NVIDIA driver $driver: installing the CUDA $CUDA build (pass --cuda to choose)"
-  elif ! version_ge "$driver" "$(min_driver "$CUDA")"; then
-    local fix="use --cuda $fits"
-    [ -n "$fits" ] || fix="upgrade the driver to >= $(min_driver "${SUPPORTED_CUDA%% *}") for --cuda ${SUPPORTED_CUDA%% *} or newer"
-    echo "error: CUDA $CUDA needs NVIDIA driver >= $(min_driver "$CUDA"), this node has" \
+    if [ -z "$fits" ]; then compat_note "$driver" "$supports"; fi
+  elif version_ge "$driver" "$(min_driver "$CUDA")"; then
+    return 0
+  elif version_ge "$driver" "$(family_min "$CUDA")"; then
+    compat_note "$driver" "$supports"
+  else
+    local fix="use --cuda $fits" needs
+    if [ -z "$fits" ]; then
+      fix="use --cuda $compatible (through minor-version compatibility)"
+      [ -n "$compatible" ] || fix=$(upgrade_hint)
+    fi
+    needs="NVIDIA driver >= $(min_driver "$CUDA")"
+    if [ "$(family_min "$CUDA")" != "$(min_driver "$CUDA")" ]; then
+      needs="$needs (>= $(family_min "$CUDA") through minor-version compatibility)"
+    fi
+    echo "error: CUDA $CUDA needs $needs, this node has" \
          "$driver${supports:+ (CUDA up to $supports)}: $fix" >&2
     exit 1
   fi

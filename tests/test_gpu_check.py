@@ -36,33 +36,71 @@ def test_what_asks_for_gpus(env, reason):
     assert gpu_check.gpu_requested(env) == reason
 
 
-@pytest.mark.parametrize("driver, supports, fits", [
-    ("580.82.07", "13.0", "13.0"),
-    ("575.51.03", "12.9", "12.9"),
-    ("570.86.10", "12.8", "12.8"),
-    ("570.25", "12.6", "12.6"),
-    ("560.28.03", "12.6", "12.6"),
-    ("550.54.15", "12.4", None),   # older than every build install.sh offers
-    ("535.104.05", None, None),
+@pytest.mark.parametrize("driver, supports, fits, choice", [
+    ("580.82.07", "13.0", "13.0", ("13.0", gpu_check.NATIVELY)),
+    ("575.51.03", "12.9", "12.9", ("12.9", gpu_check.NATIVELY)),
+    ("570.86.10", "12.8", "12.8", ("12.8", gpu_check.NATIVELY)),
+    ("570.25", "12.6", "12.6", ("12.6", gpu_check.NATIVELY)),
+    ("560.28.03", "12.6", "12.6", ("12.6", gpu_check.NATIVELY)),
+    # Older than every build install.sh offers, within the 12.x family: minor-version
+    # compatibility runs the newest 12.x build.
+    ("550.54.15", "12.4", None, ("12.9", gpu_check.COMPATIBLY)),
+    ("535.104.05", "12.2", None, ("12.9", gpu_check.COMPATIBLY)),
+    ("525.60.13", "12.0", None, ("12.9", gpu_check.COMPATIBLY)),
+    ("520.61.05", None, None, None),   # CUDA 11.8's driver: below the 12.x family
 ])
-def test_newest_cuda_of_a_driver(driver, supports, fits):
+def test_newest_cuda_of_a_driver(driver, supports, fits, choice):
     assert gpu_check.newest_cuda(driver) == supports
     assert gpu_check.newest_cuda(driver, installable=True) == fits
+    assert gpu_check.install_choice(driver) == choice
+
+
+@pytest.mark.parametrize("driver, cuda, how", [
+    ("550.54.15", "12.8", gpu_check.COMPATIBLY),
+    ("570.86.10", "12.8", gpu_check.NATIVELY),
+    ("580.82.07", "12.6", gpu_check.NATIVELY),   # an older CUDA on a newer driver
+    ("570.86.10", "13.0", None),                 # 13.x needs a 13.x driver (>= 580.65.06)
+    ("520.61.05", "12.6", None),
+    ("580.82.07", "11.8", None),                 # not in the table: not claimed
+])
+def test_how_a_driver_runs_a_build(driver, cuda, how):
+    assert gpu_check.runs(driver, cuda) == how
+
+
+def test_family_minimums_come_from_the_one_table():
+    assert gpu_check.family_minimum("12.9") == "525.60.13"
+    assert gpu_check.family_minimum("13.0") == "580.65.06"
+    assert gpu_check.family_minimum("11.8") is None
+    assert all(cuda[0].isdigit() and not cuda.endswith(".x")
+               for cuda, _, _ in gpu_check.driver_table())
 
 
 def test_messages_name_torchs_cuda_the_drivers_and_the_fix():
+    prefix = ("error: GPUs were asked for (CUDA_VISIBLE_DEVICES=0) but torch sees no usable "
+              "CUDA device: ")
     assert gpu_check.no_gpu_message("CUDA_VISIBLE_DEVICES=0", "2.13.0+cu130", "13.0",
                                     "570.86.10") == (
-        "error: GPUs were asked for (CUDA_VISIBLE_DEVICES=0) but torch sees no usable CUDA "
-        "device: torch 2.13.0+cu130 is built for CUDA 13.0, the NVIDIA driver is 570.86.10 "
+        f"{prefix}torch 2.13.0+cu130 is built for CUDA 13.0, the NVIDIA driver is 570.86.10 "
         "(CUDA up to 12.8); reinstall with `bash scripts/install.sh --gpu --cuda 12.8`")
-    old = gpu_check.no_gpu_message("SLURM_JOB_GPUS=0", "2.13.0", None, "550.54.15")
+    # A 550 driver: the newest 12.x build through minor-version compatibility, no upgrade.
+    compat = gpu_check.no_gpu_message("SLURM_JOB_GPUS=0", "2.13.0", None, "550.54.15")
     assert "torch 2.13.0 is a CPU-only build, the NVIDIA driver is 550.54.15 (CUDA up to " \
-           "12.4); upgrade the driver to >= 560.28.03, then `bash scripts/install.sh --gpu " \
-           "--cuda 12.6`" in old
+           "12.4); reinstall with `bash scripts/install.sh --gpu --cuda 12.9` (it runs on " \
+           "this driver through CUDA minor-version compatibility)" in compat
+    old = gpu_check.no_gpu_message("CUDA_VISIBLE_DEVICES=0", "2.13.0+cu130", "13.0",
+                                   "520.61.05")
+    assert old == (f"{prefix}torch 2.13.0+cu130 is built for CUDA 13.0, the NVIDIA driver is "
+                   "520.61.05; upgrade the driver to >= 525.60.13 (the CUDA 12.x builds, "
+                   "through minor-version compatibility) or >= 580.65.06 (every build "
+                   "natively, --cuda 13.0), then `bash scripts/install.sh --gpu`")
+    # torch's CUDA already runs on this driver: reinstalling would not help.
+    runs = gpu_check.no_gpu_message("CUDA_VISIBLE_DEVICES=0", "2.13.0+cu129", "12.9",
+                                    "550.54.15")
+    assert "; this driver runs CUDA 12.9 through CUDA minor-version compatibility, so the " \
+           "cause is elsewhere" in runs and "install.sh" not in runs
     none = gpu_check.no_gpu_message("PARCAE_EXPECT_GPU=1", "2.13.0", "13.0", None)
     assert "no NVIDIA driver found" in none and "bash scripts/install.sh --gpu --cuda" in none
-    for line in (old, none):
+    for line in (compat, old, runs, none):
         assert line.startswith("error: ") and "\n" not in line
 
 

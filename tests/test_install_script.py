@@ -90,17 +90,65 @@ def test_without_cuda_the_driver_picks_the_newest_build_it_runs(tmp_path, driver
     assert any(f"https://download.pytorch.org/whl/cu{cuda} torch==" in c for c in steps)
     assert any(f"[pytorch,{te}]" in c for c in steps)
     assert f"NVIDIA driver {driver}: installing the CUDA " in proc.stdout
+    assert "note:" not in proc.stdout  # a build the driver runs natively
+
+
+def compat_note(driver: str, supports: str, cuda: str) -> str:
+    return (f"note: NVIDIA driver {driver} supports CUDA up to {supports} natively; the CUDA "
+            f"{cuda} build runs on it through CUDA minor-version compatibility (limited: no JIT "
+            "of PTX newer than the driver's CUDA); confirm on a GPU node with "
+            "`.venv/bin/python benchmarks/gpu_acceptance.py`")
+
+
+@pytest.mark.parametrize("driver, supports", [("535.104.05", "12.2"), ("550.54.15", "12.4"),
+                                              ("525.60.13", "12.0")])
+def test_a_driver_older_than_every_build_gets_the_newest_12x_build_with_a_note(
+        tmp_path, driver, supports):
+    """No build here runs natively on it, but the 12.x family's minimum (525.60.13) is met:
+    the newest 12.x build, through minor-version compatibility, said in one note line."""
+    proc = install("--gpu", driver=driver, tmp=tmp_path)
+    steps = commands(proc)
+    assert any("https://download.pytorch.org/whl/cu129 torch==" in c for c in steps)
+    assert any("[pytorch,core_cu12]" in c for c in steps)
+    lines = proc.stdout.splitlines()
+    chosen = lines.index(f"NVIDIA driver {driver}: installing the CUDA 12.9 build "
+                         "(pass --cuda to choose)")
+    assert lines[chosen + 1] == compat_note(driver, supports, "12.9")
+    assert [line for line in lines if line.startswith("note:")] == [lines[chosen + 1]]
+    assert (ROOT / "benchmarks" / "gpu_acceptance.py").is_file()  # the script the note names
+
+
+@pytest.mark.parametrize("driver, cuda, supports", [
+    ("550.54.15", "12.8", "12.4"),
+    ("565.57.01", "12.8", "12.6"),
+    ("570.25", "12.8", "12.6"),   # a hair below 12.8's GA driver
+    ("535.104.05", "12.6", "12.2"),
+])
+def test_a_driver_below_the_cudas_own_but_in_its_family_proceeds_with_a_note(
+        tmp_path, driver, cuda, supports):
+    proc = install("--gpu", "--cuda", cuda, driver=driver, tmp=tmp_path)
+    steps = commands(proc)
+    assert any(f"https://download.pytorch.org/whl/cu{cuda.replace('.', '')} torch==" in c
+               for c in steps)
+    assert [line for line in proc.stdout.splitlines() if not line.startswith("+ ")][0] == \
+        compat_note(driver, supports, cuda)
+    assert proc.stdout.count("note:") == 1 and proc.stderr == ""
+
+
+UPGRADE = ("upgrade the driver to >= 525.60.13 (the CUDA 12.x builds, through minor-version "
+           "compatibility) or >= 580.65.06 (every build natively, --cuda 13.0)")
 
 
 @pytest.mark.parametrize("driver, cuda, expected", [
-    ("550.54.15", "12.8", "error: CUDA 12.8 needs NVIDIA driver >= 570.26, this node has "
-     "550.54.15 (CUDA up to 12.4): upgrade the driver to >= 560.28.03 for --cuda 12.6 or newer"),
-    ("565.57.01", "12.8", "error: CUDA 12.8 needs NVIDIA driver >= 570.26, this node has "
-     "565.57.01 (CUDA up to 12.6): use --cuda 12.6"),
+    # The driver's own CUDA first, as without --cuda (12.9 would run too, with a limited set).
+    ("570.86.10", "13.0", "error: CUDA 13.0 needs NVIDIA driver >= 580.65.06, this node has "
+     "570.86.10 (CUDA up to 12.8): use --cuda 12.8"),
     ("575.57.08", "13.0", "error: CUDA 13.0 needs NVIDIA driver >= 580.65.06, this node has "
      "575.57.08 (CUDA up to 12.9): use --cuda 12.9"),
-    ("570.25", "12.8", "error: CUDA 12.8 needs NVIDIA driver >= 570.26, this node has 570.25 "
-     "(CUDA up to 12.6): use --cuda 12.6"),
+    ("550.54.15", "13.0", "error: CUDA 13.0 needs NVIDIA driver >= 580.65.06, this node has "
+     "550.54.15 (CUDA up to 12.4): use --cuda 12.9 (through minor-version compatibility)"),
+    ("520.61.05", "12.8", "error: CUDA 12.8 needs NVIDIA driver >= 570.26 (>= 525.60.13 "
+     f"through minor-version compatibility), this node has 520.61.05: {UPGRADE}"),
 ])
 def test_a_driver_too_old_for_the_cuda_is_one_error_line(tmp_path, driver, cuda, expected):
     proc = install("--gpu", "--cuda", cuda, driver=driver, tmp=tmp_path)
@@ -109,11 +157,11 @@ def test_a_driver_too_old_for_the_cuda_is_one_error_line(tmp_path, driver, cuda,
     assert "+ " not in proc.stdout  # refused before any command
 
 
-def test_a_driver_older_than_every_build_and_no_driver_at_all_are_refused(tmp_path):
-    proc = install("--gpu", driver="550.54.15", tmp=tmp_path)
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith("error: NVIDIA driver 550.54.15 supports CUDA up to 12.4")
-    assert "--cuda 12.6" in proc.stderr
+def test_a_driver_older_than_every_family_and_no_driver_at_all_are_refused(tmp_path):
+    proc = install("--gpu", driver="520.61.05", tmp=tmp_path)
+    assert proc.returncode == 1 and "+ " not in proc.stdout
+    assert proc.stderr == ("error: NVIDIA driver 520.61.05 is older than every CUDA build "
+                           f"installed here: {UPGRADE}\n")
     proc = subprocess.run(["bash", "scripts/install.sh", "--gpu", "--dry-run"], cwd=ROOT,
                           env=dict(os.environ, PATH="/usr/bin:/bin"), capture_output=True,
                           text=True, timeout=60)

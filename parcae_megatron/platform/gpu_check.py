@@ -2,9 +2,10 @@
 
 The CPU backend (``cpu_backend``) is for machines where no GPU was asked for: the quickstart,
 the tests, CPU jobs. Where a job asked for GPUs and torch finds none usable (a torch built for
-a CUDA newer than the driver, no driver, a CPU-only torch), running on the host CPUs would be
+a CUDA the driver does not run, no driver, a CPU-only torch), running on the host CPUs would be
 hours per step; the rank stops instead, before Megatron initialises, with one line that names
-torch's CUDA, the driver's, and the install command that fits.
+torch's CUDA, the driver's, and the install command that fits: the build ``install.sh``
+picks for that driver, natively or through CUDA minor-version compatibility.
 """
 
 from __future__ import annotations
@@ -54,21 +55,70 @@ def _versions(numbers: str) -> tuple[int, ...]:
     return tuple(int(p) for p in numbers.split(".") if p.isdigit())
 
 
+def _table() -> list[list[str]]:
+    return [line.split() for line in TABLE.read_text().splitlines()
+            if line.split() and not line.startswith("#")]
+
+
 def driver_table() -> list[tuple[str, str, bool]]:
-    """``(cuda, minimum driver, installable)`` rows of ``cuda_drivers.txt``, oldest first."""
-    rows = []
-    for line in TABLE.read_text().splitlines():
-        fields = line.split()
-        if fields and not line.startswith("#"):
-            rows.append((fields[0], fields[1], fields[2:] == ["wheel"]))
-    return rows
+    """``(cuda, minimum driver, installable)`` release rows of ``cuda_drivers.txt``, oldest
+    first; the minimum is the release's own (GA) driver, which runs it natively."""
+    return [(fields[0], fields[1], fields[2:] == ["wheel"]) for fields in _table()
+            if fields[2:] != ["family"]]
+
+
+def family_minimum(cuda: str) -> str | None:
+    """The oldest driver that runs ``cuda`` through CUDA minor-version compatibility: the
+    minimum of its major release family (the table's ``family`` rows), None if not listed."""
+    family = f"{cuda.split('.')[0]}.x"
+    return next((fields[1] for fields in _table()
+                 if fields[0] == family and fields[2:] == ["family"]), None)
 
 
 def newest_cuda(driver: str, installable: bool = False) -> str | None:
-    """The newest CUDA release of the table that ``driver`` runs (an installable one)."""
+    """The newest CUDA release of the table that ``driver`` runs natively (an installable one)."""
     fits = [cuda for cuda, minimum, wheel in driver_table()
             if _versions(driver) >= _versions(minimum) and (wheel or not installable)]
     return fits[-1] if fits else None
+
+
+NATIVELY = "natively"
+COMPATIBLY = "through CUDA minor-version compatibility"
+
+
+def runs(driver: str, cuda: str) -> str | None:
+    """How ``driver`` runs a build for ``cuda``: ``NATIVELY`` (the release's own driver or
+    newer), ``COMPATIBLY`` (at least the minimum of ``cuda``'s major family: a limited feature
+    set, no JIT of PTX newer than the driver's CUDA), or None when it does not."""
+    native = next((minimum for c, minimum, _ in driver_table() if c == cuda), None)
+    if native is not None and _versions(driver) >= _versions(native):
+        return NATIVELY
+    family = family_minimum(cuda)
+    return COMPATIBLY if family and _versions(driver) >= _versions(family) else None
+
+
+def install_choice(driver: str) -> tuple[str, str] | None:
+    """``(cuda, how)``: what ``scripts/install.sh --gpu`` installs for ``driver`` and how the
+    driver runs it (``runs``): the newest build it runs natively, else the newest it runs
+    through minor-version compatibility; None when it runs none."""
+    builds = [cuda for cuda, _, wheel in driver_table() if wheel]
+    for how in (NATIVELY, COMPATIBLY):
+        fits = [cuda for cuda in builds if runs(driver, cuda) == how]
+        if fits:
+            return fits[-1], how
+    return None
+
+
+def upgrade_hint() -> str:
+    """The driver to upgrade to when no installable build runs on the present one."""
+    builds = [(cuda, minimum) for cuda, minimum, wheel in driver_table() if wheel]
+    floors = sorted(((family_minimum(cuda) or minimum, cuda) for cuda, minimum in builds),
+                    key=lambda floor: _versions(floor[0]))
+    floor, oldest = floors[0]
+    newest, newest_minimum = builds[-1]
+    return (f"upgrade the driver to >= {floor} (the CUDA {oldest.split('.')[0]}.x builds, "
+            f"through minor-version compatibility) or >= {newest_minimum} (every build "
+            f"natively, --cuda {newest})")
 
 
 def driver_version() -> str | None:
@@ -96,15 +146,19 @@ def no_gpu_message(reason: str, torch_version: str, torch_cuda: str | None,
                 "install with `bash scripts/install.sh --gpu --cuda X` for the CUDA X of its "
                 "driver; for a CPU run, ask for no GPU (unset CUDA_VISIBLE_DEVICES)")
     supports = newest_cuda(driver)
-    fits = newest_cuda(driver, installable=True)
     driver_says = f"the NVIDIA driver is {driver}" + (f" (CUDA up to {supports})"
                                                       if supports else "")
-    if fits:
-        fix = f"reinstall with `bash scripts/install.sh --gpu --cuda {fits}`"
+    choice = install_choice(driver)
+    how = runs(driver, torch_cuda) if torch_cuda else None
+    if how:
+        # Reinstalling would not help: the driver runs this build, something else is wrong.
+        fix = (f"this driver runs CUDA {torch_cuda} {how}, so the cause is elsewhere: check "
+               "that `nvidia-smi` lists the job's GPUs and CUDA_VISIBLE_DEVICES names them")
+    elif choice:
+        cuda, how = choice
+        fix = f"reinstall with `bash scripts/install.sh --gpu --cuda {cuda}`" + (
+            "" if how == NATIVELY else f" (it runs on this driver {how})")
     else:
-        oldest = next(cuda for cuda, _, wheel in driver_table() if wheel)
-        minimum = next(m for cuda, m, _ in driver_table() if cuda == oldest)
-        fix = (f"upgrade the driver to >= {minimum}, then `bash scripts/install.sh --gpu "
-               f"--cuda {oldest}`")
+        fix = f"{upgrade_hint()}, then `bash scripts/install.sh --gpu`"
     return (f"error: GPUs were asked for ({reason}) but torch sees no usable CUDA device: "
             f"{built}, {driver_says}; {fix}")
