@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         print("configuration is valid", flush=True)
         return
     TELEMETRY.configure(args)
-    megatron_patches.install_training_patches()
+    megatron_patches.install_training_patches(fault)
     cfg = pretrain_cfg_container_from_args(args)
     # Any failure ends this rank within seconds (training/failfast.py), never a hang.
     with failfast.exit_on_failure():

@@ -272,3 +272,85 @@ def test_kernel_is_built_ahead_into_a_chosen_directory(tmp_path):
                                         CC="no-such-cc"), capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: no C compiler ('no-such-cc' not found; set CC)"
+
+
+def _cache_files(tmp_path, name: str) -> list:
+    return sorted((tmp_path / "cache").glob(f"*-{name}"))
+
+
+def test_a_broken_cache_is_rebuilt_not_loaded(corpus, tmp_path):
+    """A truncated parts.npy (a writer killed mid-write, before the rename existed) or a missing
+    description (a writer killed before its last rename) rebuilds the packing."""
+    prefix, _ = corpus
+    first = one_epoch(tmp_path, prefix, num_samples=40)
+    rows = [first[i]["tokens"] for i in range(40)]
+    (parts,), (description,) = _cache_files(tmp_path, "parts.npy"), \
+        _cache_files(tmp_path, "description.txt")
+    size = parts.stat().st_size
+    parts.write_bytes(parts.read_bytes()[:size // 2])
+    again = one_epoch(tmp_path, prefix, num_samples=40)
+    assert all(torch.equal(again[i]["tokens"], rows[i]) for i in range(40))
+    assert parts.stat().st_size == size  # rewritten whole
+    description.unlink()
+    again = one_epoch(tmp_path, prefix, num_samples=40)
+    assert all(torch.equal(again[i]["tokens"], rows[i]) for i in range(40))
+    assert description.is_file()
+    # nothing but the three files: no temporary left behind
+    assert len(list((tmp_path / "cache").iterdir())) == 3
+
+
+def test_cache_files_are_shared_as_the_umask_allows(corpus, tmp_path):
+    import os
+    import stat
+
+    prefix, _ = corpus
+    old = os.umask(0o022)
+    try:
+        one_epoch(tmp_path, prefix, num_samples=20)
+    finally:
+        os.umask(old)
+    files = list((tmp_path / "cache").iterdir())
+    assert len(files) == 3
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o644}
+
+
+def test_a_new_packer_version_misses_the_old_cache(corpus, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.utils import Split
+
+    prefix, _ = corpus
+    old = one_epoch(tmp_path, prefix, num_samples=20)
+    assert old.config.packer_version == packing_module.PACKER_VERSION
+    data = IndexedDataset(prefix)
+    new = BestFitGPTDataset(data, prefix, numpy.arange(len(data), dtype=numpy.int32), 20,
+                            Split.train, config(tmp_path, 1,
+                                                packer_version=packing_module.PACKER_VERSION + 1))
+    assert new.unique_description_hash != old.unique_description_hash
+    assert len(_cache_files(tmp_path, "description.txt")) == 2  # packed again, cached apart
+
+
+@needs_kernel
+def test_kernel_is_loadable_by_others_and_cc_may_have_arguments(tmp_path, monkeypatch):
+    """Built with ``CC`` holding a command and its arguments (``env cc``, as ``ccache gcc``
+    would be); the library's mode follows the umask (0755 under 022), not mkstemp's 0600."""
+    import os
+    import stat
+
+    monkeypatch.setenv("PARCAE_KERNEL_DIR", str(tmp_path / "k"))
+    monkeypatch.setenv("CC", "env cc")
+    old = os.umask(0o022)
+    try:
+        path = packing_module.build_kernel()
+    finally:
+        os.umask(old)
+    assert path.parent == tmp_path / "k" and path.is_file()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == [path.name]  # no temporary
+    import ctypes
+
+    assert ctypes.CDLL(str(path)).bf_new  # it loads
+    monkeypatch.setenv("CC", "no-such-launcher cc")
+    monkeypatch.setenv("PARCAE_KERNEL_DIR", str(tmp_path / "other"))
+    with pytest.raises(packing_module.KernelUnavailable,
+                       match=r"no C compiler \('no-such-launcher' not found; set CC\)"):
+        packing_module.build_kernel()

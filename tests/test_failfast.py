@@ -166,6 +166,7 @@ def test_fault_spec_parsing():
     assert (fault.action, fault.step, fault.rank, fault.attempt) == ("kill", 5, 0, 1)
     assert fault.matches(5, 0, 1) and not fault.matches(5, 0, 2) and not fault.matches(4, 0, 1)
     assert faults.parse("nan@step=2,rank=1").action == "nan"
+    assert faults.parse("nan_grad@step=2,rank=1").action == "nan_grad"
     assert faults.from_env({}) is None and faults.from_env({"PARCAE_FAULT": " "}) is None
     for bad in ("explode@step=3", "raise", "raise@rank=1", "raise@step=0", "raise@step=x",
                 "raise@step=3,step=4", "raise@step=3,node=1", "hang@step=2,rank=-1"):

@@ -45,7 +45,7 @@ EXPECTED = {
     f"{_OPT}:MixedPrecisionOptimizer.prepare_grads": "(self)",
     f"{_OPT}:FP32Optimizer.prepare_grads": "(self)",
     f"{_OPT}:MegatronOptimizer.get_parameters": "(self)",
-    f"{_OPT}:MegatronOptimizer.get_grad_stats_parallel_group": "(self)",
+    f"{_OPT}:ChainedOptimizer.prepare_grads": "(self)",
     f"{_DISTOPT}.__init__":
         "(self, optimizer, config, grad_scaler, init_state_fn, model_chunks, per_model_buffers, "
         "data_parallel_group, data_parallel_group_gloo, data_parallel_group_idx, "

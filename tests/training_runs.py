@@ -23,10 +23,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(nproc: int, *args: str) -> tuple[list[str], dict]:
-    """The command and environment for ``nproc`` CPU ranks (plain python when 1)."""
+def command(nproc: int, *args: str, env: dict | None = None) -> tuple[list[str], dict]:
+    """The command and environment (``env``: extra variables) for ``nproc`` CPU ranks (plain
+    python when 1)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               CUDA_VISIBLE_DEVICES="")
+               CUDA_VISIBLE_DEVICES="", **(env or {}))
     if nproc == 1:  # no launcher: signals reach the trainer itself
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(_free_port()))
@@ -35,9 +36,10 @@ def command(nproc: int, *args: str) -> tuple[list[str], dict]:
             f"--nproc-per-node={nproc}", "-m", "parcae_megatron.train", *args], env
 
 
-def train(nproc: int, *args: str, timeout: int = 600, check: bool = True):
+def train(nproc: int, *args: str, timeout: int = 600, check: bool = True,
+          env: dict | None = None):
     """Run to completion; return the CompletedProcess (raising with the log tail on failure)."""
-    cmd, env = command(nproc, *args)
+    cmd, env = command(nproc, *args, env=env)
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:

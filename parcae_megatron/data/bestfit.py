@@ -14,12 +14,19 @@ computed once (rank 0, inside Megatron's dataset-build barrier, by the compiled 
 ``packing.py``: ~1 min for the 1.3B run's 50.8M rows), cached next to GPTDataset's indices
 (``row_ptr`` and ``parts`` int32), and row ``i`` is then read directly, so resuming
 mid-epoch gives exactly the rows a straight run would have seen.
+
+The cache is safe to share: its key includes ``PACKER_VERSION``; each file is written to a
+temporary name in the cache directory and renamed into place, the description last, so a
+writer killed midway leaves nothing that loads, and a job rewriting a cache never changes
+the files another job has mapped; a cache that does not load (a truncated or corrupt file, no
+description) is rebuilt.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +40,13 @@ from megatron.core.datasets.gpt_dataset import (
 )
 from megatron.core.utils import log_single_rank
 
-from parcae_megatron.data.packing import Packing, epoch_stream, pack_best_fit
+from parcae_megatron.data.packing import (
+    PACKER_VERSION,
+    Packing,
+    epoch_stream,
+    pack_best_fit,
+    umask,
+)
 
 __all__ = ["BestFitDatasetConfig", "BestFitGPTDataset", "MockBestFitGPTDataset", "Packing",
            "dataset_class", "pack_best_fit"]
@@ -48,6 +61,9 @@ class BestFitDatasetConfig(GPTDatasetConfig):
     packing_buffer: int = 1000
     """Documents held in the best-fit buffer."""
 
+    packer_version: int = PACKER_VERSION
+    """The packer's version (part of the cache key; a new one never reads older rows)."""
+
 
 class BestFitGPTDataset(GPTDataset):
     """GPTDataset whose samples are best-fit packed rows (see the module docstring).
@@ -58,7 +74,7 @@ class BestFitGPTDataset(GPTDataset):
 
     @staticmethod
     def _key_config_attributes() -> list[str]:
-        return [*GPTDataset._key_config_attributes(), "packing_buffer"]
+        return [*GPTDataset._key_config_attributes(), "packing_buffer", "packer_version"]
 
     def _document_stream(self) -> Iterator[numpy.ndarray]:
         """Epochs, each a fresh shuffle of this split's documents (Megatron's order)."""
@@ -89,11 +105,11 @@ class BestFitGPTDataset(GPTDataset):
             base = f"{self.unique_description_hash}-{type(self).__name__}-{self.index_split.name}"
             paths = {k: os.path.join(path_to_cache, f"{base}-{k}")
                      for k in ("description.txt", "row_ptr.npy", "parts.npy")}
-        if paths and all(os.path.isfile(p) for p in paths.values()):
+        cached = _load_cache(paths, self.unique_description) if paths else None
+        if cached is not None:
             log_single_rank(logger, logging.INFO,
                             f"Load the {type(self).__name__} {self.index_split.name} packing")
-            return (numpy.load(paths["parts.npy"], mmap_mode="r"),
-                    numpy.load(paths["row_ptr.npy"], mmap_mode="r"), None)
+            return (*cached, None)
         start = time.time()
         packing = self._pack()
         log_single_rank(
@@ -104,10 +120,11 @@ class BestFitGPTDataset(GPTDataset):
         if paths and (not torch.distributed.is_initialized()
                       or torch.distributed.get_rank() == 0):
             os.makedirs(path_to_cache, exist_ok=True)
-            with open(paths["description.txt"], "w") as f:
-                f.write(self.unique_description)
-            numpy.save(paths["parts.npy"], packing.parts)
-            numpy.save(paths["row_ptr.npy"], packing.row_ptr)
+            _replace(paths["parts.npy"], lambda f: numpy.save(f, packing.parts))
+            _replace(paths["row_ptr.npy"], lambda f: numpy.save(f, packing.row_ptr))
+            # Last: a cache without its description is never loaded.
+            _replace(paths["description.txt"],
+                     lambda f: f.write(self.unique_description.encode()))
         return packing.parts, packing.row_ptr, None
 
     def _query_document_sample_shuffle_indices(self, idx: int):
@@ -117,6 +134,44 @@ class BestFitGPTDataset(GPTDataset):
         pieces = [self.dataset.get(int(doc), offset=0, length=int(n)) for doc, n in parts]
         return (numpy.concatenate(pieces).astype(numpy.int64),
                 numpy.asarray(parts[:, 0], dtype=numpy.int64), [int(n) for n in parts[:, 1]])
+
+
+def _load_cache(paths: dict[str, str], description: str
+                ) -> tuple[numpy.ndarray, numpy.ndarray] | None:
+    """(parts, row_ptr) memory-mapped from a complete cache of ``description``; None when it
+    is missing, incomplete or does not load (it is then rebuilt)."""
+    try:
+        with open(paths["description.txt"]) as f:
+            if f.read() != description:
+                return None
+        parts = numpy.load(paths["parts.npy"], mmap_mode="r")
+        row_ptr = numpy.load(paths["row_ptr.npy"], mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:
+        if not isinstance(e, FileNotFoundError):
+            logger.warning("best-fit packing cache %s does not load (%s): rebuilding",
+                           paths["parts.npy"], e)
+        return None
+    if parts.ndim != 2 or parts.shape[1] != 2 or row_ptr.ndim != 1 or not len(row_ptr) \
+            or int(row_ptr[-1]) != len(parts):
+        logger.warning("best-fit packing cache %s is inconsistent: rebuilding",
+                       paths["parts.npy"])
+        return None
+    return parts, row_ptr
+
+
+def _replace(path: str, write) -> None:
+    """Write ``path`` through ``write(binary file)`` to a temporary name in its directory,
+    readable as the umask allows (as a plain ``open`` would create it), then rename it."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-",
+                               suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class MockBestFitGPTDataset(BestFitGPTDataset, MockGPTDataset):

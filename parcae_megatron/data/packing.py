@@ -26,6 +26,7 @@ import hashlib
 import heapq
 import itertools
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,9 @@ from pathlib import Path
 import numpy
 
 SOURCE = Path(__file__).with_name("bestfit_kernel.c")
+PACKER_VERSION = 1
+"""Part of a cached packing's key: bump it whenever the packer's rows for the same input
+change (kernel or Python fallback), so that no run reuses rows of the old rule."""
 PYTHON_ROW_LIMIT = 1_000_000
 """Rows the pure-Python fallback may pack (~10 s); more needs the compiled kernel."""
 CHUNK = 1 << 22
@@ -80,14 +84,29 @@ def kernel_path() -> Path:
     return kernel_dir() / f"bestfit_kernel-{sys.platform}-{os.uname().machine}-{digest}.so"
 
 
+def umask() -> int:
+    """The process's file-creation mask (read without changing it where Linux allows)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def build_kernel() -> Path:
-    """Compile the kernel (``$CC``, default ``cc``) unless it is cached; returns its path."""
+    """Compile the kernel (``$CC``, default ``cc``; a command with arguments such as
+    ``ccache gcc`` is fine) unless it is cached; returns its path."""
     target = kernel_path()
     if target.is_file():
         return target
-    compiler = os.environ.get("CC", "cc")
-    if shutil.which(compiler) is None:
-        raise KernelUnavailable(f"no C compiler ({compiler!r} not found; set CC)")
+    compiler = shlex.split(os.environ.get("CC", "")) or ["cc"]
+    if shutil.which(compiler[0]) is None:
+        raise KernelUnavailable(f"no C compiler ({compiler[0]!r} not found; set CC)")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         # Compile to a private name and rename: ranks or jobs sharing the directory never see
@@ -98,10 +117,13 @@ def build_kernel() -> Path:
                                 ) from None
     os.close(fd)
     try:
-        result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
+        result = subprocess.run([*compiler, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
                                 capture_output=True, text=True)
         if result.returncode != 0:
-            raise KernelUnavailable(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+            raise KernelUnavailable(f"{shlex.join(compiler)} failed: "
+                                    f"{result.stderr.strip()[-500:]}")
+        # mkstemp's 0600 would keep the other users of a shared directory from loading it.
+        os.chmod(tmp, 0o777 & ~umask())
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -5,10 +5,15 @@
     PARCAE_FAULT="hang@step=3,rank=1"           rank 1 stops responding in step 3
     PARCAE_FAULT="nan@step=3,rank=1"            rank 1's loss (so its gradients) is NaN in
                                                 step 3: the step must be skipped and counted
+    PARCAE_FAULT="nan_grad@step=3,rank=1"       after step 3's backward, rank 1 makes the
+                                                gradient of one Muon matrix it owns NaN (the
+                                                other ranks' gradients stay finite): every
+                                                rank must skip the step
     PARCAE_FAULT="raise@step=3,rank=1,attempt=1"   ... only in the job's first attempt
 
 ``rank`` is the global rank (default 0); the fault fires in the forward pass of the step's
-first micro-batch, so mid-step. ``attempt`` counts a SLURM job's attempts from 1: the launcher
+first micro-batch, so mid-step (``nan_grad``: once the gradients are reduced, just before the
+optimizer step). ``attempt`` counts a SLURM job's attempts from 1: the launcher
 (``launch.submit``) exports ``PARCAE_ATTEMPT``; elsewhere ``SLURM_RESTART_COUNT + 1``, else 1.
 A fault limited to the first attempt lets a requeued job complete. A malformed value is a
 configuration error (``error:`` line, exit 2) found before training starts.
@@ -26,7 +31,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 ENV = "PARCAE_FAULT"
-ACTIONS = ("raise", "kill", "hang", "nan")
+FORWARD_ACTIONS = ("raise", "kill", "hang", "nan")
+ACTIONS = (*FORWARD_ACTIONS, "nan_grad")
 _KEYS = ("step", "rank", "attempt")
 
 
@@ -94,16 +100,18 @@ def current_attempt(environ: Mapping[str, str] = os.environ) -> int:
     return 1
 
 
-def fire(fault: Fault, step: int, rank: int) -> None:
-    """Carry the fault out (announced first, with a timestamp, on stderr); ``nan`` is only
-    announced here, :func:`inject` poisons the loss."""
+def fire(fault: Fault, step: int, rank: int, detail: str = "") -> None:
+    """Carry the fault out (announced first, with a timestamp, on stderr); ``nan`` and
+    ``nan_grad`` are only announced here: :func:`inject` poisons the loss,
+    :func:`grad_poisoner` the gradient."""
     stamp = datetime.now().isoformat(timespec="milliseconds")
-    what = f"fault injection ({ENV}={fault.spec}): {fault.action} on rank {rank} at step {step}"
+    what = (f"fault injection ({ENV}={fault.spec}): {fault.action} on rank {rank} at step {step}"
+            + (f" ({detail})" if detail else ""))
     print(f"{what} [{stamp}]", file=sys.stderr, flush=True)
     if fault.action == "kill":
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-    elif fault.action == "nan":
+    elif fault.action in ("nan", "nan_grad"):
         return
     elif fault.action == "hang":
         while True:  # not even SIGTERM ends it (Megatron's handler only sets a flag)
@@ -112,8 +120,9 @@ def fire(fault: Fault, step: int, rank: int) -> None:
 
 
 def inject(forward_step: Callable, fault: Fault | None) -> Callable:
-    """``forward_step`` that carries out ``fault`` in its training step; itself if None."""
-    if fault is None:
+    """``forward_step`` that carries out ``fault`` in its training step; itself if None or
+    the fault is not one of the forward pass."""
+    if fault is None or fault.action not in FORWARD_ACTIONS:
         return forward_step
     attempt = current_attempt()
     fired = False
@@ -147,6 +156,44 @@ def _poisoned(loss_func: Callable) -> Callable:
         return (loss * float("nan"), *rest)
 
     return nan_loss
+
+
+def grad_poisoner(fault: Fault | None, optimizer, names: Callable[[], dict]) \
+        -> Callable[[], None] | None:
+    """For a ``nan_grad`` fault, the function to call between the backward and the optimizer
+    step: in the fault's step, on its rank, it makes the whole gradient of the first Muon
+    matrix that this rank's part of ``optimizer`` steps NaN (the first parameter it steps if
+    none is Muon's). ``names()``: model parameter -> (key, name). None for other faults."""
+    if fault is None or fault.action != "nan_grad":
+        return None
+    attempt = current_attempt()
+    fired = False
+
+    def poison() -> None:
+        nonlocal fired
+        import torch.distributed as dist
+        from megatron.training import get_args
+
+        from parcae_megatron.training.guards import leaf_optimizers, param_pairs
+
+        step = get_args().curr_iteration + 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if fired or not fault.matches(step, rank, attempt):
+            return
+        fired = True
+        leaves = leaf_optimizers(optimizer)
+        leaves.sort(key=lambda leaf: "muon" not in type(leaf.optimizer).__name__.lower()
+                    if getattr(leaf, "optimizer", None) is not None else True)
+        pairs = [pair for leaf in leaves for pair in param_pairs(leaf)]
+        if not pairs:
+            raise InjectedFault(f"{ENV}={fault.spec}: rank {rank} steps no parameter")
+        model = pairs[0][1]
+        grad = model.main_grad if getattr(model, "main_grad", None) is not None else model.grad
+        name = names().get(model, (None, f"a parameter of shape {tuple(model.shape)}"))[1]
+        fire(fault, step, rank, f"gradient of {name} set to NaN")
+        grad.fill_(float("nan"))
+
+    return poison
 
 
 def from_env_or_exit() -> Fault | None:

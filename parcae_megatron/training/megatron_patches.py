@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from parcae_megatron.platform.patching import Patch
-from parcae_megatron.training import distopt_fix, guards, muon_optimizer
+from parcae_megatron.training import distopt_fix, faults, guards, muon_optimizer
 from parcae_megatron.training.telemetry import TELEMETRY
 
 _TRAINING = "megatron.training.training"
@@ -61,16 +62,18 @@ GET_MEGATRON_OPTIMIZER = Patch(
     why="non-finite gradients skip the step in bf16/fp32 runs too (training/guards.py)")
 PREPARE_GRADS = Patch(
     target="megatron.core.optimizer.optimizer:MegatronOptimizer.prepare_grads",
-    replaces="per optimizer object (each part of a ChainedOptimizer): copies gradients to the "
-             "main params and reports inf/nan, which only fp16 loss scaling ever finds",
-    change="also reports any non-finite gradient, reduced over the grad-stats group",
+    replaces="on the optimizer pretrain steps (for a ChainedOptimizer, the chain, which calls "
+             "its parts'): copies gradients to the main params and reports inf/nan, which only "
+             "fp16 loss scaling ever finds",
+    change="also reports any non-finite gradient of any part on any rank (one all-reduce over "
+           "the world); a PARCAE_FAULT nan_grad first poisons one Muon matrix's gradient",
     why="Megatron then skips the step through its own path (update, LR schedule, optimizer "
-        "state untouched; counted as skipped)",
+        "state untouched; counted as skipped) on every rank: per-part groups let one rank "
+        "skip alone and the job hang",
     relies_on=("megatron.core.optimizer.optimizer:MixedPrecisionOptimizer.prepare_grads",
                "megatron.core.optimizer.optimizer:FP32Optimizer.prepare_grads",
-               "megatron.core.optimizer.optimizer:MegatronOptimizer.get_parameters",
-               "megatron.core.optimizer.optimizer:"
-               "MegatronOptimizer.get_grad_stats_parallel_group"))
+               "megatron.core.optimizer.optimizer:ChainedOptimizer.prepare_grads",
+               "megatron.core.optimizer.optimizer:MegatronOptimizer.get_parameters"))
 
 # ------------------------------------------------------------------ distributed optimizer
 DISTOPT_INIT = Patch(
@@ -195,29 +198,34 @@ def install_telemetry() -> None:
     EVALUATE.apply(evaluate_with_telemetry)
 
 
-def guard_non_finite_grads(optimizer) -> None:
-    """PREPARE_GRADS on ``optimizer``, or on each part of a ``ChainedOptimizer`` (each reduces
-    its flag over its own group; the chain ORs them)."""
-    parts = getattr(optimizer, "chained_optimizers", None)
-    if parts is not None:
-        for part in parts:
-            guard_non_finite_grads(part)
-        return
+def guard_non_finite_grads(optimizer, model_chunks=(),
+                           fault: faults.Fault | None = None) -> guards.NonFiniteGuard:
+    """PREPARE_GRADS on ``optimizer`` (for a ``ChainedOptimizer``, on the chain: its parts keep
+    Megatron's own checks, the guard adds one decision for all of them over the world)."""
+    guard = guards.NonFiniteGuard(optimizer, model_chunks)
+    poison = faults.grad_poisoner(fault, optimizer, guard.names)
     original = optimizer.prepare_grads
 
     def prepare_grads() -> bool:
-        return guards.report_non_finite(optimizer, bool(original()))
+        if poison is not None:
+            poison()
+        return guard.check(bool(original()))
 
     PREPARE_GRADS.apply(prepare_grads, instance=optimizer)
+    return guard
 
 
-def install_guards() -> None:
-    """GET_MEGATRON_OPTIMIZER: the optimizer ``pretrain`` builds is guarded."""
+def install_guards(fault: faults.Fault | None = None) -> None:
+    """GET_MEGATRON_OPTIMIZER: the optimizer ``pretrain`` builds is guarded (and carries out a
+    ``nan_grad`` fault)."""
     build = GET_MEGATRON_OPTIMIZER.original()
 
-    def get_megatron_optimizer(*args, **kwargs):
-        optimizer = build(*args, **kwargs)
-        guard_non_finite_grads(optimizer)
+    def get_megatron_optimizer(config, model_chunks, *args, **kwargs):
+        optimizer = build(config, model_chunks, *args, **kwargs)
+        TELEMETRY.guard = guard_non_finite_grads(optimizer, model_chunks, fault)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"non-finite guard on {guards.describe(optimizer)}: one decision over "
+                  f"{dist.get_world_size() if dist.is_initialized() else 1} rank(s)", flush=True)
         return optimizer
 
     GET_MEGATRON_OPTIMIZER.apply(get_megatron_optimizer)
@@ -293,9 +301,10 @@ def install_muon_recipe() -> None:
     SCHEDULER_CLASS.apply(scheduler_class)
 
 
-def install_training_patches() -> None:
-    """Everything ``parcae_megatron.train`` installs before Megatron's ``pretrain``."""
+def install_training_patches(fault: faults.Fault | None = None) -> None:
+    """Everything ``parcae_megatron.train`` installs before Megatron's ``pretrain`` (``fault``:
+    the run's ``PARCAE_FAULT``, for the faults carried out by the optimizer)."""
     install_telemetry()
-    install_guards()
+    install_guards(fault)
     install_distopt_fixes()
     install_muon_recipe()

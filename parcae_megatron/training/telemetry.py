@@ -28,7 +28,7 @@ from parcae_megatron.model.accounting import (
     paper_flops_per_token,
     token_embedding_params,
 )
-from parcae_megatron.training.guards import ConsecutiveSkips
+from parcae_megatron.training.guards import ConsecutiveSkips, NonFiniteGuard
 
 # Peak dense bf16 FLOP/s per accelerator, for MFU (CPU runs report none).
 _PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "GB200": 2500e12}
@@ -51,6 +51,7 @@ class Telemetry:
         self.last_iteration = 0
         self.nominal = None  # (fixed FLOPs/token, per-iteration loop FLOPs: grad, no-grad)
         self.skips = ConsecutiveSkips(0)
+        self.guard: NonFiniteGuard | None = None  # set when the optimizer is built
 
     # ------------------------------------------------------------------ setup
     def register_model(self, model) -> None:
@@ -80,8 +81,10 @@ class Telemetry:
         self.skipped_total += int(skipped_iter)
         loops = self._reduce_loop_stats()
         stability = self._reduce_stability() if self.record_state_now(iteration) else None
+        # Identical on every rank (the guard's decision and culprit are the job's).
+        culprit = self.guard.culprit if skipped_iter and self.guard is not None else None
         if not _is_last_rank():
-            self.skips.update(bool(skipped_iter), iteration)  # identical on every rank
+            self.skips.update(bool(skipped_iter), iteration, culprit)
             return
         tokens = args.global_batch_size * args.seq_length
         record: dict[str, Any] = {
@@ -114,10 +117,12 @@ class Telemetry:
                 record["residual_norm"] = loops["residual_norm"] / n
                 record["residual_ratio"] = record["residual_norm"] / max(record["state_norm"],
                                                                          1e-12)
+        if skipped_iter:
+            record["first_non_finite"] = culprit
         if stability is not None:
             record.update(stability)
         self._write(record, iteration)
-        self.skips.update(bool(skipped_iter), iteration)
+        self.skips.update(bool(skipped_iter), iteration, culprit)
 
     def on_evaluate(self, results: dict, iteration: int) -> None:
         """Called on every rank with Megatron's averaged validation losses."""
