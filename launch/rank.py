@@ -14,6 +14,8 @@ import os
 import sys
 from collections.abc import Mapping
 
+from parcae_megatron import cli
+
 
 def rank_env(slurm: Mapping[str, str]) -> dict[str, str]:
     """``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``NODE_RANK`` of a task."""
@@ -54,7 +56,7 @@ def bind_device(env: dict[str, str], visible: str | None) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
-    parser = argparse.ArgumentParser(prog="python -m launch.rank", description=__doc__,
+    parser = cli.ArgumentParser(prog="python -m launch.rank", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--module", default="parcae_megatron.train",
                         help="the Python module each rank runs (its arguments follow --)")

@@ -26,13 +26,14 @@ from pathlib import Path
 
 from launch import sweep as sweeps
 from launch.sbatch import WARNING_SIGNALS, JobSpec, LaunchError, RunSpec, check_output_dir, render
+from parcae_megatron import cli
 from parcae_megatron.config_file import ConfigFileError, flag_value, load_config, standalone_text
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m launch.submit", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to run")
