@@ -16,12 +16,24 @@ training run's own patches are in ``training/megatron_patches.py``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from parcae_megatron.platform.patching import Patch
+
+if not torch.cuda.is_available():
+    # Without CUDA, Megatron's imports note that Transformer Engine / Apex are missing and torch
+    # that there is no CUDA runtime: true of every CPU run, and twenty lines of noise in front
+    # of a command's first line (a one-line error included). On a GPU they are still shown.
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            message=r"(Transformer Engine and Apex are|Apex is) not installed")
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            message=r"Only transformer-engine>=\S+ supports MoE experts")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 __all__ = ["activate", "is_active", "maybe_activate"]
 

@@ -228,9 +228,10 @@ class Rehearsal:
 
     def stage_slurm(self) -> tuple[str, str]:
         run_dir = self.workdir / "slurm"
+        # --no-check: the rehearsal's check stage has run the trainer's checks already
         cmd = [sys.executable, "-m", "launch.submit", "--config", str(self.config),
                "--nodes", str(self.opts.nodes), "--gpus-per-node", str(self.opts.gpus_per_node),
-               "--run-dir", str(run_dir), "--dry-run", "--", *self.user_flags]
+               "--run-dir", str(run_dir), "--dry-run", "--no-check", "--", *self.user_flags]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT,
                               timeout=self.opts.timeout)
         if proc.returncode != 0:

@@ -23,6 +23,7 @@ from parcae_megatron.training.config_expansion import expand_argv
 def trainer_parser() -> cli.RaisingParser:
     """Megatron's parser plus Parcae's flags, as ``megatron.training.arguments.parse_args``
     builds it, whose mistakes raise ``cli.UsageError`` (one line) instead of printing usage."""
+    megatron_patches.accept_parcae_optimizer()  # --optimizer parcae_muon
     from megatron.training.arguments import add_megatron_arguments
 
     parser = cli.RaisingParser(description="Megatron-LM Arguments", allow_abbrev=False)
