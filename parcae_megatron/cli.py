@@ -55,17 +55,30 @@ def closest(word: str, known: Iterable[str], aliases: dict[str, str] | None = No
 def closest_flag(flag: str, parser: argparse.ArgumentParser) -> str | None:
     """The parser's long option closest to ``flag`` (``--train-iter`` -> ``--train-iters``)."""
     name = flag.split("=", 1)[0]
-    options = [o[2:] for o in parser._option_string_actions if o.startswith("--")]
+    options = [o[2:] for o in _option_strings(parser) if o.startswith("--")]
     found = closest(name.lstrip("-"), options, ALIASES)
     return f"--{found}" if found else None
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """The parser's option strings and those of its subcommands."""
+    found = list(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _option_strings(sub)
+    return found
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose errors are one ``error:`` line (plus a suggestion
     for an unknown flag), exit 2. Subparsers inherit the class."""
 
+    def parse_known_args(self, args=None, namespace=None):  # noqa: D102 - argparse's
+        self._given = list(sys.argv[1:] if args is None else args)  # (subcommands call it)
+        return super().parse_known_args(args, namespace)
+
     def parse_args(self, args=None, namespace=None):  # noqa: D102 - argparse's contract
-        self._given = list(sys.argv[1:] if args is None else args)
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             self.unrecognized(extras)
@@ -79,10 +92,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         # A misspelled required flag shows up as "required: --x"; name the typo instead.
-        if message.startswith("the following arguments are required"):
+        if "required" in message:  # "the following arguments are" / "one of ... is"
+            known = _option_strings(self)
             unknown = [a for a in getattr(self, "_given", [])
-                       if a.startswith("--") and a.split("=", 1)[0] not in
-                       self._option_string_actions]
+                       if a.startswith("--") and a.split("=", 1)[0] not in known]
             if unknown:
                 self.unrecognized(unknown)
         self.stop(message)
