@@ -370,7 +370,7 @@ def test_validate_checks_configs_as_the_job_world_size(tmp_path):
     proc = cli(*layout, "--run-dir", str(tmp_path / "bad"), *tiny,
                "--tensor-model-parallel-size", "3", check=False)
     assert proc.returncode == 2
-    assert ("parcae-tiny-cpu.yaml: configuration rejected: world size 4 is not divisible"
+    assert ("parcae-tiny-cpu.yaml: configuration rejected: world size (4) is not divisible"
             in proc.stderr), proc.stderr
     assert not (tmp_path / "bad").exists()
     cli(*layout, "--run-dir", str(tmp_path / "good"), *tiny, "--tensor-model-parallel-size", "2")

@@ -100,8 +100,8 @@ def check_layout(args: argparse.Namespace) -> None:
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     if args.world_size % model_parallel:
         raise ParcaeConfigError(
-            f"world size {args.world_size} is not divisible by tensor x pipeline parallel size "
-            f"{args.tensor_model_parallel_size} x {args.pipeline_model_parallel_size}")
+            f"world size ({args.world_size}) is not divisible by tensor x pipeline parallel "
+            f"size ({args.tensor_model_parallel_size} x {args.pipeline_model_parallel_size})")
     replicas = args.world_size // model_parallel * args.micro_batch_size
     if args.global_batch_size is not None and args.global_batch_size % replicas:
         raise ParcaeConfigError(
