@@ -28,7 +28,6 @@ megatron-core's ``GPTDatasetConfig``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -36,6 +35,7 @@ import sys
 from dataclasses import dataclass
 
 from data_prep.files import read_json
+from parcae_megatron import cli
 
 SPLITS = ("train", "valid", "test")
 
@@ -223,7 +223,7 @@ def _check_split_sizes(entries: list[Entry], shares: list[float], where: str) ->
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m data_prep.blend",
         description="Validate a blend file and print the Megatron-LM data arguments it stands "
                     "for (or, with --json, the GPTDatasetConfig blend fields).",

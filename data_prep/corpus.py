@@ -15,7 +15,6 @@ CLI: ``python -m data_prep.corpus --out-dir data/stdlib`` writes ``train.jsonl``
 
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import json
@@ -25,6 +24,7 @@ import sysconfig
 from collections.abc import Iterator
 
 from data_prep.files import atomic_write_bytes, format_bytes
+from parcae_megatron import cli
 
 # Directories that hold tests, third-party code or generated/bundled files, not library text.
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
@@ -146,7 +146,7 @@ def build_default_corpus(out_path: str, max_docs: int | None = None,
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m data_prep.corpus",
         description="Write the embedded default corpus (the running Python's standard library "
                     "source and docstrings) as train.jsonl and valid.jsonl. Deterministic for "

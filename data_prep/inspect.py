@@ -8,7 +8,6 @@ counts against the manifest). Exit status 0 when consistent, 1 when not, 2 on us
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import struct
@@ -19,6 +18,7 @@ import numpy as np
 
 from data_prep import indexed
 from data_prep.files import format_bytes, read_json
+from parcae_megatron import cli
 
 _CHUNK_TOKENS = 1 << 23
 _IDX_HEADER = b"MMIDIDX\x00\x00"
@@ -233,7 +233,7 @@ def format_report(report: Report) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: 0 consistent, 1 problems found, 2 usage error."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m data_prep.inspect",
         description="Summarise an indexed dataset (counts, length percentiles and histogram, "
                     "frequent tokens, decoded samples) and check that .idx and .bin agree. "

@@ -8,7 +8,6 @@ documents are the inputs' documents in order. Inputs may be sharded outputs of
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import sys
@@ -18,6 +17,7 @@ import numpy as np
 from data_prep import __version__, indexed
 from data_prep.files import atomic_write_json, format_bytes, read_json
 from data_prep.report import short_path
+from parcae_megatron import cli
 
 
 class MergeError(ValueError):
@@ -125,7 +125,7 @@ def merge(inputs: list[str], output: str, overwrite: bool = False,
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m data_prep.merge",
         description="Concatenate indexed datasets (or sharded data_prep outputs) into one "
                     "dataset, in the order given. Token dtypes must match; tokenizers too "

@@ -49,6 +49,7 @@ from data_prep.readers import REASONS, TXT_MODES, Piece, plan_pieces
 from data_prep.report import Progress, SkipCounter, short_path, summary_table
 from data_prep.tokenizer import SentencePieceTokenizer, load_tokenizer
 from data_prep.worker import init_worker, piece_key, piece_prefix, process_piece
+from parcae_megatron import cli
 
 MANIFEST_FORMAT = "data_prep.manifest/1"
 DEFAULT_MAX_BAD_FRACTION = 0.01
@@ -407,7 +408,7 @@ def _interrupt(signum: int, frame: object) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     reasons = "\n".join(f"  {k:<20} {v}" for k, v in REASONS.items())
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m data_prep.preprocess",
         description="Tokenize text corpora into a Megatron indexed dataset (PREFIX.bin/.idx)\n"
                     "plus PREFIX.manifest.json: in parallel, with bounded memory, atomic\n"

@@ -14,7 +14,6 @@ and it is found in one streaming pass with memory bounded by ``--max-chars``.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import heapq
 import io
@@ -39,6 +38,7 @@ from data_prep.tokenizer import (
     UNK_PIECE,
     SentencePieceTokenizer,
 )
+from parcae_megatron import cli
 
 DEFAULT_VOCAB = 32768
 DEFAULT_MAX_CHARS = 2_000_000_000  # docs/design.md §6.3: 2B characters of FineWeb-Edu
@@ -205,7 +205,7 @@ def train_tokenizer(inputs: list[str], output: str, vocab_size: int = DEFAULT_VO
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m data_prep.train_tokenizer",
         description="Train the Parcae SentencePiece tokenizer (byte-level BPE, byte fallback, "
                     "split digits, <|bos|> <|eos|> <|pad|>) on a sample of the inputs. Writes "

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from parcae_megatron import cli
+
 
 def rank_env(slurm: Mapping[str, str]) -> dict[str, str]:
     """``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``NODE_RANK`` of a task."""
@@ -106,7 +108,7 @@ def bind_device(env: dict[str, str], visible: str | None,
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
-    parser = argparse.ArgumentParser(prog="python -m launch.rank", description=__doc__,
+    parser = cli.ArgumentParser(prog="python -m launch.rank", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--module", default="parcae_megatron.train",
                         help="the Python module each rank runs (its arguments follow --)")

@@ -26,13 +26,14 @@ from pathlib import Path
 
 from launch import sweep as sweeps
 from launch.sbatch import WARNING_SIGNALS, JobSpec, LaunchError, RunSpec, check_output_dir, render
+from parcae_megatron import cli
 from parcae_megatron.config_file import ConfigFileError, flag_value, load_config, standalone_text
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m launch.submit", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to run")
@@ -81,7 +82,12 @@ def parser() -> argparse.ArgumentParser:
                      help="array elements running at once (default: sweep's concurrency)")
     act = p.add_argument_group("action")
     act.add_argument("--validate", action="store_true",
-                     help="check every run's configuration with the trainer first")
+                     help="check every run's configuration with the trainer first, as the "
+                          "job's ranks (slower; adds Megatron's own validation)")
+    act.add_argument("--no-check", dest="check", action="store_false",
+                     help="skip the default check of the training flags, config keys, paths "
+                          "and layout (one process, before anything is written), e.g. when "
+                          "this machine cannot see the data")
     act.add_argument("--dry-run", action="store_true",
                      help="write the run directory and print the script; do not submit")
     return p
@@ -183,6 +189,25 @@ def validate_config(job: JobSpec, run: RunSpec, config: Path) -> None:
         raise LaunchError(f"{config.name}: configuration rejected: {detail}")
 
 
+def check_flags(job: JobSpec, run: RunSpec, config: Path) -> None:
+    """The trainer's checks that need no rank (config keys, flags, paths, refusals, layout
+    for the job's world size), in this process and with the source config."""
+    import logging
+    import warnings
+
+    # A CPU job's trainer runs the CPU backend, which puts these first (train.py).
+    cpu = ["--transformer-impl", "local", "--distributed-backend", "gloo"]
+    argv = [*(cpu if not job.gpus_per_node else []), *run.train_args, "--config", str(config)]
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Megatron's import notes on missing TE / Apex
+        from parcae_megatron.training.validation import check_command_line
+        try:
+            check_command_line(argv, world_size=job.world_size)
+        except ValueError as exc:
+            raise LaunchError(str(exc)) from None
+
+
 def plan_of(opts: argparse.Namespace) -> sweeps.Sweep:
     if opts.sweep and opts.config:
         raise LaunchError("give --config or --sweep, not both")
@@ -263,6 +288,9 @@ def submit(argv: list[str] | None = None) -> Path:
         args, ckpt = train_args(run_dir, user, elem.config)
         runs.append(RunSpec(run_dir=run_dir, checkpoint_dir=ckpt, train_args=tuple(args)))
     script = render(job, runs, root)
+    if opts.check:  # before anything is written: a job that cannot start is never queued
+        for elem, run in zip(plan.elements, runs):
+            check_flags(job, run, elem.config)
     if opts.validate:
         for elem, run in zip(plan.elements, runs):
             validate_config(job, run, elem.config)

@@ -10,19 +10,21 @@ purpose (no torch / Megatron): the SLURM launcher reads configs and command line
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from parcae_megatron import cli
 from parcae_megatron.paths import PROJECT_ROOT, resolve_config
 
 BASE_KEY = "base"
 
 
 class ConfigFileError(ValueError):
-    """An unreadable config file, a missing base or a base cycle."""
+    """An unreadable config file, a missing base, a base cycle, or an unknown key or value."""
 
 
 def _read_mapping(path: Path, shown: str) -> dict[str, Any]:
@@ -48,14 +50,14 @@ def _resolve_base(value: object, including: Path) -> Path:
     return found
 
 
-def load_config(value: str | Path) -> dict[str, Any]:
-    """The resolved flag mapping of a config file (its ``base:`` chain merged, this file's
-    keys last; the ``base`` key itself removed). Key order: the base's, then new keys."""
+def config_layers(value: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """Each file of a config's ``base:`` chain as (name as shown, its own keys), this file
+    first; the ``base`` key removed."""
     path = resolve_config(value)
     if not path.is_file():
         raise ConfigFileError(f"config file not found: {value}")
     chain: list[Path] = []
-    layers: list[dict[str, Any]] = []
+    layers: list[tuple[str, dict[str, Any]]] = []
     shown = str(value)
     while True:
         real = path.resolve()
@@ -65,15 +67,61 @@ def load_config(value: str | Path) -> dict[str, Any]:
         chain.append(real)
         data = _read_mapping(path, shown)
         base = data.pop(BASE_KEY, None)
-        layers.append(data)
+        layers.append((shown, data))
         if base is None:
-            break
+            return layers
         path = _resolve_base(base, path)
         shown = str(path)
+
+
+def load_config(value: str | Path) -> dict[str, Any]:
+    """The resolved flag mapping of a config file (its ``base:`` chain merged, this file's
+    keys last; the ``base`` key itself removed). Key order: the base's, then new keys."""
     merged: dict[str, Any] = {}
-    for layer in reversed(layers):
-        merged.update(layer)
+    for _, data in reversed(config_layers(value)):
+        merged.update(data)
     return merged
+
+
+def check_keys(value: str | Path, options: Mapping[str, argparse.Action]) -> None:
+    """Raise ``ConfigFileError`` naming the file and key of the first key that is not a flag
+    in ``options`` (a parser's ``--flag`` -> action) or whose value the flag does not take."""
+    known = [flag[2:] for flag in options if flag.startswith("--")]
+    for shown, data in config_layers(value):
+        for key, item in data.items():
+            name = str(key).replace("_", "-")
+            action = options.get("--" + name)
+            if action is None:
+                hint = cli.closest(name, known, cli.ALIASES)
+                raise ConfigFileError(f"{shown}: unknown key {str(key)!r}"
+                                      + (f" (did you mean {hint!r}?)" if hint else ""))
+            problem = _value_problem(action, item)
+            if problem:
+                raise ConfigFileError(f"{shown}: key {str(key)!r} {problem}")
+
+
+def _value_problem(action: argparse.Action, value: Any) -> str | None:
+    """Why ``value`` (from YAML) cannot be given to ``action``'s flag, or None."""
+    if action.nargs == 0:  # a switch: true sets it, false leaves it out
+        if value is None or isinstance(value, bool):
+            return None
+        return f"is a switch: expected true or false, got {value!r}"
+    if value is None or value is False:
+        return None  # left out of the command line
+    kind = getattr(action.type, "__name__", "") if action.type else "str"
+    kind = kind if kind.isidentifier() else "a valid value"  # e.g. a lambda
+    if value is True:
+        return f"expects {kind}, got true"
+    if isinstance(value, (list, tuple)) and action.nargs in (None, "?"):
+        return f"expects one {kind}, got a list"
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        try:
+            converted = action.type(str(item)) if callable(action.type) else str(item)
+        except (ValueError, TypeError, argparse.ArgumentTypeError):
+            return f"expects {kind}, got {item!r}"
+        if action.choices is not None and converted not in action.choices:
+            return f"expects one of {', '.join(map(str, action.choices))}, got {item!r}"
+    return None
 
 
 def standalone_text(value: str | Path) -> str:

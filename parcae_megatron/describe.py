@@ -6,13 +6,13 @@ the modules a run would train. Prints one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 
 import torch
 
+from parcae_megatron import cli
 from parcae_megatron.model.accounting import count_parameters, flops_per_token
 from parcae_megatron.model.config import ParcaeConfig, ParcaeConfigError
 from parcae_megatron.model.presets import preset_config, preset_names
@@ -53,7 +53,7 @@ def describe(config: ParcaeConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m parcae_megatron.describe",
         description="Print a preset's resolved configuration, parameter counts (total, "
                     "embedding, recurrent, per stage) and training FLOPs per token as JSON.")

@@ -16,7 +16,6 @@ its newest checkpoint (or, once finished, just reports again).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -24,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from parcae_megatron import stability
+from parcae_megatron import cli, stability
 from parcae_megatron.scaling.fit import fit_test_time_curve
 from parcae_megatron.scaling.plots import draw_test_time_fit, test_time_fit_label
 from parcae_megatron.training.telemetry import read_records
@@ -196,7 +195,7 @@ def _plot(path: Path, steps: list[dict], by_t: list[tuple[int, float]], fit: dic
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    parser = argparse.ArgumentParser(prog="python -m parcae_megatron.quickstart",
+    parser = cli.ArgumentParser(prog="python -m parcae_megatron.quickstart",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", default="runs/quickstart", help="where everything goes")
     parser.add_argument("--train-iters", type=int, default=300)

@@ -14,12 +14,13 @@ import os
 import sys
 from pathlib import Path
 
+from parcae_megatron import cli
 from parcae_megatron.convert.errors import ConversionError
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
-    parser = argparse.ArgumentParser(prog="python -m parcae_megatron.convert",
+    parser = cli.ArgumentParser(prog="python -m parcae_megatron.convert",
                                      description=__doc__.split("\n")[0].split(": ", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True)
     to_hf = sub.add_parser("to-hf", help="Megatron distributed checkpoint → Hugging Face dir")

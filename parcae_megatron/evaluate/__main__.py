@@ -15,10 +15,12 @@ import functools
 import os
 import sys
 
+from parcae_megatron import cli
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m parcae_megatron.evaluate [loss]",
         description="Validation loss, perplexity and bits per byte of a Parcae model at "
                     "several loop counts T and initial-state seeds, with the test-time law fit "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from parcae_megatron import cli
 from parcae_megatron.evaluate.core_cli import (
     add_bundle_args,
     add_model_args,
@@ -17,7 +18,7 @@ from parcae_megatron.evaluate.report import write_outputs
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``adaptive``."""
     prog = "python -m parcae_megatron.evaluate adaptive"
-    p = argparse.ArgumentParser(prog=prog, description="Per-token early exit: loss (and "
+    p = cli.ArgumentParser(prog=prog, description="Per-token early exit: loss (and "
                                 "CORE with --bundle) against mean iterations per token for "
                                 "a sweep of thresholds, beside the fixed-T curve.")
     add_model_args(p)

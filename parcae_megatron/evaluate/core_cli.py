@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from parcae_megatron import cli
 from parcae_megatron.evaluate.core import PAPER_SEEDS
 from parcae_megatron.evaluate.report import write_outputs
 
@@ -45,7 +46,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     """The parser of ``core`` or ``core-extended``."""
     prog = f"python -m parcae_megatron.evaluate {command}"
     which = "22 CORE" if command == "core" else "46 CORE-Extended"
-    p = argparse.ArgumentParser(prog=prog, description=f"Centered accuracy on the {which} "
+    p = cli.ArgumentParser(prog=prog, description=f"Centered accuracy on the {which} "
                                 "in-context tasks of the DCLM eval bundle at several loop "
                                 "counts, mean ± std over seeds (few-shot draws and h0).")
     add_model_args(p)

@@ -14,6 +14,8 @@ import socket
 import sys
 from urllib.parse import urlparse
 
+from parcae_megatron import cli
+
 TASK = "lambada_openai"
 
 
@@ -86,7 +88,7 @@ def run_lambada(hf_dir: str, iterations: list[int] | None, batch_size: int = 16,
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the ``lambada`` subcommand."""
     prog = "python -m parcae_megatron.evaluate lambada"
-    p = argparse.ArgumentParser(prog=prog, description="LAMBADA (lm-eval lambada_openai, "
+    p = cli.ArgumentParser(prog=prog, description="LAMBADA (lm-eval lambada_openai, "
                                 "0-shot) at several loop counts; needs the dataset from the "
                                 "Hugging Face Hub (or its datasets cache).")
     p.add_argument("--hf", metavar="DIR", required=True, help="Hugging Face export directory")

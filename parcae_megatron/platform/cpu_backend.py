@@ -18,13 +18,25 @@ CPU. Each replacement of a Megatron internal has a ``Patch`` record below (check
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from parcae_megatron.platform import gpu_check
 from parcae_megatron.platform.patching import Patch
+
+if not torch.cuda.is_available():
+    # Without CUDA, Megatron's imports note that Transformer Engine / Apex are missing and torch
+    # that there is no CUDA runtime: true of every CPU run, and twenty lines of noise in front
+    # of a command's first line (a one-line error included). On a GPU they are still shown.
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            message=r"(Transformer Engine and Apex are|Apex is) not installed")
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            message=r"Only transformer-engine>=\S+ supports MoE experts")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 __all__ = ["activate", "is_active", "maybe_activate"]
 

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from parcae_megatron import cli
 from parcae_megatron.probe.task import TaskSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +47,7 @@ THIN_PAIR_ARGS = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The probe's command line."""
-    p = argparse.ArgumentParser(prog="python -m parcae_megatron.probe",
+    p = cli.ArgumentParser(prog="python -m parcae_megatron.probe",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", default="runs/probe", help="where everything goes")
     p.add_argument("--models", default="parcae,transformer",

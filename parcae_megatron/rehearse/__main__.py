@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from parcae_megatron import cli
 from parcae_megatron.config_file import ConfigFileError, flag_value, load_config
 from parcae_megatron.paths import PROJECT_ROOT, resolve_config
 from parcae_megatron.rehearse import tiny
@@ -56,7 +57,7 @@ class Row:
 
 def parser() -> argparse.ArgumentParser:
     """The rehearsal's own options; everything else is a training flag."""
-    p = argparse.ArgumentParser(prog="parcae-rehearse", description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(prog="parcae-rehearse", description=__doc__.split("\n\n")[0],
                                 epilog="Unknown flags are training flags (as for "
                                        "parcae_megatron.train), e.g. --data-path, "
                                        "--tokenizer-model, --tensor-model-parallel-size.")
@@ -228,9 +229,10 @@ class Rehearsal:
 
     def stage_slurm(self) -> tuple[str, str]:
         run_dir = self.workdir / "slurm"
+        # --no-check: the rehearsal's check stage has run the trainer's checks already
         cmd = [sys.executable, "-m", "launch.submit", "--config", str(self.config),
                "--nodes", str(self.opts.nodes), "--gpus-per-node", str(self.opts.gpus_per_node),
-               "--run-dir", str(run_dir), "--dry-run", "--", *self.user_flags]
+               "--run-dir", str(run_dir), "--dry-run", "--no-check", "--", *self.user_flags]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT,
                               timeout=self.opts.timeout)
         if proc.returncode != 0:

@@ -11,18 +11,19 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
+
+from parcae_megatron import cli
 
 HOLDOUTS = ("largest-budget", "fraction", "none")
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    parser = argparse.ArgumentParser(prog="python -m parcae_megatron.scaling",
+    parser = cli.ArgumentParser(prog="python -m parcae_megatron.scaling",
                                      description="Scaling-law tools for looped models.")
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="iso-FLOP sweep → a launch.submit sweep file")

@@ -1,6 +1,8 @@
-"""Parse and validate a Parcae command line before any rank starts: expansion, the refusals of
-``flag_policy``, Megatron's own validation, the fusions ``fusions`` adapts, and Parcae's checks.
-A bad configuration ends in one ``error:`` line and exit 2.
+"""Parse and validate a Parcae command line before any rank starts: config keys, expansion,
+the paths it names, the refusals of ``flag_policy``, the layout arithmetic, Megatron's own
+validation, the fusions ``fusions`` adapts, and Parcae's checks. A bad configuration ends in
+one ``error:`` line (plus at most a ``did you mean`` line) and exit 2, before Megatron
+prints its usage or its argument dump.
 """
 
 from __future__ import annotations
@@ -10,30 +12,61 @@ import os
 import traceback
 from pathlib import Path
 
+from parcae_megatron import cli
+from parcae_megatron.config_file import check_keys, flag_value
 from parcae_megatron.model.config import ParcaeConfig, ParcaeConfigError
 from parcae_megatron.training import flag_policy, fusions, megatron_patches
 from parcae_megatron.training.arguments import add_parcae_args, parcae_config_from_args
 from parcae_megatron.training.config_expansion import expand_argv
 
 
+def trainer_parser() -> cli.RaisingParser:
+    """Megatron's parser plus Parcae's flags, as ``megatron.training.arguments.parse_args``
+    builds it, whose mistakes raise ``cli.UsageError`` (one line) instead of printing usage."""
+    megatron_patches.accept_parcae_optimizer()  # --optimizer parcae_muon
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = cli.RaisingParser(description="Megatron-LM Arguments", allow_abbrev=False)
+    return add_parcae_args(add_megatron_arguments(parser))
+
+
+def check_command_line(argv: list[str], world_size: int | None = None) -> list[str]:
+    """Every check that needs no rank and no Megatron initialisation: the config's keys and
+    values, the flags, the paths, the refusal table and the layout arithmetic for
+    ``world_size`` ranks (default ``WORLD_SIZE``). Raises ``ValueError`` (``UsageError``,
+    ``ConfigFileError``, ``ParcaeConfigError``) with one message; returns the expanded argv."""
+    parser = trainer_parser()
+    config = flag_value(argv, "--config")
+    if config is not None:
+        check_keys(config, parser._option_string_actions)
+    expanded = expand_argv(argv)
+    flag_policy.refuse_before_parsing(expanded)
+    args = parser.parse_args(expanded)
+    args.rank = 0
+    args.world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    check_paths(args)
+    flag_policy.refuse_unsupported(args, expanded)
+    check_layout(args)
+    return expanded
+
+
 def parse_args_or_exit(argv: list[str]) -> argparse.Namespace:
     """Megatron's parse + validate with Parcae's checks; one clear message and exit 2 on error.
 
-    Flags ParcaeModel cannot honour are refused on the raw parse, before Megatron's
-    validation acts on them; fusions are then adapted to the installed kernels.
+    The checks that need no initialisation run first (``check_command_line``): no usage
+    text or argument dump precedes their message. Fusions are then adapted to the installed
+    kernels.
     """
     import sys
 
-    from megatron.training.arguments import parse_and_validate_args, parse_args
+    from megatron.training.arguments import parse_and_validate_args
 
     if "-h" in argv or "--help" in argv:
         megatron_patches.tolerate_bad_help_strings()
     megatron_patches.accept_parcae_optimizer()
     try:
-        argv = expand_argv(argv)
+        argv = check_command_line(argv)
         sys.argv = [sys.argv[0], *argv]
-        flag_policy.refuse_before_parsing(argv)
-        flag_policy.refuse_unsupported(parse_args(extra_args_provider=add_parcae_args), argv)
         args = parse_and_validate_args(extra_args_provider=add_parcae_args)
         notes = fusions.adapt_fusions(args)
         validate_parcae_args(args)
@@ -55,9 +88,8 @@ def _describe_error(exc: Exception) -> str:
     return f"{Path(frame.filename).name}:{frame.lineno}: check failed: {frame.line}"
 
 
-def validate_parcae_args(args: argparse.Namespace) -> ParcaeConfig:
-    """Everything that can be checked before a rank starts; raises ``ParcaeConfigError``
-    with one message. Returns the resolved model config."""
+def check_layout(args: argparse.Namespace) -> None:
+    """The layer counts and the parallel layout's arithmetic; raises ``ParcaeConfigError``."""
     layers = (args.num_prelude_layers, args.num_recurrent_layers, args.num_coda_layers)
     if any(n is None for n in layers):
         raise ParcaeConfigError("set --preset or all of --num-prelude-layers, "
@@ -68,9 +100,21 @@ def validate_parcae_args(args: argparse.Namespace) -> ParcaeConfig:
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     if args.world_size % model_parallel:
         raise ParcaeConfigError(
-            f"world size {args.world_size} is not divisible by tensor x pipeline parallel size "
-            f"{args.tensor_model_parallel_size} x {args.pipeline_model_parallel_size}")
-    _check_data(args)
+            f"world size ({args.world_size}) is not divisible by tensor x pipeline parallel "
+            f"size ({args.tensor_model_parallel_size} x {args.pipeline_model_parallel_size})")
+    replicas = args.world_size // model_parallel * args.micro_batch_size
+    if args.global_batch_size is not None and args.global_batch_size % replicas:
+        raise ParcaeConfigError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by micro-batch "
+            f"size x data-parallel size ({args.micro_batch_size} x "
+            f"{args.world_size // model_parallel})")
+
+
+def validate_parcae_args(args: argparse.Namespace) -> ParcaeConfig:
+    """Everything that can be checked before a rank starts; raises ``ParcaeConfigError``
+    with one message. Returns the resolved model config."""
+    check_layout(args)
+    check_paths(args)
     _check_recipe(args)
     # The tokenizer (and so the padded vocabulary) is only known after initialisation;
     # check the model with a vocabulary padded the way Megatron will pad it.
@@ -104,21 +148,34 @@ def _check_recipe(args: argparse.Namespace) -> None:
         raise ParcaeConfigError("--muon-momentum-warmup-iters must be >= 0")
 
 
-def _check_data(args: argparse.Namespace) -> None:
-    if args.mock_data:
-        return
-    paths = [*(args.data_path or []), *(args.train_data_path or []),
-             *(args.valid_data_path or []), *(args.test_data_path or [])]
-    if not paths and not args.data_args_path and not args.per_split_data_args_path:
-        raise ParcaeConfigError("no training data: pass --data-path (or --mock-data)")
-    for item in paths:
-        try:
-            float(item)
-            continue  # a blend weight
-        except ValueError:
-            pass
-        missing = [ext for ext in (".bin", ".idx") if not Path(item + ext).is_file()]
-        if missing:
-            raise ParcaeConfigError(f"dataset prefix {item!r} has no {' / '.join(missing)} file")
+def check_paths(args: argparse.Namespace) -> None:
+    """Every input path the flags name exists: each dataset prefix of a blend (weights
+    skipped), the data-args files, ``--tokenizer-model`` and ``--load`` (unless it is also
+    ``--save``, where a first run starts fresh). Raises ``ParcaeConfigError`` naming each
+    missing path."""
+    missing: list[str] = []
+    if not args.mock_data:
+        paths = [*(args.data_path or []), *(args.train_data_path or []),
+                 *(args.valid_data_path or []), *(args.test_data_path or [])]
+        if not paths and not args.data_args_path and not args.per_split_data_args_path:
+            raise ParcaeConfigError("no training data: pass --data-path (or --mock-data)")
+        for item in paths:
+            try:
+                float(item)
+                continue  # a blend weight
+            except ValueError:
+                pass
+            absent = [ext for ext in (".bin", ".idx") if not Path(item + ext).is_file()]
+            if absent:
+                missing.append(f"dataset prefix {item!r} has no {' / '.join(absent)} file")
+        for flag in ("data_args_path", "per_split_data_args_path"):
+            value = getattr(args, flag)
+            if value and not Path(value).is_file():
+                missing.append(f"--{flag.replace('_', '-')} not found: {value}")
     if args.tokenizer_model and not Path(args.tokenizer_model).exists():
-        raise ParcaeConfigError(f"tokenizer model not found: {args.tokenizer_model}")
+        missing.append(f"tokenizer model not found: {args.tokenizer_model}")
+    if args.load and not Path(args.load).exists() \
+            and (args.save is None or Path(args.load).resolve() != Path(args.save).resolve()):
+        missing.append(f"--load checkpoint directory not found: {args.load}")
+    if missing:
+        raise ParcaeConfigError("; ".join(missing))
