@@ -1,4 +1,4 @@
-"""The loop's maths, written once: the injection types, the readout and the initial state.
+"""The loop's maths, written once: the injection types, the norm, the readout and the initial state.
 
 u_t = Ā ⊙ h_t + B̄ e feeds the recurrent block, h_{t+1} = F_R(u_t), and y = C h_T feeds the
 coda (docs/design.md §2.1, §3):
@@ -185,7 +185,12 @@ def init_injection_parameter_(rule: str, tensor: torch.Tensor, init_decay: float
         raise ValueError(f"unknown injection init rule {rule!r}")
 
 
-# -- readout and initial state ---------------------------------------------------------------
+# -- norm, readout and initial state ---------------------------------------------------------
+def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """RMS normalisation over the last dim (block and prelude norms; QK-norm without gain)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
 def readout(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y = C h in fp32 (no norm on h before C)."""
     return F.linear(h.float(), weight.float())

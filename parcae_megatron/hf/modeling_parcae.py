@@ -27,8 +27,16 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import loop_math
 from .configuration_parcae import EXIT_CRITERIA, ParcaeConfig
+from .loop_math import (
+    INIT_DECAY,
+    Prepared,
+    init_injection_parameter_,
+    injection,
+    readout,
+    rms_norm,
+    truncated_normal_,
+)
 
 
 @dataclass
@@ -64,11 +72,6 @@ class KVHold:
             v = torch.where(keep, v, self.kv[role][1])
         self.kv[role] = (k, v)
         return k, v
-
-
-def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """RMS normalisation over the last dim."""
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 class RMSNorm(nn.Module):
@@ -191,7 +194,7 @@ class Adapter(nn.Module):
 
     def __init__(self, config: ParcaeConfig) -> None:
         super().__init__()
-        self.kind = loop_math.injection(config.injection_type)
+        self.kind = injection(config.injection_type)
         self.min_rate = config.min_decay_rate
         for name, shape in self.kind.shapes(config.hidden_size).items():
             self.register_parameter(name, nn.Parameter(torch.zeros(shape)))
@@ -200,11 +203,11 @@ class Adapter(nn.Module):
         """The parameters by their registry names."""
         return {name: getattr(self, name) for name in self.kind.init}
 
-    def prepare(self, e: torch.Tensor) -> loop_math.Prepared:
+    def prepare(self, e: torch.Tensor) -> Prepared:
         """Loop-invariant (Ā, B̄e), computed once per forward in fp32."""
         return self.kind.prepare(self.params(), e, self.min_rate)
 
-    def step(self, h: torch.Tensor, prepared: loop_math.Prepared) -> torch.Tensor:
+    def step(self, h: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         """u from the state h (fp32)."""
         return self.kind.step(self.params(), h, prepared)
 
@@ -229,10 +232,9 @@ class ParcaePreTrainedModel(PreTrainedModel):
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, Adapter):
-            normal = lambda t: loop_math.truncated_normal_(t, std)
+            normal = lambda t: truncated_normal_(t, std)
             for name, rule in module.kind.init.items():
-                loop_math.init_injection_parameter_(rule, getattr(module, name),
-                                                    loop_math.INIT_DECAY, normal)
+                init_injection_parameter_(rule, getattr(module, name), INIT_DECAY, normal)
 
 
 class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
@@ -291,7 +293,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         std = cfg.state_std
         if state_seed is None or state_seed < 0:
             h = torch.empty(shape, dtype=torch.float32)
-            return loop_math.truncated_normal_(h, std).to(input_ids.device)
+            return truncated_normal_(h, std).to(input_ids.device)
         if int(positions.max()) >= cfg.max_position_embeddings:
             raise ValueError(f"position {int(positions.max())} is beyond "
                              f"max_position_embeddings={cfg.max_position_embeddings}")
@@ -299,7 +301,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         if key not in self._state_tables:
             gen = torch.Generator().manual_seed(state_seed)
             table = torch.empty(cfg.max_position_embeddings, cfg.hidden_size)
-            loop_math.truncated_normal_(table, std, gen)
+            truncated_normal_(table, std, gen)
             self._state_tables[key] = table.to(input_ids.device)
         return self._state_tables[key][positions]
 
@@ -409,7 +411,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
                     total = getattr(cache, "parcae_iteration_histogram", None)
                     cache.parcae_iteration_histogram = (histogram.clone() if total is None
                                                         else total + histogram)
-            x = loop_math.readout(h, self.transformer.C.weight).to(x.dtype)
+            x = readout(h, self.transformer.C.weight).to(x.dtype)
         for k, block in enumerate(self.transformer.coda):
             x = block(x, rope, mask, self._value_embedding(n_p + n_r + k, input_ids), cache,
                       layer)
@@ -496,7 +498,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
     def _readout(self, h, dtype, rope, mask, input_ids, cache, first_slot, hold) -> torch.Tensor:
         """Logits the model would give if every token stopped at state ``h`` (fp32)."""
         n_pr = self.config.num_prelude_layers + self.config.num_recurrent_layers
-        x = loop_math.readout(h, self.transformer.C.weight).to(dtype)
+        x = readout(h, self.transformer.C.weight).to(dtype)
         for k, block in enumerate(self.transformer.coda):
             x = block(x, rope, mask, self._value_embedding(n_pr + k, input_ids), cache,
                       first_slot + k, (hold, ("probe", k)))
