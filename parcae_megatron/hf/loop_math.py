@@ -133,6 +133,10 @@ class Injection:
     diagonal: bool = False
     exact_zoh: bool = False
 
+    def __post_init__(self) -> None:
+        if set(self.shapes(1)) != set(self.init):
+            raise ValueError(f"injection {self.name!r}: every parameter needs one init rule")
+
     def num_parameters(self, d: int) -> int:
         """Parameter count at width d."""
         return sum(math.prod(shape) for shape in self.shapes(d).values())
