@@ -357,7 +357,7 @@ def part_step_time(sizes: Sizes, cuda: bool) -> tuple[dict, dict, dict]:
 
 def draw_times(sizes: Sizes, cuda: bool) -> dict:
     """The h₀ draw alone at the 1.3B s·b·d: on the device, and on the host plus the copy."""
-    from parcae_megatron.model.init import truncated_normal_
+    from parcae_megatron.hf.loop_math import truncated_normal_
 
     dev = device_of()
     dev_gen = torch.Generator(device=dev).manual_seed(3)

@@ -190,3 +190,53 @@ def test_bad_input_gives_clear_errors(hf_dirs, checkpoints, tmp_path, capsys):
     (hf / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
     assert "shape" in fails("from-hf", "--hf", str(hf), "--save", str(tmp_path / "z"))
     assert not (tmp_path / "z").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.fixture(scope="module")
+def every_kind(tmp_path_factory) -> Path:
+    """One TP=2 launch: each injection type and the Transformer baseline, perturbed, its TP=2
+    logits and its dist checkpoint (tests/dist/hf_parity_worker.py)."""
+    from tests.distributed import torchrun
+
+    out = tmp_path_factory.mktemp("every-kind")
+    torchrun(2, "tests/dist/hf_parity_worker.py", "--out", str(out))
+    return out
+
+
+def test_hf_logits_equal_megatron_for_every_injection_type_at_tp1_and_tp2(
+        every_kind, tmp_path, megatron_single):
+    """Megatron at TP=2 (the launch) and at TP=1 (the same weights, resharded on load) give
+    the logits of the Hugging Face export, for every registered injection type and for the
+    Transformer baseline; the export runs as remote code (its loop maths ships with it)."""
+    from megatron.core import dist_checkpointing
+
+    from parcae_megatron.convert.hf_io import build_hf_model, write_hf_dir
+    from parcae_megatron.convert.mapping import hf_config_from_megatron, megatron_to_hf_state
+    from parcae_megatron.hf.loop_math import INJECTION_TYPES
+    from parcae_megatron.model import ParcaeModel
+    from parcae_megatron.model.layer_specs import get_parcae_layer_local_spec
+    from tests.dist.hf_parity_worker import ITERATIONS, KINDS, inputs, kind_config
+
+    assert set(KINDS) == {*INJECTION_TYPES, "transformer"}
+    tp2_logits = torch.load(every_kind / "logits.pt")
+    ids, h0 = inputs()
+    for kind in KINDS:
+        model = ParcaeModel(kind_config(kind), get_parcae_layer_local_spec()).eval()
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(),
+                                                      str(every_kind / kind)))
+        state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        hf = build_hf_model(hf_config_from_megatron(model.config, 32),
+                            megatron_to_hf_state(state, model.config))
+        write_hf_dir(hf, tmp_path / kind, None, overwrite=False)
+        assert (tmp_path / kind / "loop_math.py").is_file()
+        remote = _hf(tmp_path / kind)
+        assert type(remote).__module__.startswith("transformers_modules")
+        with torch.no_grad():
+            tp1 = model(ids, num_iterations=ITERATIONS, initial_state=h0)
+            out = remote(ids, num_iterations=ITERATIONS, initial_state=h0.transpose(0, 1),
+                         use_cache=False).logits
+        assert out.shape == tp1.shape == tp2_logits[kind].shape == (2, 16, 512), kind
+        torch.testing.assert_close(out, tp1, rtol=0, atol=1e-4,
+                                   msg=lambda m, kind=kind: f"{kind}: {m}")
+        torch.testing.assert_close(out, tp2_logits[kind], rtol=0, atol=1e-4,
+                                   msg=lambda m, kind=kind: f"{kind}: {m}")

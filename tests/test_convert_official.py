@@ -208,7 +208,7 @@ def test_config_checks(exported, tmp_path):
         check_value_embedding_rules(1, 1, 1, 8, 4)
     check_value_embedding_rules(4, 4, 4, 8, 4)
     with pytest.raises(OfficialFormatError, match="injection_type"):
-        export_official(random_model(injection_type="additive"), tmp_path / "x")
+        export_official(random_model(injection_type="diagonal_exact_zoh"), tmp_path / "x")
     raw = json.loads((exported[1] / "official" / "config.json").read_text())
     bad = tmp_path / "cfg"
     bad.mkdir()
@@ -261,3 +261,56 @@ def test_import_refuses_a_tokenizer_without_usable_bos(exported, tmp_path, capsy
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: tokenizer ") and message in err[0]
         assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("injection_type, official_name, adapter", [
+    ("diagonal", "diagonal", {"A_log": (64,), "dt_bias": (64,), "B": (64, 64)}),
+    ("concat_linear", "linear", {"adapter.weight": (64, 128)}),
+    ("additive", "add", {})])
+def test_every_authors_injection_type_goes_megatron_official_hf(
+        megatron_single, tmp_path, injection_type, official_name, adapter):
+    """Megatron → HF → official-export → official-import → HF: the authors' files name the
+    type and hold its adapter as they do, and the logits stay the Megatron model's."""
+    from parcae_megatron.convert.hf_io import build_hf_model
+    from parcae_megatron.convert.mapping import hf_config_from_megatron, megatron_to_hf_state
+    from parcae_megatron.model import ParcaeModel, preset_config
+    from parcae_megatron.model.layer_specs import get_parcae_layer_local_spec
+    from tests.conftest import perturb_
+
+    megatron = ParcaeModel(preset_config("parcae-tiny", injection_type=injection_type),
+                           get_parcae_layer_local_spec()).eval()
+    perturb_(megatron, seed=5)
+    state = {k: v for k, v in megatron.state_dict().items() if isinstance(v, torch.Tensor)}
+    hf = build_hf_model(hf_config_from_megatron(megatron.config, 32),
+                        megatron_to_hf_state(state, megatron.config))
+    export_official(hf, tmp_path / "release")
+    raw = json.loads((tmp_path / "release" / "config.json").read_text())
+    assert raw["injection_type"] == official_name
+    weights = torch.load(tmp_path / "release" / "pytorch_model.bin", weights_only=True)
+    prefix = "transformer.adapter."
+    assert {k[len(prefix):]: tuple(v.shape) for k, v in weights.items()
+            if k.startswith(prefix)} == adapter
+    import_official(tmp_path / "release", tmp_path / "hf", rope="rotate-half", qk_norm_eps=1e-5)
+    back = ParcaeForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert back.config.injection_type == injection_type
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in hf.state_dict().items())
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 512, (2, 16), generator=gen)
+    h0 = torch.randn(16, 2, 64, generator=gen) * 0.05
+    with torch.no_grad():
+        ref = megatron(ids, num_iterations=3, initial_state=h0)
+        out = back(ids, num_iterations=3, initial_state=h0.transpose(0, 1), use_cache=False)
+    torch.testing.assert_close(out.logits, ref, rtol=0, atol=1e-4)
+
+
+def test_authors_adapters_act_on_state_then_input():
+    """The authors' ``linear`` is one matrix on cat([h, e]) and ``add`` is h + e: our types
+    compute exactly that with the same tensor."""
+    from parcae_megatron.hf.loop_math import INJECTIONS
+
+    gen = torch.Generator().manual_seed(0)
+    w, h, e = (torch.randn(*shape, generator=gen) for shape in ((8, 16), (3, 8), (3, 8)))
+    linear, add = INJECTIONS["concat_linear"], INJECTIONS["additive"]
+    u = linear.step({"weight": w}, h, linear.prepare({"weight": w}, e, 1e-6))
+    torch.testing.assert_close(u, torch.nn.functional.linear(torch.cat([h, e], -1), w))
+    assert torch.equal(add.step({}, h, add.prepare({}, e, 1e-6)), h + e)

@@ -12,6 +12,7 @@ import torch
 
 from parcae_megatron.convert.errors import ConversionError
 from parcae_megatron.hf.configuration_parcae import ParcaeConfig as HFConfig
+from parcae_megatron.hf.loop_math import INJECTIONS
 from parcae_megatron.model.config import ParcaeConfig, half_squared_relu
 
 STAGES = (("prelude", "prelude"), ("core", "core_block"), ("coda", "coda"))
@@ -28,10 +29,9 @@ _BLOCK = {
 _TOP = {
     "embedding.word_embeddings.weight": "transformer.wte.weight",
     "prelude_norm.weight": "transformer.ln_prelude.weight",
-    "injection.A_log": "transformer.adapter.A_log",
-    "injection.dt_bias": "transformer.adapter.dt_bias",
-    "injection.B": "transformer.adapter.B",
-    "injection.weight": "transformer.adapter.weight",
+    # every registered injection type's parameters: injection.X ↔ transformer.adapter.X
+    **{f"injection.{name}": f"transformer.adapter.{name}"
+       for kind in INJECTIONS.values() for name in kind.shapes(1)},
     "readout.weight": "transformer.C.weight",
     "final_norm.weight": "transformer.ln_f.weight",
 }

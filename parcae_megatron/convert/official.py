@@ -12,6 +12,11 @@ Our HF parameter names are theirs, so conversion is a check plus two choices:
   rotate-half model applies the inverse permutation.
 * QK-norm eps: the authors use the fp32 machine epsilon; import sets ``qk_norm_eps`` to it.
 
+Injection types follow the registry (``hf/loop_math.py``): the authors' ``diagonal``,
+``linear`` and ``add`` are our ``diagonal``, ``concat_linear`` and ``additive``. ``linear``'s
+one matrix ``transformer.adapter.adapter.weight`` [d, 2d] acts on [h; e] (state first) exactly
+like our ``transformer.adapter.weight``, so it is renamed, never reshaped.
+
 Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)`` or safetensors.
 """
 
@@ -37,6 +42,7 @@ from parcae_megatron.convert.hf_io import (
     write_hf_dir,
 )
 from parcae_megatron.hf.configuration_parcae import ParcaeConfig
+from parcae_megatron.hf.loop_math import INJECTIONS, injection
 from parcae_megatron.hf.modeling_parcae import ParcaeForCausalLM
 from parcae_megatron.hf.tokenization_parcae import check_sentencepiece
 
@@ -122,12 +128,31 @@ def _permute_qk(state: dict[str, torch.Tensor], cfg: ParcaeConfig, to_interleave
             state[key] = state[key][k_idx].contiguous()
 
 
+# -- injection types ---------------------------------------------------------------------------
+OFFICIAL_INJECTIONS = {kind.official_name: name for name, kind in INJECTIONS.items()
+                       if kind.official_name is not None}
+"""The authors' ``injection_type`` → ours."""
+_ADAPTER = "transformer.adapter."
+
+
+def _adapter_keys(injection_type: str) -> dict[str, str]:
+    """Our HF adapter key → the authors' key, for ``injection_type`` (ours)."""
+    return {_ADAPTER + ours: _ADAPTER + theirs
+            for ours, theirs in INJECTIONS[injection_type].official_keys.items()}
+
+
+def _rename(state: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
+    return {names.get(k, k): v for k, v in state.items()}
+
+
 # -- config mapping ----------------------------------------------------------------------------
 def official_config(cfg: ParcaeConfig, name: str = "parcae") -> dict:
     """The authors' ``config.json`` for an HF ``ParcaeConfig``; raises if it cannot express it."""
     problems = []
-    if cfg.injection_type != "diagonal":
-        problems.append(f"injection_type={cfg.injection_type!r} (the authors' format: diagonal)")
+    official_injection = injection(cfg.injection_type).official_name
+    if official_injection is None:
+        problems.append(f"injection_type={cfg.injection_type!r} (the authors' format: "
+                        f"{', '.join(map(repr, OFFICIAL_INJECTIONS.values()))})")
     if not cfg.num_recurrent_layers:
         problems.append("no recurrent layers")
     if not cfg.value_embeddings:
@@ -180,7 +205,7 @@ def official_config(cfg: ParcaeConfig, name: str = "parcae") -> dict:
         "bias": False,
         "tie_embeddings": True,
         "prelude_norm": bool(cfg.prelude_norm),
-        "injection_type": "diagonal",
+        "injection_type": official_injection,
         "state_init": "like-init",
         "init_strategy": "scaled-zero",
         "init_orthogonal": True,
@@ -217,7 +242,7 @@ def hf_config_from_official(raw: dict, *, rope_interleaved: bool = True,
     expect = {"recurrent_embedding_dimension": (d, None),
               "recurrent_intermediation_embedding_dimension": (inner, None),
               "recurrent_num_attention_heads": (heads, None),
-              "injection_type": ("diagonal",), "tie_embeddings": (True,),
+              "injection_type": tuple(OFFICIAL_INJECTIONS), "tie_embeddings": (True,),
               "norm_class_name": ("RMSNorm",), "mlp_class_name": ("BaseMLP",),
               "nonlin_name": ("ReLU2",), "qk_norm": (True,), "qk_bias": (False, None),
               "bias": (False, None), "clip_qkv": (None,), "logit_softcap": (None,),
@@ -243,7 +268,8 @@ def hf_config_from_official(raw: dict, *, rope_interleaved: bool = True,
         vocab_size=int(vocab), hidden_size=d, intermediate_size=inner,
         num_attention_heads=heads, num_key_value_heads=kv, head_dim=d // heads,
         num_prelude_layers=n_p, num_recurrent_layers=n_r, num_coda_layers=n_c,
-        mean_recurrence=mu, mean_backprop_depth=mu_bwd, injection_type="diagonal",
+        mean_recurrence=mu, mean_backprop_depth=mu_bwd,
+        injection_type=OFFICIAL_INJECTIONS[raw.get("injection_type", "diagonal")],
         prelude_norm=bool(raw.get("prelude_norm", True)), state_init="like-init",
         state_seed=state_seed, value_embeddings=True,
         value_embedding_gate_channels=GATE_CHANNELS,
@@ -373,6 +399,7 @@ def official_to_hf_model(path: str | os.PathLike, *, rope: str = "interleaved",
             raise OfficialFormatError(f"{path}: freqs_cis differs from the table for "
                                       f"rope_base={cfg.rope_theta} by {err:.3g}")
     dtype = wte.dtype if wte is not None else torch.float32
+    state = _rename(state, {v: k for k, v in _adapter_keys(cfg.injection_type).items()})
     with torch.device("meta"):
         shell = ParcaeForCausalLM(cfg)
     _check_state(state, shell, cfg, str(path))
@@ -409,6 +436,7 @@ def official_state_dict(model: ParcaeForCausalLM) -> dict[str, torch.Tensor]:
     state = {k: v.detach() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     if not cfg.rope_interleaved:
         _permute_qk(state, cfg, to_interleaved=True)
+    state = _rename(state, _adapter_keys(cfg.injection_type))
     state["freqs_cis"] = freqs_cis(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta)
     state["lm_head.weight"] = state["transformer.wte.weight"]
 

@@ -1,7 +1,7 @@
 """Hugging Face configuration of a Parcae looped language model.
 
-Self-contained (imports only ``transformers``): this file is copied next to exported weights
-so ``AutoConfig.from_pretrained(dir, trust_remote_code=True)`` works offline.
+Self-contained (``transformers`` and the shared ``loop_math.py``): this file is copied next to
+exported weights so ``AutoConfig.from_pretrained(dir, trust_remote_code=True)`` works offline.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import math
 
 from transformers import PretrainedConfig
 
-INJECTION_TYPES = ("diagonal", "diagonal_exact_zoh", "additive", "concat_linear")
+from .loop_math import INJECTION_TYPES
+
 EXIT_CRITERIA = ("residual", "kl", "argmax")
 
 

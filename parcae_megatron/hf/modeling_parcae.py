@@ -1,7 +1,8 @@
 """Hugging Face modeling code for Parcae looped language models (docs/design.md §2, §9).
 
-Self-contained (``torch`` + ``transformers``): copied next to exported weights so
-``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works offline.
+Self-contained (``torch`` + ``transformers``): copied next to exported weights, with
+``configuration_parcae.py`` and ``loop_math.py`` (the loop's maths, shared with the Megatron
+model), so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works offline.
 
 Parameter names follow the authors' checkpoints (``transformer.prelude.0.attn.c_q.weight``, …),
 so their released weights load after at most a RoPE row permutation. Inference:
@@ -27,6 +28,15 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_parcae import EXIT_CRITERIA, ParcaeConfig
+from .loop_math import (
+    INIT_DECAY,
+    Prepared,
+    init_injection_parameter_,
+    injection,
+    readout,
+    rms_norm,
+    truncated_normal_,
+)
 
 
 @dataclass
@@ -62,11 +72,6 @@ class KVHold:
             v = torch.where(keep, v, self.kv[role][1])
         self.kv[role] = (k, v)
         return k, v
-
-
-def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """RMS normalisation over the last dim."""
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 class RMSNorm(nn.Module):
@@ -185,41 +190,26 @@ class Block(nn.Module):
 
 
 class Adapter(nn.Module):
-    """The loop injection u = Ā ⊙ h + B̄ e (fp32; docs/design.md §3.1)."""
+    """The loop injection of ``config.injection_type`` (maths in ``loop_math.py``; fp32)."""
 
     def __init__(self, config: ParcaeConfig) -> None:
         super().__init__()
-        d = config.hidden_size
-        self.kind = config.injection_type
+        self.kind = injection(config.injection_type)
         self.min_rate = config.min_decay_rate
-        if self.kind in ("diagonal", "diagonal_exact_zoh"):
-            self.A_log = nn.Parameter(torch.zeros(d))
-            self.dt_bias = nn.Parameter(torch.zeros(d))
-            self.B = nn.Parameter(torch.eye(d))
-        elif self.kind == "concat_linear":
-            self.weight = nn.Parameter(torch.zeros(d, 2 * d))
+        for name, shape in self.kind.shapes(config.hidden_size).items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape)))
 
-    def prepare(self, e: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def params(self) -> dict[str, torch.Tensor]:
+        """The parameters by their registry names."""
+        return {name: getattr(self, name) for name in self.kind.init}
+
+    def prepare(self, e: torch.Tensor) -> Prepared:
         """Loop-invariant (Ā, B̄e), computed once per forward in fp32."""
-        e = e.float()
-        if self.kind == "additive":
-            return None, e
-        if self.kind == "concat_linear":
-            d = self.weight.shape[0]
-            return None, F.linear(e, self.weight[:, d:].float())
-        delta = F.softplus(self.dt_bias.float())
-        rate = torch.clamp_min(delta * torch.exp(self.A_log.float()), self.min_rate)
-        gain = delta if self.kind == "diagonal" else -torch.expm1(-rate) / torch.exp(
-            self.A_log.float())
-        return torch.exp(-rate), F.linear(e, self.B.float()) * gain
+        return self.kind.prepare(self.params(), e, self.min_rate)
 
-    def step(self, h: torch.Tensor, decay: torch.Tensor | None,
-             drive: torch.Tensor) -> torch.Tensor:
+    def step(self, h: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         """u from the state h (fp32)."""
-        if self.kind == "concat_linear":
-            d = self.weight.shape[0]
-            return F.linear(h, self.weight[:, :d].float()) + drive
-        return (h if decay is None else decay * h) + drive
+        return self.kind.step(self.params(), h, prepared)
 
 
 class ParcaePreTrainedModel(PreTrainedModel):
@@ -241,12 +231,10 @@ class ParcaePreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, std=std)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
-        elif isinstance(module, Adapter) and hasattr(module, "A_log"):
-            nn.init.zeros_(module.A_log)
-            # Ā₀ = √0.2 with a₀ = 1: Δ₀ = −ln √0.2, dt_bias = softplus⁻¹(Δ₀).
-            delta = -0.5 * torch.log(torch.tensor(0.2))
-            module.dt_bias.fill_(float(delta + torch.log(-torch.expm1(-delta))))
-            nn.init.eye_(module.B)
+        elif isinstance(module, Adapter):
+            normal = lambda t: truncated_normal_(t, std)
+            for name, rule in module.kind.init.items():
+                init_injection_parameter_(rule, getattr(module, name), INIT_DECAY, normal)
 
 
 class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
@@ -305,7 +293,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         std = cfg.state_std
         if state_seed is None or state_seed < 0:
             h = torch.empty(shape, dtype=torch.float32)
-            return nn.init.trunc_normal_(h, std=std, a=-3 * std, b=3 * std).to(input_ids.device)
+            return truncated_normal_(h, std).to(input_ids.device)
         if int(positions.max()) >= cfg.max_position_embeddings:
             raise ValueError(f"position {int(positions.max())} is beyond "
                              f"max_position_embeddings={cfg.max_position_embeddings}")
@@ -313,7 +301,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         if key not in self._state_tables:
             gen = torch.Generator().manual_seed(state_seed)
             table = torch.empty(cfg.max_position_embeddings, cfg.hidden_size)
-            nn.init.trunc_normal_(table, std=std, a=-3 * std, b=3 * std, generator=gen)
+            truncated_normal_(table, std, gen)
             self._state_tables[key] = table.to(input_ids.device)
         return self._state_tables[key][positions]
 
@@ -402,17 +390,17 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
                 seed = cfg.state_seed if state_seed is None else state_seed
                 h = self.initial_state(input_ids, positions, seed)
             e = self.transformer.ln_prelude(x) if "ln_prelude" in self.transformer else x
-            decay, drive = self.transformer.adapter.prepare(e)
+            prepared = self.transformer.adapter.prepare(e)
             ves = [self._value_embedding(n_p + j, input_ids) for j in range(n_r)]
             if rule is None:
                 for _ in range(T):
-                    u = self.transformer.adapter.step(h, decay, drive).to(x.dtype)
+                    u = self.transformer.adapter.step(h, prepared).to(x.dtype)
                     for j, block in enumerate(self.transformer.core_block):
                         u = block(u, rope, mask, ves[j], cache, layer)
                         layer += 1
                     h = u.float()
             else:
-                h, iterations = self._adaptive_loop(h, decay, drive, ves, x.dtype, rope, mask,
+                h, iterations = self._adaptive_loop(h, prepared, ves, x.dtype, rope, mask,
                                                     cache, T, rule, input_ids)
                 layer += T * n_r
                 valid = (attention_mask[:, -s:].bool() if attention_mask is not None
@@ -423,7 +411,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
                     total = getattr(cache, "parcae_iteration_histogram", None)
                     cache.parcae_iteration_histogram = (histogram.clone() if total is None
                                                         else total + histogram)
-            x = F.linear(h, self.transformer.C.weight.float()).to(x.dtype)
+            x = readout(h, self.transformer.C.weight).to(x.dtype)
         for k, block in enumerate(self.transformer.coda):
             x = block(x, rope, mask, self._value_embedding(n_p + n_r + k, input_ids), cache,
                       layer)
@@ -455,7 +443,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
                              f"{threshold} and {patience}")
         return criterion, float(threshold), int(patience)
 
-    def _adaptive_loop(self, h, decay, drive, ves, dtype, rope, mask, cache, T, rule,
+    def _adaptive_loop(self, h, prepared, ves, dtype, rope, mask, cache, T, rule,
                        input_ids) -> tuple[torch.Tensor, torch.LongTensor]:
         """The recurrence with per-token exit; returns (final states, iterations [b, s])."""
         cfg = self.config
@@ -470,7 +458,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         ran = 0
         for r in range(1, T + 1):
             hold.active = active
-            u = self.transformer.adapter.step(h, decay, drive).to(dtype)
+            u = self.transformer.adapter.step(h, prepared).to(dtype)
             for j, block in enumerate(self.transformer.core_block):
                 u = block(u, rope, mask, ves[j], cache, n_p + (r - 1) * n_r + j,
                           (hold, ("core", j)))
@@ -510,7 +498,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
     def _readout(self, h, dtype, rope, mask, input_ids, cache, first_slot, hold) -> torch.Tensor:
         """Logits the model would give if every token stopped at state ``h`` (fp32)."""
         n_pr = self.config.num_prelude_layers + self.config.num_recurrent_layers
-        x = F.linear(h, self.transformer.C.weight.float()).to(dtype)
+        x = readout(h, self.transformer.C.weight).to(dtype)
         for k, block in enumerate(self.transformer.coda):
             x = block(x, rope, mask, self._value_embedding(n_pr + k, input_ids), cache,
                       first_slot + k, (hold, ("probe", k)))

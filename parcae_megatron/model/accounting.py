@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from parcae_megatron.hf.loop_math import injection
 from parcae_megatron.model.config import ParcaeConfig
 
 
@@ -63,10 +64,7 @@ def count_parameters_from_config(config: ParcaeConfig) -> dict[str, int]:
         "final_norm_params": d,
     }
     if config.is_looped:
-        counts["injection_params"] = {"diagonal": 2 * d + d * d,
-                                      "diagonal_exact_zoh": 2 * d + d * d,
-                                      "additive": 0, "concat_linear": 2 * d * d
-                                      }[config.injection_type]
+        counts["injection_params"] = injection(config.injection_type).num_parameters(d)
         counts["readout_params"] = d * d
         counts["prelude_norm_params"] = d if config.prelude_norm else 0
     counts["embedding_params"] = vocab * d + counts["value_embedding_params"]

@@ -20,15 +20,14 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
 
+from parcae_megatron.hf.loop_math import INIT_DECAY, INJECTION_TYPES
 from parcae_megatron.model.init import orthogonal_init, zeros_init
 
-InjectionType = Literal["diagonal", "diagonal_exact_zoh", "additive", "concat_linear"]
 StateInit = Literal["like_init", "zero"]
 DepthSampling = Literal["per_sequence", "per_batch", "fixed"]
 LoopExecution = Literal["compact", "masked"]
 DepthBalance = Literal["independent", "global"]
 
-INJECTION_TYPES = ("diagonal", "diagonal_exact_zoh", "additive", "concat_linear")
 STATE_INITS = ("like_init", "zero")
 DEPTH_SAMPLINGS = ("per_sequence", "per_batch", "fixed")
 LOOP_EXECUTIONS = ("compact", "masked")
@@ -60,7 +59,8 @@ class ParcaeConfig(TransformerConfig):
     """μ_rec: mean sampled loop depth during training; the default evaluation depth."""
     mean_backprop_depth: int = 4
     """μ_bwd: at most this many final iterations receive gradient."""
-    injection_type: InjectionType = "diagonal"
+    injection_type: str = "diagonal"
+    """One of ``INJECTION_TYPES``, the registry in ``hf/loop_math.py`` (docs/design.md §3.3)."""
     state_init: StateInit = "like_init"
     prelude_norm: bool = True
     depth_sampling: DepthSampling = "per_sequence"
@@ -72,7 +72,7 @@ class ParcaeConfig(TransformerConfig):
     loop_execution: LoopExecution = "compact"
     """``compact`` runs each iteration only on the still-active sequences; ``masked``
     runs every sequence for the maximum depth and selects (the authors' behaviour)."""
-    init_decay: float = math.sqrt(0.2)
+    init_decay: float = INIT_DECAY
     """Ā at init (docs/design.md §5): Δ₀ = -ln(init_decay), A_log = 0."""
     min_decay_rate: float = 1e-6
     """Floor on Δ·a, so Ā ≤ exp(-1e-6) < 1 holds in floating point for any parameters."""

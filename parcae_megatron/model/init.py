@@ -196,9 +196,3 @@ def qkv_orthogonal_init(head_dim: int, query_groups: int, std: float,
 zeros_init = InitMethod("zeros")
 """Megatron init_method that zeroes the tensor (attention-out / MLP-down projections)."""
 
-
-def truncated_normal_(tensor: torch.Tensor, std: float,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """Truncated normal at ±3σ (the `like_init` loop-state draw, docs/design.md §4.5)."""
-    return torch.nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-3 * std, b=3 * std,
-                                       generator=generator)

@@ -1,33 +1,26 @@
-"""Loop injection: how the prelude output e enters the state at every iteration.
+"""Loop injection and readout as Megatron modules: fp32 parameters around the shared maths.
 
-u_t = Ā ⊙ h_t + B̄ e feeds the recurrent block, h_{t+1} = F_R(u_t) (docs/design.md §2.1, §3).
+The maths of every injection type, and the registry of types, is ``hf/loop_math.py`` (shared
+with the Hugging Face model, docs/design.md §3). Here each type becomes a module holding its
+parameters under the registry's names (``injection.A_log``, ``injection.weight``, …).
 
-* ``diagonal`` (Parcae): Ā = exp(-Δ ⊙ exp(A_log)) (ZOH), B̄ e = Δ ⊙ (B e) (Euler),
-  Δ = softplus(dt_bias).
-* ``diagonal_exact_zoh``: same Ā, input gain (1 - exp(-Δa)) / a instead of Δ (docs/design.md §3.3).
-* ``additive``: u = h + e (Ā = B̄ = I, marginally stable).
-* ``concat_linear`` (Huginn/RDM): u = W [h; e], ρ(Ā) unconstrained.
-
-All parameters and arithmetic are fp32 whatever the model dtype (docs/design.md §3.4): the modules
-refuse dtype casts of their parameters. Loop-invariant terms (Ā and B̄e) are computed once per
-forward by ``prepare`` and reused by every ``step``.
-
-Everything here is per token, so it runs unchanged on a sequence-parallel shard; the
-parameters are replicated over TP and flagged ``sequence_parallel`` so Megatron sums their
-gradients over the TP group.
+All parameters and arithmetic are fp32 whatever the model dtype (docs/design.md §3.4): the
+modules refuse dtype casts of their parameters. Everything is per token, so it runs unchanged
+on a sequence-parallel shard; the parameters are replicated over TP and flagged
+``sequence_parallel`` so Megatron sums their gradients over the TP group.
 """
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
-
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
+from parcae_megatron.hf import loop_math
+from parcae_megatron.hf.loop_math import Prepared
 from parcae_megatron.model.init import InitMethod
 from parcae_megatron.model.norm import mark_sequence_parallel
+
+__all__ = ["DiagonalInjection", "Injection", "Prepared", "Readout", "build_injection"]
 
 
 class Fp32ParamsModule(MegatronModule):
@@ -45,101 +38,62 @@ class Fp32ParamsModule(MegatronModule):
         return super()._apply(keep_fp32, recurse)
 
 
-class Prepared(NamedTuple):
-    """Loop-invariant terms of one forward: ``decay`` ([d] or None), ``drive`` [s, b, d]."""
+class Injection(Fp32ParamsModule):
+    """The injection u = Ā ⊙ h + B̄ e of one registered type (``config.injection_type``)."""
 
-    decay: torch.Tensor | None
-    drive: torch.Tensor
+    def __init__(self, config, kind: str | None = None) -> None:
+        super().__init__(config=config)
+        self.kind = loop_math.injection(kind or config.injection_type)
+        self.min_decay_rate = config.min_decay_rate
+        shapes = self.kind.shapes(config.hidden_size)
+        for name, shape in shapes.items():
+            self.register_parameter(name, torch.nn.Parameter(
+                torch.empty(shape, dtype=torch.float32)))
+        for name, shape in shapes.items():
+            param = getattr(self, name)
+            if param.device.type != "meta":
+                normal = InitMethod("trunc_normal", config.init_method_std, config.init_seed,
+                                    f"injection.{name}", shape)
+                loop_math.init_injection_parameter_(self.kind.init[name], param.data,
+                                                    config.init_decay, normal)
+        self.finish_init(config)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """The parameters by their registry names."""
+        return {name: getattr(self, name) for name in self.kind.init}
+
+    def prepare(self, e: torch.Tensor) -> Prepared:
+        """Loop-invariant Ā and B̄e (once per forward)."""
+        return self.kind.prepare(self.params(), e, self.min_decay_rate)
+
+    def step(self, h: torch.Tensor, prepared: Prepared) -> torch.Tensor:
+        """u from the state h."""
+        return self.kind.step(self.params(), h, prepared)
 
 
-def inverse_softplus(y: float) -> float:
-    """x with softplus(x) = y."""
-    return y + math.log(-math.expm1(-y))
-
-
-class DiagonalInjection(Fp32ParamsModule):
-    """Parcae's stable linear control path with a diagonal, strictly contracting Ā."""
+class DiagonalInjection(Injection):
+    """Parcae's stable linear control path with a diagonal, strictly contracting Ā, plus the
+    accessors the stability telemetry reads."""
 
     def __init__(self, config, exact_zoh: bool = False) -> None:
-        super().__init__(config=config)
-        d = config.hidden_size
+        super().__init__(config, "diagonal_exact_zoh" if exact_zoh else "diagonal")
         self.exact_zoh = exact_zoh
-        self.min_decay_rate = config.min_decay_rate
-        self.A_log = torch.nn.Parameter(torch.zeros(d, dtype=torch.float32))
-        self.dt_bias = torch.nn.Parameter(torch.empty(d, dtype=torch.float32))
-        self.B = torch.nn.Parameter(torch.empty(d, d, dtype=torch.float32))
-        if self.dt_bias.device.type != "meta":
-            with torch.no_grad():
-                # Δ0 = -ln(init_decay) and a0 = 1 give Ā0 = init_decay (√0.2 ≈ 0.44721).
-                self.dt_bias.fill_(inverse_softplus(-math.log(config.init_decay)))
-                torch.nn.init.eye_(self.B)
-        self.finish_init(config)
 
     def delta(self) -> torch.Tensor:
         """Δ = softplus(dt_bias), per channel."""
-        return F.softplus(self.dt_bias)
+        return loop_math.delta(self.params())
 
     def rate(self) -> torch.Tensor:
         """Δ ⊙ a with a = exp(A_log), floored so Ā < 1 holds in floating point."""
-        return torch.clamp_min(self.delta() * torch.exp(self.A_log), self.min_decay_rate)
+        return loop_math.rate(self.params(), self.min_decay_rate)
 
     def decay(self) -> torch.Tensor:
         """Ā = exp(-Δ a) ∈ (0, 1)."""
-        return torch.exp(-self.rate())
+        return loop_math.decay(self.params(), self.min_decay_rate)
 
     def input_gain(self) -> torch.Tensor:
         """Δ (Euler) or the exact ZOH gain (1 - exp(-Δa)) / a."""
-        if not self.exact_zoh:
-            return self.delta()
-        a = torch.exp(self.A_log)
-        return -torch.expm1(-self.rate()) / a
-
-    def prepare(self, e: torch.Tensor) -> Prepared:
-        """Ā and B̄e (once per forward)."""
-        drive = F.linear(e.float(), self.B) * self.input_gain()
-        return Prepared(self.decay(), drive)
-
-    def step(self, h: torch.Tensor, prepared: Prepared) -> torch.Tensor:
-        """u = Ā ⊙ h + B̄ e."""
-        return prepared.decay * h + prepared.drive
-
-
-class AdditiveInjection(Fp32ParamsModule):
-    """u = h + e: Ā = B̄ = I (the marginally stable baseline)."""
-
-    def __init__(self, config) -> None:
-        super().__init__(config=config)
-
-    def prepare(self, e: torch.Tensor) -> Prepared:
-        """The drive is e itself."""
-        return Prepared(None, e.float())
-
-    def step(self, h: torch.Tensor, prepared: Prepared) -> torch.Tensor:
-        """u = h + e."""
-        return h + prepared.drive
-
-
-class ConcatLinearInjection(Fp32ParamsModule):
-    """u = W [h; e] with W ∈ R^{d×2d} (Huginn/RDM adapter; Ā = W_h is unconstrained)."""
-
-    def __init__(self, config) -> None:
-        super().__init__(config=config)
-        d = config.hidden_size
-        self.weight = torch.nn.Parameter(torch.empty(d, 2 * d, dtype=torch.float32))
-        if self.weight.device.type != "meta":
-            InitMethod("trunc_normal", config.init_method_std, config.init_seed,
-                       "injection.weight", (d, 2 * d))(self.weight.data)
-        self.finish_init(config)
-
-    def prepare(self, e: torch.Tensor) -> Prepared:
-        """W_e e, computed once per forward."""
-        d = self.weight.shape[0]
-        return Prepared(None, F.linear(e.float(), self.weight[:, d:]))
-
-    def step(self, h: torch.Tensor, prepared: Prepared) -> torch.Tensor:
-        """u = W_h h + W_e e."""
-        d = self.weight.shape[0]
-        return F.linear(h, self.weight[:, :d]) + prepared.drive
+        return loop_math.input_gain(self.params(), self.min_decay_rate, self.exact_zoh)
 
 
 class Readout(Fp32ParamsModule):
@@ -155,18 +109,12 @@ class Readout(Fp32ParamsModule):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """C h in fp32."""
-        return F.linear(h.float(), self.weight)
+        return loop_math.readout(h, self.weight)
 
 
-def build_injection(config) -> MegatronModule:
+def build_injection(config) -> Injection:
     """The injection module selected by ``config.injection_type``."""
-    kind = config.injection_type
-    if kind == "diagonal":
-        return DiagonalInjection(config)
-    if kind == "diagonal_exact_zoh":
-        return DiagonalInjection(config, exact_zoh=True)
-    if kind == "additive":
-        return AdditiveInjection(config)
-    if kind == "concat_linear":
-        return ConcatLinearInjection(config)
-    raise ValueError(f"unknown injection_type {kind!r}")
+    kind = loop_math.injection(config.injection_type)
+    if kind.diagonal:
+        return DiagonalInjection(config, exact_zoh=kind.exact_zoh)
+    return Injection(config)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from parcae_megatron.hf.loop_math import rms_norm
+
 
 class RMSNorm(torch.nn.RMSNorm):
     """``torch.nn.RMSNorm`` built from a Megatron config (same checkpoint key ``weight``)."""
@@ -20,6 +22,10 @@ class RMSNorm(torch.nn.RMSNorm):
             raise ValueError(f"Parcae's local norm is RMSNorm, not {config.normalization}")
         super().__init__(hidden_size, eps=eps)
         mark_sequence_parallel(self, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared norm (``hf/loop_math.py``), as the Hugging Face model computes it."""
+        return rms_norm(x, self.eps, self.weight)
 
 
 def mark_sequence_parallel(module: torch.nn.Module, config) -> None:

@@ -38,10 +38,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from torch import Tensor
 
+from parcae_megatron.hf.loop_math import truncated_normal_
 from parcae_megatron.model.attention import ParcaeSelfAttention, ValueEmbedding
 from parcae_megatron.model.config import ParcaeConfig
 from parcae_megatron.model.depth import DepthSample, DepthSampler
-from parcae_megatron.model.init import keyed_init, truncated_normal_
+from parcae_megatron.model.init import keyed_init
 from parcae_megatron.model.injection import Prepared, Readout, build_injection
 from parcae_megatron.model.layer_specs import get_parcae_layer_spec, spec_for_stack
 

@@ -185,7 +185,7 @@ class Telemetry:
         model = self.model
         vec = torch.zeros(len(_STABILITY_FIELDS), dtype=torch.float64)
         if (model is not None and model.has_loop and _tp_rank() == 0 and _dp_rank() == 0
-                and hasattr(model.injection, "decay")):
+                and model.injection.kind.diagonal):
             vec = torch.tensor(stability_signals(model), dtype=torch.float64)
         if dist.is_initialized():
             vec = _on_comm_device(vec)
