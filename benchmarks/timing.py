@@ -73,32 +73,46 @@ class Timings:
         return out
 
 
-def interleave(variants: Mapping[str, Callable[[], object]], repeats: int = 5, warmup: int = 1,
-               sync: Callable[[], object] | None = None,
-               clock: Callable[[], float] = time.perf_counter) -> Timings:
-    """Time each callable of ``variants`` once per round, in the mapping's order, for
-    ``warmup`` unrecorded rounds and then ``repeats`` recorded ones.
-
-    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock read, so queued device
-    work is charged to the call that queued it.
-    """
+def alternate(variants: Mapping[str, Callable[[], object]], repeats: int = 5,
+              warmup: int = 1) -> dict[str, list]:
+    """Call each callable of ``variants`` once per round, in the mapping's order, for
+    ``warmup`` unrecorded rounds and then ``repeats`` recorded ones; the recorded return
+    values per variant. For benchmarks whose variants time themselves (a worker process
+    reporting its own seconds); ``interleave`` times the calls."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     if not variants:
         raise ValueError("no variants to time")
-    samples: dict[str, list[float]] = {name: [] for name in variants}
+    results: dict[str, list] = {name: [] for name in variants}
     for round_ in range(warmup + repeats):
         for name, fn in variants.items():
+            value = fn()
+            if round_ >= warmup:
+                results[name].append(value)
+    return results
+
+
+def interleave(variants: Mapping[str, Callable[[], object]], repeats: int = 5, warmup: int = 1,
+               sync: Callable[[], object] | None = None,
+               clock: Callable[[], float] = time.perf_counter) -> Timings:
+    """Wall time of each callable of ``variants``, alternated round by round (``alternate``).
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock read, so queued device
+    work is charged to the call that queued it.
+    """
+    def timed(fn: Callable[[], object]) -> Callable[[], float]:
+        def run() -> float:
             if sync is not None:
                 sync()
             start = clock()
             fn()
             if sync is not None:
                 sync()
-            elapsed = clock() - start
-            if round_ >= warmup:
-                samples[name].append(elapsed)
-    return Timings(samples)
+            return clock() - start
+        return run
+
+    return Timings(alternate({name: timed(fn) for name, fn in variants.items()}, repeats,
+                             warmup))
 
 
 def compare(a: Callable[[], object], b: Callable[[], object], repeats: int = 5,

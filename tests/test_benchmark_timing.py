@@ -98,3 +98,17 @@ def test_bad_arguments_are_refused():
         timing.interleave({"a": lambda: None}, repeats=0)
     with pytest.raises(ValueError):
         timing.interleave({}, repeats=3)
+
+
+def test_alternate_keeps_the_recorded_return_values_in_round_order():
+    calls = []
+
+    def variant(name: str):
+        def run() -> tuple[str, int]:
+            calls.append(name)
+            return name, len(calls)
+        return run
+
+    results = timing.alternate({"x": variant("x"), "y": variant("y")}, repeats=2, warmup=1)
+    assert calls == ["x", "y"] * 3
+    assert results == {"x": [("x", 3), ("x", 5)], "y": [("y", 4), ("y", 6)]}
