@@ -28,7 +28,8 @@ Every timing interleaves its variants (A B A B …) after a warm-up round and re
 and min–max over ``--repeats`` rounds, ratios taken round by round (benchmarks/timing.py).
 
 Usage: python benchmarks/loop_overhead.py [--quick] [--repeats N] [--parts abcde]
-[--threads N]. ``--quick`` keeps one point of (e). The last line is one JSON object.
+[--threads N] [--widths 64,256,512,1024] [--batches 8,32]. ``--quick`` keeps one point of (e)
+(d = 256, micro-batch 8). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -248,11 +249,22 @@ def main() -> None:
                         help="timed rounds per comparison (default 5, 2 with --quick)")
     parser.add_argument("--parts", default="abcde", help="which parts to run, e.g. 'e'")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--widths", default=",".join(map(str, SWEEP_WIDTHS)),
+                        help="hidden sizes of the (e) sweep (multiples of 64)")
+    parser.add_argument("--batches", default=",".join(map(str, SWEEP_BATCHES)),
+                        help="micro-batch sizes of the (e) sweep")
     args = parser.parse_args()
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
-    if repeats < 1 or args.threads < 1 or not set(args.parts) <= set("abcde") or not args.parts:
-        parser.exit(2, "error: --repeats and --threads must be >= 1 and --parts a non-empty "
-                       "subset of 'abcde'\n")
+    try:
+        widths = [int(w) for w in args.widths.split(",")]
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        widths = batches = []
+    if (repeats < 1 or args.threads < 1 or not set(args.parts) <= set("abcde") or not args.parts
+            or not widths or not batches or any(w < 64 or w % 64 for w in widths)
+            or any(b < 1 for b in batches)):
+        parser.exit(2, "error: --repeats and --threads must be >= 1, --parts a non-empty "
+                       "subset of 'abcde', --widths multiples of 64 and --batches >= 1\n")
     torch.set_num_threads(args.threads)
     init_distributed()
     results: dict = {"benchmark": "loop_overhead", "threads": torch.get_num_threads(),
@@ -270,8 +282,7 @@ def main() -> None:
     if "b" in args.parts:
         results["compaction"] = [print_compaction(bench_compaction(b, repeats)) for b in (8, 32)]
     if "e" in args.parts:
-        points = ([(256, 8)] if args.quick else
-                  [(d, b) for d in SWEEP_WIDTHS for b in SWEEP_BATCHES])
+        points = [(256, 8)] if args.quick else [(d, b) for d in widths for b in batches]
         results["compaction_1p3b_proportions"] = [
             print_compaction(bench_compaction(b, repeats, layers=8, width=d, seq=SWEEP_SEQ))
             for d, b in points]
