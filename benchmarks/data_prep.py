@@ -8,13 +8,15 @@ the corpus, vocab 32768 by default):
 * ``data_prep.preprocess`` with 1 and 2 workers (whole call: planning, pool start, merge,
   hashing, atomic publish).
 
-Each figure is the best of ``--repeats`` runs; torch/megatron-core are imported before timing.
-The 1-minute load average before and after is reported: on a busy machine the figures, the
-2-worker scaling above all, say more about the other processes than about this code.
+The three run interleaved (naive, 1 worker, 2 workers, naive, …) for one warm-up round and
+``--repeats`` timed rounds; each figure is the median with its min–max, ratios taken round by
+round (benchmarks/timing.py); torch/megatron-core are imported before timing. The 1-minute
+load average before and after is reported: on a busy machine the figures, the 2-worker
+scaling above all, say more about the other processes than about this code.
 It checks that all outputs are byte-identical, prints a table, then ONE JSON object on the last
 line.
 
-    .venv/bin/python benchmarks/data_prep.py [--mb 4] [--vocab 32768] [--repeats 3]
+    .venv/bin/python benchmarks/data_prep.py [--mb 4] [--vocab 32768] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from timing import interleave  # noqa: E402
 
 from data_prep import indexed  # noqa: E402
 from data_prep.corpus import build_default_corpus  # noqa: E402
@@ -69,8 +73,11 @@ def main() -> int:
     parser.add_argument("--mb", type=float, default=4.0,
                         help="MB of standard-library source in the corpus (default 4)")
     parser.add_argument("--vocab", type=int, default=32768, help="tokenizer vocabulary")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per figure (best kept)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed rounds per figure (median and min-max reported)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     load_before = os.getloadavg()[0]
     indexed.megatron_indexed()  # import cost is not part of any figure
     indexed.freeze_gc()
@@ -79,19 +86,23 @@ def main() -> int:
         info = build_default_corpus(corpus, max_bytes=int(args.mb * 1e6))
         tok_info = train_tokenizer([corpus], os.path.join(tmp, "tok"), vocab_size=args.vocab)
         model = os.path.join(tmp, "tok.model")
-        runs: dict[str, list[float]] = {"naive": [], "w1": [], "w2": []}
         tokens = {}
-        for _ in range(args.repeats):
-            dt, tokens["naive"] = naive(corpus, model, os.path.join(tmp, "naive"))
-            runs["naive"].append(dt)
-            for w in (1, 2):
-                dt, tokens[f"w{w}"] = ours(corpus, model, os.path.join(tmp, f"w{w}"), w)
-                runs[f"w{w}"].append(dt)
+
+        def run(name: str, fn, *extra):
+            def call() -> None:
+                tokens[name] = fn(corpus, model, os.path.join(tmp, name), *extra)[1]
+            return call
+
+        timings = interleave({"naive": run("naive", naive), "w1": run("w1", ours, 1),
+                              "w2": run("w2", ours, 2)}, args.repeats)
         identical = (same_files(os.path.join(tmp, "naive"), os.path.join(tmp, "w1"))
                      and same_files(os.path.join(tmp, "w1"), os.path.join(tmp, "w2")))
     assert len(set(tokens.values())) == 1, tokens
     n = tokens["naive"]
-    rate = {k: n / min(v) for k, v in runs.items()}
+    rate = {k: n / timings.time(k).median for k in timings.samples}
+    # tokens/s ratios are inverse time ratios, taken round by round
+    w2_over_w1, w1_over_naive, w2_over_naive = (timings.ratio(slow, fast) for slow, fast in
+                                                (("w1", "w2"), ("naive", "w1"), ("naive", "w2")))
     result = {
         "benchmark": "data_prep.preprocess",
         "corpus": "python stdlib (embedded)",
@@ -100,28 +111,28 @@ def main() -> int:
         "tokens": n,
         "vocab_size": tok_info["vocab_size"],
         "cpu_cores": default_workers(),
-        "repeats": args.repeats,
         "naive_tokens_per_s": round(rate["naive"]),
         "w1_tokens_per_s": round(rate["w1"]),
         "w2_tokens_per_s": round(rate["w2"]),
         "w1_tokens_per_s_per_worker": round(rate["w1"]),
         "w2_tokens_per_s_per_worker": round(rate["w2"] / 2),
-        "scaling_w2_over_w1": round(rate["w2"] / rate["w1"], 3),
-        "speedup_w1_over_naive": round(rate["w1"] / rate["naive"], 3),
-        "speedup_w2_over_naive": round(rate["w2"] / rate["naive"], 3),
-        "seconds_best": {k: round(min(v), 3) for k, v in runs.items()},
+        **timings.flat({"naive": "naive_s", "w1": "w1_s", "w2": "w2_s"}),
+        **w2_over_w1.flat("scaling_w2_over_w1"),
+        **w1_over_naive.flat("speedup_w1_over_naive"),
+        **w2_over_naive.flat("speedup_w2_over_naive"),
         "identical_output": identical,
         # Other processes on the machine skew the figures (scaling above all): check these.
         "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     print(f"corpus: {info['documents']} documents, {info['bytes'] / 1e6:.1f} MB, {n:,} tokens "
-          f"(vocab {tok_info['vocab_size']}), {default_workers()} cores")
+          f"(vocab {tok_info['vocab_size']}), {default_workers()} cores; medians [min–max] over "
+          f"{args.repeats} interleaved rounds")
     for key, label in (("naive", "naive loop"), ("w1", "preprocess, 1 worker"),
                        ("w2", "preprocess, 2 workers")):
-        print(f"  {label:<24} {rate[key]:>12,.0f} tokens/s   best {min(runs[key]):.2f} s")
-    print(f"  scaling 2 vs 1 worker: {result['scaling_w2_over_w1']:.2f}x; vs naive: "
-          f"{result['speedup_w1_over_naive']:.2f}x (1 worker), "
-          f"{result['speedup_w2_over_naive']:.2f}x (2 workers); identical output: {identical}")
+        print(f"  {label:<24} {rate[key]:>12,.0f} tokens/s   {timings.time(key).text()} s")
+    print(f"  scaling 2 vs 1 worker: {w2_over_w1.text(fmt='.2f')}x; vs naive: "
+          f"{w1_over_naive.text(fmt='.2f')}x (1 worker), "
+          f"{w2_over_naive.text(fmt='.2f')}x (2 workers); identical output: {identical}")
     print(json.dumps(result))
     return 0 if identical else 1
 

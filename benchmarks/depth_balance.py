@@ -11,6 +11,9 @@ sequences (or DP·b when larger; the rest is gradient accumulation), Poisson μ_
   largest depth carries at least it plus the smallest others), so a balanced figure above 1.05
   shows where balancing is impossible rather than imperfect.
 
+The dealing's CPU time per step (``deal_ms``) is the median with its min–max over the steps
+after the first (a warm-up; benchmarks/timing.py's convention).
+
 Usage: python benchmarks/depth_balance.py [--steps N]. The last line is one JSON object.
 """
 
@@ -21,6 +24,7 @@ import json
 import time
 
 import torch
+from timing import Spread
 
 from parcae_megatron.model import preset_config
 from parcae_megatron.model.depth import DepthSampler, global_batch_depths
@@ -75,14 +79,15 @@ def main() -> None:
             row = {"dp": dp, "micro_batch": batch, "microbatches_per_replica": micro,
                    "global_batch": total, "independent": summary(ind), "balanced": summary(bal),
                    "bound": round(sum(r[2] for r in bal) / len(bal), 4),
-                   "deal_ms": round(1e3 * sorted(deal_s)[len(deal_s) // 2], 2)}
+                   **Spread.of([1e3 * t for t in deal_s[1:] or deal_s]).flat("deal_ms")}
             row["balanced_meets_target"] = row["balanced"]["sum"] <= TARGET
             results.append(row)
             print(f"DP={dp:4d} b={batch} m={micro:2d}: Σ T max/mean independent "
                   f"{row['independent']['sum']:.3f} -> balanced {row['balanced']['sum']:.3f} "
                   f"(worst {row['balanced']['sum_worst']:.3f}, bound {row['bound']:.3f}); "
                   f"serial {row['independent']['serial']:.3f} -> {row['balanced']['serial']:.3f}; "
-                  f"deal {row['deal_ms']} ms", flush=True)
+                  f"deal {row['deal_ms']:.1f} [{row['deal_ms_min']:.1f}–"
+                  f"{row['deal_ms_max']:.1f}] ms", flush=True)
     print(json.dumps({"benchmark": "depth_balance", "mu_rec": MU_REC, "steps": args.steps,
                       "target_sum_ratio": TARGET, "results": results}))
 

@@ -22,7 +22,14 @@
     of the last 20 steps must agree within ``LOSS_RTOL`` (relative).
 (g) loop_execution: compacted against masked loop execution at the 1.3B layer proportions
     (8/8/8 layers, μ_rec 8, Poisson depths, micro-batch 8), same depth draws in both modes:
-    executed recurrent iterations over the mean sampled depth, and the wall-time ratio.
+    executed recurrent iterations over the mean sampled depth, the wall-time ratio, and the
+    fraction of the iteration saving that reaches wall time (as benchmarks/loop_overhead.py).
+
+Timings (b), (c), (e), (g) use benchmarks/timing.py: one warm-up, then ``repeats`` timed
+calls (5 on a GPU), the variants of a comparison alternated (A B A B …) with the ratio taken
+pair by pair; a time ``key`` is the median, with ``key_min`` and ``key_max`` beside it. FP8 and
+bf16 in (b) are separate runs (each has its own memory peak for (d)), so their ratio is one of
+medians.
 
 ``--cpu-dry-run`` runs every part at a tiny size on the CPU backend (a minute at most);
 parts that need CUDA (Transformer Engine, FP8, device memory) report ``skipped: no CUDA``
@@ -42,6 +49,7 @@ import traceback
 from dataclasses import asdict, is_dataclass
 
 import torch
+from timing import interleave, measure
 
 from parcae_megatron.model import ParcaeModel, preset_config
 from parcae_megatron.model.accounting import count_parameters, flops_per_token
@@ -64,12 +72,17 @@ NO_TE = "skipped: Transformer Engine not importable"
 SCHEMA: dict[str, dict[str, type]] = {
     "te_vs_local": {"tiny_max_abs_diff": float, "tiny_rel_diff": float,
                     "width_1p3b_max_abs_diff": float, "width_1p3b_rel_diff": float},
-    "step_time": {"layers": int, "micro_batch": int, "seq": int, "bf16_step_s": float,
+    "step_time": {"layers": int, "micro_batch": int, "seq": int, "repeats": int,
+                  "bf16_step_s": float, "bf16_step_s_min": float, "bf16_step_s_max": float,
                   "bf16_tokens_per_s": float, "bf16_mfu": float, "fp8_step_s": float,
+                  "fp8_step_s_min": float, "fp8_step_s_max": float,
                   "fp8_tokens_per_s": float, "fp8_mfu": float, "fp8_over_bf16_time": float,
                   "flops_per_token": float},
-    "vs_gpt": {"executed_layers": int, "micro_batch": int, "seq": int, "gpt_step_s": float,
-               "parcae_step_s": float, "parcae_over_gpt": float},
+    "vs_gpt": {"executed_layers": int, "micro_batch": int, "seq": int, "repeats": int,
+               "gpt_step_s": float, "gpt_step_s_min": float, "gpt_step_s_max": float,
+               "parcae_step_s": float, "parcae_step_s_min": float, "parcae_step_s_max": float,
+               "parcae_over_gpt": float, "parcae_over_gpt_min": float,
+               "parcae_over_gpt_max": float},
     "memory": {f"{p}_{k}": kind for p in ("bf16", "fp8") for k, kind in (
         ("peak_bytes", int), ("estimate_bytes", int), ("peak_over_estimate", float),
         ("reserved_bytes", int), ("reserved_estimate_bytes", int),
@@ -81,9 +94,13 @@ SCHEMA: dict[str, dict[str, type]] = {
                          "fp8_first": float, "fp8_last": float, "rel_diff_last": float,
                          "rtol": float, "agree": bool},
     "loop_execution": {"layers": str, "mean_recurrence": int, "micro_batch": int, "seq": int,
-                       "mean_sampled_depth": float, "compact_over_mean_depth": float,
-                       "masked_over_mean_depth": float, "compact_s": float, "masked_s": float,
-                       "masked_over_compact_time": float},
+                       "repeats": int, "mean_sampled_depth": float,
+                       "compact_over_mean_depth": float, "masked_over_mean_depth": float,
+                       "compact_s": float, "compact_s_min": float, "compact_s_max": float,
+                       "masked_s": float, "masked_s_min": float, "masked_s_max": float,
+                       "masked_over_compact_time": float,
+                       "masked_over_compact_time_min": float,
+                       "masked_over_compact_time_max": float, "saving_reaching_wall": float},
 }
 
 
@@ -92,19 +109,9 @@ def blank(part: str, status: str) -> dict:
     return {"status": status, **{key: None for key in SCHEMA[part]}}
 
 
-def timed(fn, repeats: int, cuda: bool) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def sync_of(cuda: bool):
+    """What the timing helper runs around each timed call: queued kernels charged to it."""
+    return torch.cuda.synchronize if cuda else None
 
 
 class Sizes:
@@ -123,7 +130,7 @@ class Sizes:
             self.gpt = dict(tiny, layers=(1, 1, 1), T=2, mb=2, seq=32)
             self.loss = dict(tiny, seq=32, mb=4, steps=loss_steps or 20)
             self.loop = dict(tiny, hidden_size=32, num_attention_heads=2, num_query_groups=2,
-                             ffn_hidden_size=128, seq=16, mb=8, batches=1)
+                             ffn_hidden_size=128, seq=16, mb=8)
             self.draw_shape = (32, 2, 64)
             self.repeats = 1
         else:
@@ -135,7 +142,7 @@ class Sizes:
             self.loss = dict(vocab_size=4096, hidden_size=256, num_attention_heads=4,
                              num_query_groups=4, kv_channels=64, ffn_hidden_size=1024,
                              seq=256, mb=8, steps=loss_steps or 300)
-            self.loop = dict(preset="parcae-1.3b", seq=2048, mb=8, batches=3)
+            self.loop = dict(preset="parcae-1.3b", seq=2048, mb=8)
             self.draw_shape = (2048, 8, 1536)
             self.repeats = 5
 
@@ -143,7 +150,7 @@ class Sizes:
 def config(shape: dict, **overrides):
     """A ParcaeConfig from a preset name (``preset``) or explicit width, plus overrides."""
     shape = dict(shape)
-    for key in ("seq", "mb", "steps", "batches", "layers", "T"):
+    for key in ("seq", "mb", "steps", "layers", "T"):
         shape.pop(key, None)
     name = shape.pop("preset", "parcae-tiny")
     return preset_config(name, **{**shape, **overrides})
@@ -306,20 +313,26 @@ def run_shape(sizes: Sizes, cuda: bool, fp8: bool) -> dict:
     batch = tokens(cfg, sizes.mb, sizes.seq, 1)
     ids, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
     depths = DepthSample.fixed(sizes.mb, cfg.mean_recurrence, cfg.mean_backprop_depth)
-    step = timed(lambda: trainer.step(ids, labels, depths), sizes.repeats, cuda)
+    if fp8:
+        step = measure(lambda: trainer.step(ids, labels, depths), sizes.repeats,
+                       sync=sync_of(cuda))
+    else:  # (e): h₀ drawn on the host alternated with the default device draw
+        host = torch.Generator()
+        h0 = interleave({"device": lambda: trainer.step(ids, labels, depths),
+                         "host": lambda: trainer.step(ids, labels, depths, host)},
+                        sizes.repeats, sync=sync_of(cuda))
+        step = h0.time("device")
     flops = flops_per_token(cfg, count_parameters(trainer.model), sizes.seq)
-    tps = sizes.mb * sizes.seq / step
+    tps = sizes.mb * sizes.seq / step.median
     peak = peak_flops()
-    out = {"cfg": cfg, "step_s": step, "tokens_per_s": tps, "flops_per_token": flops,
+    out = {"cfg": cfg, "step": step, "tokens_per_s": tps, "flops_per_token": flops,
            "mfu": flops * tps / peak if peak else None,
            "peak_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
            "reserved_bytes": int(torch.cuda.max_memory_reserved()) if cuda else None}
     if not fp8:
-        host = torch.Generator()
-        out["h0"] = {
-            "step_device_h0_s": step,
-            "step_host_h0_s": timed(lambda: trainer.step(ids, labels, depths, host),
-                                    sizes.repeats, cuda)}
+        out["h0"] = {"step_device_h0_s": step.median,
+                     "step_host_h0_s": h0.time("host").median,
+                     "step_host_over_device": h0.ratio("host", "device").median}
     cfg.finalize_model_grads_func = cfg.no_sync_func = None  # the config must not keep DDP
     return out
 
@@ -332,11 +345,13 @@ def part_step_time(sizes: Sizes, cuda: bool) -> tuple[dict, dict, dict]:
     cfg = bf16["cfg"]
     step = {"status": "ok" if fp8_ok else f"fp8 {NO_CUDA if not cuda else NO_TE}",
             "layers": cfg.num_prelude_layers, "micro_batch": sizes.mb, "seq": sizes.seq,
-            "bf16_step_s": bf16["step_s"], "bf16_tokens_per_s": bf16["tokens_per_s"],
+            "repeats": sizes.repeats, **bf16["step"].flat("bf16_step_s"),
+            "bf16_tokens_per_s": bf16["tokens_per_s"],
             "bf16_mfu": bf16["mfu"], "flops_per_token": bf16["flops_per_token"],
-            "fp8_step_s": fp8 and fp8["step_s"], "fp8_tokens_per_s": fp8 and fp8["tokens_per_s"],
-            "fp8_mfu": fp8 and fp8["mfu"],
-            "fp8_over_bf16_time": fp8 and fp8["step_s"] / bf16["step_s"]}
+            **(fp8["step"].flat("fp8_step_s") if fp8 else
+               dict.fromkeys(("fp8_step_s", "fp8_step_s_min", "fp8_step_s_max"))),
+            "fp8_tokens_per_s": fp8 and fp8["tokens_per_s"], "fp8_mfu": fp8 and fp8["mfu"],
+            "fp8_over_bf16_time": fp8 and fp8["step"].median / bf16["step"].median}
     # The estimate is arithmetic (also in the dry run); peaks need device memory.
     memory = blank("memory", "ok" if cuda else f"peaks {NO_CUDA}")
     for name, run in (("bf16", bf16), ("fp8", fp8)):
@@ -350,8 +365,7 @@ def part_step_time(sizes: Sizes, cuda: bool) -> tuple[dict, dict, dict]:
                            f"{name}_reserved_over_estimate": run["reserved_bytes"] / reserved})
     h0 = bf16["h0"]
     draws = draw_times(sizes, cuda)
-    h0.update(draws, status="ok", step_host_over_device=h0["step_host_h0_s"]
-              / h0["step_device_h0_s"])
+    h0.update(draws, status="ok")
     return step, memory, h0
 
 
@@ -369,8 +383,11 @@ def draw_times(sizes: Sizes, cuda: bool) -> dict:
         truncated_normal_(torch.empty(sizes.draw_shape), 0.02,
                           torch.Generator().manual_seed(3)).to(dev)
 
-    d, h = timed(on_device, sizes.repeats, cuda), timed(on_host, sizes.repeats, cuda)
-    return {"draw_device_s": d, "draw_host_s": h, "draw_host_over_device": h / d}
+    draws = interleave({"device": on_device, "host": on_host}, sizes.repeats,
+                       sync=sync_of(cuda))
+    return {"draw_device_s": draws.time("device").median,
+            "draw_host_s": draws.time("host").median,
+            "draw_host_over_device": draws.ratio("host", "device").median}
 
 
 # --- (c) --------------------------------------------------------------------------------------
@@ -418,11 +435,13 @@ def part_vs_gpt(sizes: Sizes, cuda: bool) -> dict:
             model(ids, labels=labels, **kw).float().mean().backward()
         return run
 
-    t_gpt = timed(fwd_bwd(gpt, position_ids=None, attention_mask=None), sizes.repeats, cuda)
-    t_parcae = timed(fwd_bwd(parcae, depths=full), sizes.repeats, cuda)
+    steps = interleave({"gpt": fwd_bwd(gpt, position_ids=None, attention_mask=None),
+                        "parcae": fwd_bwd(parcae, depths=full)}, sizes.repeats,
+                       sync=sync_of(cuda))
     return {"status": "ok" if use_te or not cuda else "ok (local spec: no TE)",
             "executed_layers": executed, "micro_batch": g["mb"], "seq": g["seq"],
-            "gpt_step_s": t_gpt, "parcae_step_s": t_parcae, "parcae_over_gpt": t_parcae / t_gpt}
+            **steps.flat({"gpt": "gpt_step_s", "parcae": "parcae_step_s"}),
+            **steps.ratio("parcae", "gpt").flat("parcae_over_gpt")}
 
 
 # --- (f) --------------------------------------------------------------------------------------
@@ -478,29 +497,37 @@ def part_loop_execution(sizes: Sizes, cuda: bool) -> dict:
     inner = model.module if hasattr(model, "module") else model
     batch = tokens(cfg, s["mb"], s["seq"], 4)
     ids, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-    out = {"status": "ok", "layers": "8/8/8", "mean_recurrence": 8, "micro_batch": s["mb"],
-           "seq": s["seq"]}
-    model(ids, labels=labels).float().mean().backward()  # warm-up, counted for neither mode
-    for mode in ("compact", "masked"):
-        cfg.loop_execution = mode
-        inner.pop_loop_stats()
-        elapsed = 0.0
-        for step in range(s["batches"]):
-            inner.depth_sampler.start_step(step)  # the same draws in both modes
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+    rounds = {"compact": 0, "masked": 0}
+    counts = {mode: [0, 0, 0] for mode in rounds}  # sequences, sampled, executed iterations
+
+    def run(mode: str):
+        def step() -> None:
+            cfg.loop_execution = mode
+            inner.depth_sampler.start_step(rounds[mode])  # round k: same draws in both modes
+            rounds[mode] += 1
             model.zero_grad(set_to_none=True)
             model(ids, labels=labels).float().mean().backward()
-            if cuda:
-                torch.cuda.synchronize()
-            elapsed += time.perf_counter() - start
-        stats = inner.pop_loop_stats()
-        out["mean_sampled_depth"] = stats.sampled_iterations / stats.sequences
-        out[f"{mode}_over_mean_depth"] = stats.executed_iterations / stats.sampled_iterations
-        out[f"{mode}_s"] = elapsed
-    out["masked_over_compact_time"] = out["masked_s"] / out["compact_s"]
-    return out
+            stats = inner.pop_loop_stats()
+            if rounds[mode] > 1:  # the warm-up round counts for neither mode
+                for i, n in enumerate((stats.sequences, stats.sampled_iterations,
+                                       stats.executed_iterations)):
+                    counts[mode][i] += n
+        return step
+
+    timings = interleave({"masked": run("masked"), "compact": run("compact")}, sizes.repeats,
+                         sync=sync_of(cuda))
+    sequences, sampled, compact = counts["compact"]
+    iterations = counts["masked"][2] / compact
+    wall = timings.ratio("masked", "compact")
+    # (1 - 1/wall ratio) / (1 - 1/iteration ratio): share of the iteration saving in wall time
+    saving = 1 - 1 / iterations
+    return {"status": "ok", "layers": "8/8/8", "mean_recurrence": 8, "micro_batch": s["mb"],
+            "seq": s["seq"], "mean_sampled_depth": sampled / sequences,
+            "compact_over_mean_depth": compact / sampled,
+            "masked_over_mean_depth": counts["masked"][2] / sampled,
+            **timings.flat({"masked": "masked_s", "compact": "compact_s"}),
+            **wall.flat("masked_over_compact_time"),
+            "saving_reaching_wall": (1 - 1 / wall.median) / saving if saving > 0 else None}
 
 
 # --------------------------------------------------------------------------------------------

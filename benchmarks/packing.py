@@ -12,11 +12,14 @@ per-epoch shuffle, and the packing (8 bytes per part, 4 per row).
 Measured in the same run: the compiled packer at each fraction; at the first fraction also the
 original pure-Python implementation (tests/bestfit_reference.py, the baseline: ratio = its time
 / ours) and this package's Python fallback (for machines without a C compiler); the rows of
-all three are checked identical there (sha256 of the rows). Targets: the full run in <= 120 s
+all three are checked identical there (sha256 of the rows). The cases run in rounds, every case
+once per round in the same order (``--repeats`` rounds, no warm-up round: each case is a fresh
+process and the kernel is compiled beforehand); times are medians with their min–max, the
+speed-ups taken round by round (benchmarks/timing.py). Targets: the full run in <= 120 s
 of one core (CPU time; wall time is reported too, and on a shared machine it is longer) and
 <= 3 GB. Prints a table, then ONE JSON object on the last line.
 
-    .venv/bin/python benchmarks/packing.py [--fractions 0.01,0.1,1] [--seed 0]
+    .venv/bin/python benchmarks/packing.py [--fractions 0.01,0.1,1] [--seed 0] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy  # noqa: E402
+from timing import Timings, alternate  # noqa: E402
 
 from parcae_megatron.data import packing as packing_module  # noqa: E402
 
@@ -120,6 +124,7 @@ def main() -> None:
                         help="fractions of the 1.3B run's 50.8M rows; the first also runs "
                              "the baselines")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of every case")
     parser.add_argument("--worker", choices=("compiled", "reference", "python"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -127,37 +132,58 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(fractions[0], args.worker, args.seed)))
         return
+    if args.repeats < 1:
+        parser.exit(2, "error: --repeats must be >= 1\n")
     packing_module.build_kernel()  # compile once, outside the timings
-    cases = [run_case(f, "compiled", args.seed) for f in fractions]
-    baselines = [run_case(fractions[0], impl, args.seed) for impl in ("reference", "python")]
-    if any(b["sha256"] != cases[0]["sha256"] for b in baselines):
+    compiled = [f"compiled {f:g}" for f in fractions]
+    variants = {name: (lambda f=f: run_case(f, "compiled", args.seed))
+                for name, f in zip(compiled, fractions)}
+    variants.update({impl: (lambda impl=impl: run_case(fractions[0], impl, args.seed))
+                     for impl in ("reference", "python")})
+    rounds = alternate(variants, args.repeats, warmup=0)
+    first = (compiled[0], "reference", "python")
+    if len({r["sha256"] for name in first for r in rounds[name]}) != 1:
         sys.exit("error: the implementations packed different rows")
-    print(f"{'case':>16} {'rows':>10} {'wall s':>8} {'rows/s':>10} {'CPU s':>8} "
-          f"{'rows/CPU s':>10} {'peak GB':>8} {'before GB':>9} {'pieces/row':>10}")
-    for c in [*cases, *baselines]:
-        print(f"{c['impl'] + ' ' + format(c['fraction'], 'g'):>16} {c['rows']:>10} "
-              f"{c['seconds']:>8.2f} {c['rows_per_s']:>10} {c['cpu_s']:>8.2f} "
-              f"{c['rows_per_cpu_s']:>10} {c['peak_rss_gb']:>8.3f} "
-              f"{c['rss_before_packing_gb']:>9.3f} {c['pieces_per_row']:>10.3f}")
+    wall = Timings({name: [r["seconds"] for r in rows] for name, rows in rounds.items()})
+    cpu = Timings({name: [r["cpu_s"] for r in rows] for name, rows in rounds.items()})
+
+    def summary_of(name: str) -> dict:
+        """The last round's row with the wall and CPU medians and ranges, and the peak RSS
+        over all rounds."""
+        rows = rounds[name]
+        return {**rows[-1], **wall.time(name).flat("seconds"), **cpu.time(name).flat("cpu_s"),
+                "rows_per_s": round(rows[-1]["rows"] / wall.time(name).median),
+                "rows_per_cpu_s": round(rows[-1]["rows"] / max(cpu.time(name).median, 1e-3)),
+                "peak_rss_gb": max(r["peak_rss_gb"] for r in rows), "repeats": args.repeats}
+
+    cases = [summary_of(name) for name in compiled]
+    baselines = [summary_of(impl) for impl in ("reference", "python")]
+    print(f"{'case':>16} {'rows':>10} {'wall s [min-max]':>22} {'rows/s':>10} "
+          f"{'CPU s [min-max]':>22} {'peak GB':>8} {'before GB':>9} {'pieces/row':>10}")
+    for name, c in zip([*compiled, "reference", "python"], [*cases, *baselines]):
+        print(f"{name:>16} {c['rows']:>10} {wall.time(name).text(fmt='.2f'):>22} "
+              f"{c['rows_per_s']:>10} {cpu.time(name).text(fmt='.2f'):>22} "
+              f"{c['peak_rss_gb']:>8.3f} {c['rss_before_packing_gb']:>9.3f} "
+              f"{c['pieces_per_row']:>10.3f}")
     # Wall time is what a job waits; CPU time is one core's work, which is what the target
     # is about and what a shared machine cannot distort much.
-    ratio = baselines[0]["seconds"] / cases[0]["seconds"]
-    cpu_ratio = baselines[0]["cpu_s"] / max(cases[0]["cpu_s"], 1e-3)
+    ratio = wall.ratio("reference", compiled[0])
+    cpu_ratio = cpu.ratio("reference", compiled[0])
     full = [c for c in cases if c["fraction"] == 1.0]
     summary = {
-        "run_rows": RUN_ROWS, "cases": cases, "reference": baselines[0],
-        "python_fallback": baselines[1],
-        "speedup_vs_reference": round(ratio, 1),
-        "cpu_speedup_vs_reference": round(cpu_ratio, 1),
-        "python_fallback_speedup_vs_reference":
-            round(baselines[0]["seconds"] / baselines[1]["seconds"], 2),
+        "run_rows": RUN_ROWS, "repeats": args.repeats, "cases": cases,
+        "reference": baselines[0], "python_fallback": baselines[1],
+        **ratio.flat("speedup_vs_reference"),
+        **cpu_ratio.flat("cpu_speedup_vs_reference"),
+        **wall.ratio("reference", "python").flat("python_fallback_speedup_vs_reference"),
         "identical_rows": True,
         "full_run_within_target": (full[0]["cpu_s"] <= TARGET_S
                                    and full[0]["peak_rss_gb"] <= TARGET_GB) if full else None,
         "full_run_wall_within_target": full[0]["seconds"] <= TARGET_S if full else None,
         "loadavg_1min": round(os.getloadavg()[0], 2),
     }
-    print(f"compiled vs original at {fractions[0]:g}: {ratio:.1f}x wall, {cpu_ratio:.1f}x CPU")
+    print(f"compiled vs original at {fractions[0]:g}, median [min-max] over {args.repeats} "
+          f"rounds: {ratio.text(fmt='.1f')}x wall, {cpu_ratio.text(fmt='.1f')}x CPU")
     print(json.dumps(summary))
 
 

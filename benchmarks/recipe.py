@@ -12,9 +12,11 @@ byte-level corpus (paragraphs of this Python's standard library, <bos> text <eos
 Both use AdamW (0.8, 0.95, 1e-10, wd 0) for the non-matrix parameters, the trapezoid LR and clip
 1.0. Reported: the mean training loss of the last 10 steps and the validation loss on the same
 held-out rows (concatenated, T = μ_rec), and the optimizer-step time of the recipe's Muon
-against AdamW on every parameter (median of repeats). One JSON line last.
+against AdamW on every parameter: the two optimizers step alternately (one warm-up round,
+then ``--repeats`` rounds; benchmarks/timing.py), reported as medians with their min–max and
+the ratio taken round by round. One JSON line last.
 
-Usage: python benchmarks/recipe.py [--steps N]
+Usage: python benchmarks/recipe.py [--steps N] [--repeats N] [--optimizer-only]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy
 import torch
+from timing import Timings, alternate
 
 from parcae_megatron.platform.dist import init_distributed
 
@@ -161,8 +164,9 @@ def train(recipe: bool, steps: int, train_ds, valid_ds) -> dict:
             "train_loss_first": losses[0]}
 
 
-def optimizer_step_time(recipe: bool, repeats: int) -> float:
-    """Median optimizer.step() seconds: the recipe's Muon + AdamW, or AdamW everywhere."""
+def optimizer_step(recipe: bool):
+    """A callable doing one training step that returns the seconds of its optimizer.step():
+    the recipe's Muon + AdamW, or AdamW everywhere."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -175,28 +179,37 @@ def optimizer_step_time(recipe: bool, repeats: int) -> float:
             OptimizerConfig(optimizer="adam", lr=3e-3, adam_beta1=0.8, adam_beta2=0.95,
                             adam_eps=1e-10, weight_decay=0.0, clip_grad=1.0), [ddp])
     tokens = torch.randint(0, VOCAB, (MBS, SEQ), generator=torch.Generator().manual_seed(0))
-    times = []
-    for step in range(repeats + 1):
+    steps = [0]
+
+    def step() -> float:
         ddp.zero_grad_buffer()
-        model.depth_sampler.start_step(step)
+        model.depth_sampler.start_step(steps[0])
+        steps[0] += 1
         ddp(tokens, labels=tokens).float().mean().backward()
         ddp.finish_grad_sync()
-        start = time.perf_counter()
+        start = time.perf_counter()  # the optimizer step alone
         optimizer.step()
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[repeats // 2]
+        return time.perf_counter() - start
+    return step
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--repeats", type=int, default=20,
+                        help="optimizer-step rounds (Muon, AdamW alternated)")
+    parser.add_argument("--optimizer-only", action="store_true",
+                        help="time the optimizer steps only (skip the two training runs)")
     args = parser.parse_args()
+    if args.repeats < 1 or args.steps < 1:
+        parser.error("--repeats and --steps must be >= 1")
     torch.set_num_threads(1)
+    runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         prefix = str(Path(tmp) / "stdlib")
         docs = write_corpus(prefix)
-        runs = {}
-        for name, packing in (("previous", "concat"), ("recipe", "bestfit")):
+        for name, packing in (() if args.optimizer_only else
+                              (("previous", "concat"), ("recipe", "bestfit"))):
             train_ds, valid_ds = datasets(prefix, str(Path(tmp) / "cache"), packing,
                                           args.steps * MBS, 4 * MBS)
             start = time.perf_counter()
@@ -205,16 +218,19 @@ def main() -> None:
             print(f"{name:9s} ({packing:7s}): train loss {runs[name]['train_loss_first']:.3f} "
                   f"→ {runs[name]['train_loss_last10']:.3f}, valid loss "
                   f"{runs[name]['valid_loss']:.3f} ({runs[name]['seconds']} s)", flush=True)
-    muon_s, adam_s = optimizer_step_time(True, 20), optimizer_step_time(False, 20)
-    print(f"optimizer step: recipe Muon+AdamW {muon_s * 1e3:.1f} ms, AdamW {adam_s * 1e3:.1f} ms "
-          f"(×{muon_s / adam_s:.2f})")
+    opt = Timings(alternate({"muon": optimizer_step(True), "adam": optimizer_step(False)},
+                            args.repeats))
+    ratio = opt.ratio("muon", "adam")
+    print(f"optimizer step, median [min–max] over {args.repeats} alternated rounds: recipe "
+          f"Muon+AdamW {opt.time('muon').text(1e3, '.1f')} ms, AdamW "
+          f"{opt.time('adam').text(1e3, '.1f')} ms (×{ratio.text(fmt='.2f')})")
     result = {
         "benchmark": "recipe", "steps": args.steps, "documents": docs, "seq_length": SEQ,
-        "micro_batch": MBS, "previous": runs["previous"], "recipe": runs["recipe"],
+        "micro_batch": MBS, "previous": runs.get("previous"), "recipe": runs.get("recipe"),
         "valid_loss_ratio_recipe_over_previous": round(
-            runs["recipe"]["valid_loss"] / runs["previous"]["valid_loss"], 4),
-        "muon_step_ms": round(muon_s * 1e3, 2), "adam_step_ms": round(adam_s * 1e3, 2),
-        "muon_over_adam_step_time": round(muon_s / adam_s, 2),
+            runs["recipe"]["valid_loss"] / runs["previous"]["valid_loss"], 4) if runs else None,
+        **opt.time("muon").flat("muon_step_s"), **opt.time("adam").flat("adam_step_s"),
+        "repeats": args.repeats, **ratio.flat("muon_over_adam_step_time"),
     }
     print(json.dumps(result))
     sys.stdout.flush()

@@ -18,12 +18,16 @@ NUM = (int, float)
 KEYS = {
     "te_vs_local": dict.fromkeys(("tiny_max_abs_diff", "tiny_rel_diff",
                                   "width_1p3b_max_abs_diff", "width_1p3b_rel_diff"), NUM),
-    "step_time": {"layers": int, "micro_batch": int, "seq": int, "bf16_step_s": NUM,
+    "step_time": {"layers": int, "micro_batch": int, "seq": int, "repeats": int,
+                  "bf16_step_s": NUM, "bf16_step_s_min": NUM, "bf16_step_s_max": NUM,
                   "bf16_tokens_per_s": NUM, "bf16_mfu": NUM, "fp8_step_s": NUM,
+                  "fp8_step_s_min": NUM, "fp8_step_s_max": NUM,
                   "fp8_tokens_per_s": NUM, "fp8_mfu": NUM, "fp8_over_bf16_time": NUM,
                   "flops_per_token": NUM},
-    "vs_gpt": {"executed_layers": int, "micro_batch": int, "seq": int, "gpt_step_s": NUM,
-               "parcae_step_s": NUM, "parcae_over_gpt": NUM},
+    "vs_gpt": {"executed_layers": int, "micro_batch": int, "seq": int, "repeats": int,
+               "gpt_step_s": NUM, "gpt_step_s_min": NUM, "gpt_step_s_max": NUM,
+               "parcae_step_s": NUM, "parcae_step_s_min": NUM, "parcae_step_s_max": NUM,
+               "parcae_over_gpt": NUM, "parcae_over_gpt_min": NUM, "parcae_over_gpt_max": NUM},
     "memory": {f"{p}_{k}": kind for p in ("bf16", "fp8") for k, kind in (
         ("peak_bytes", int), ("estimate_bytes", int), ("peak_over_estimate", NUM),
         ("reserved_bytes", int), ("reserved_estimate_bytes", int),
@@ -34,15 +38,18 @@ KEYS = {
     "fp8_vs_bf16_loss": {"steps": int, "bf16_first": NUM, "bf16_last": NUM, "fp8_first": NUM,
                          "fp8_last": NUM, "rel_diff_last": NUM, "rtol": NUM, "agree": bool},
     "loop_execution": {"layers": str, "mean_recurrence": int, "micro_batch": int, "seq": int,
-                       "mean_sampled_depth": NUM, "compact_over_mean_depth": NUM,
-                       "masked_over_mean_depth": NUM, "compact_s": NUM, "masked_s": NUM,
-                       "masked_over_compact_time": NUM},
+                       "repeats": int, "mean_sampled_depth": NUM,
+                       "compact_over_mean_depth": NUM, "masked_over_mean_depth": NUM,
+                       "compact_s": NUM, "compact_s_min": NUM, "compact_s_max": NUM,
+                       "masked_s": NUM, "masked_s_min": NUM, "masked_s_max": NUM,
+                       "masked_over_compact_time": NUM, "masked_over_compact_time_min": NUM,
+                       "masked_over_compact_time_max": NUM, "saving_reaching_wall": NUM},
 }
 # Values the dry run cannot produce without CUDA (Transformer Engine, FP8, device memory).
 NEEDS_CUDA = {
     "te_vs_local": set(KEYS["te_vs_local"]),
-    "step_time": {"bf16_mfu", "fp8_step_s", "fp8_tokens_per_s", "fp8_mfu",
-                  "fp8_over_bf16_time"},
+    "step_time": {"bf16_mfu", "fp8_step_s", "fp8_step_s_min", "fp8_step_s_max",
+                  "fp8_tokens_per_s", "fp8_mfu", "fp8_over_bf16_time"},
     "memory": {f"{p}_{k}" for p in ("bf16", "fp8") for k in (
         "peak_bytes", "peak_over_estimate", "reserved_bytes", "reserved_over_estimate")},
     "fp8_vs_bf16_loss": {"fp8_first", "fp8_last", "rel_diff_last", "agree"},
@@ -92,6 +99,10 @@ def test_parts_that_run_on_cpu_measure_something(dry_run):
     loop = result["loop_execution"]
     assert loop["layers"] == "8/8/8" and loop["mean_recurrence"] == 8
     assert loop["micro_batch"] == 8
+    for part, key in (("loop_execution", "masked_over_compact_time"),
+                      ("vs_gpt", "parcae_over_gpt"), ("step_time", "bf16_step_s")):
+        row = result[part]  # every timing: median within its range, over the stated repeats
+        assert row["repeats"] >= 1 and row[f"{key}_min"] <= row[key] <= row[f"{key}_max"]
     assert loop["compact_over_mean_depth"] == pytest.approx(1.0)  # compaction: Σ T_i exactly
     assert loop["masked_over_mean_depth"] > 1.0                  # masking: b · max T_i
     loss = result["fp8_vs_bf16_loss"]
