@@ -324,26 +324,21 @@ class HFTokenizer:
 Tokenizer = SentencePieceTokenizer | HFTokenizer
 
 
-def _check_specials(tok: Tokenizer, path: str) -> Tokenizer:
-    missing = [role for role, i in (("BOS", tok.bos), ("EOS", tok.eos)) if i is None or i < 0]
-    if missing:
-        raise TokenizerError(
-            f"tokenizer {path} has no {' or '.join(missing)} token; documents are stored as "
-            "BOS text EOS: use one with <|bos|>/<s> and <|eos|>/</s> (or a "
-            f"{HF_CONFIG_FILE} naming bos_token and eos_token)")
-    return tok
-
-
-def load_tokenizer(path: str) -> Tokenizer:
-    """The tokenizer at ``path``: a SentencePiece model or a Hugging Face ``tokenizer.json``
-    (file, or a directory holding ``tokenizer.json`` or ``tokenizer.model``), told apart by
-    content, not by name. Raises :class:`TokenizerError` (one line) for anything else, or for
-    a tokenizer without BOS and EOS."""
+def resolve_tokenizer(path: str | os.PathLike) -> tuple[str, str]:
+    """``(kind, file)`` of the tokenizer at ``path``: ``"huggingface"`` for a
+    ``tokenizer.json``, ``"sentencepiece"`` for a SentencePiece model, told apart by content,
+    not by name (a directory: its ``tokenizer.json``, else its ``tokenizer.model``). Raises
+    :class:`TokenizerError` (one line) for anything else."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        for name in (HF_FILE, SP_FILE):
-            if os.path.isfile(os.path.join(path, name)):
-                return load_tokenizer(os.path.join(path, name))
+        found = [os.path.join(path, n) for n in (HF_FILE, SP_FILE)
+                 if os.path.isfile(os.path.join(path, n))]
+        for i, candidate in enumerate(found):
+            try:
+                return resolve_tokenizer(candidate)
+            except TokenizerError:
+                if i == len(found) - 1:
+                    raise
         raise TokenizerError(f"tokenizer directory {path} holds neither {HF_FILE} nor {SP_FILE}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer not found: {path}")
@@ -357,16 +352,45 @@ def load_tokenizer(path: str) -> Tokenizer:
         if not isinstance(content.get("model"), dict):
             raise TokenizerError(f"{path} is JSON but not a Hugging Face tokenizer (no \"model\" "
                                  "object; a tokenizer's settings file?)")
-        config_path = os.path.join(os.path.dirname(path), HF_CONFIG_FILE)
-        config = json.loads(open(config_path).read()) if os.path.isfile(config_path) else {}
-        try:
-            tok: Tokenizer = HFTokenizer(data.decode(), path, config)
-        except Exception as err:  # the library's own message says what is wrong
-            raise TokenizerError(f"{path}: not a usable tokenizer.json: {err}") from err
-        return _check_specials(tok, path)
+        return HFTokenizer.kind, path
     try:
-        tok = SentencePieceTokenizer(path, model_proto=data)
+        _spm().SentencePieceProcessor(model_proto=data)
     except Exception as err:  # sentencepiece raises RuntimeError/OSError on a bad proto
         raise TokenizerError(f"{path} is neither a SentencePiece model nor a Hugging Face "
                              "tokenizer.json") from err
-    return _check_specials(tok, path)
+    return SentencePieceTokenizer.kind, path
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer at ``path`` (see :func:`resolve_tokenizer`): a SentencePiece model or a
+    Hugging Face ``tokenizer.json`` with its ``tokenizer_config.json``, if any, beside it.
+    Raises :class:`TokenizerError` (one line) for anything else, or for a tokenizer without
+    BOS and EOS."""
+    kind, path = resolve_tokenizer(path)
+    tok: Tokenizer
+    if kind == SentencePieceTokenizer.kind:
+        tok = SentencePieceTokenizer(path)
+    else:
+        config_path = os.path.join(os.path.dirname(path), HF_CONFIG_FILE)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            config = {}
+            if os.path.isfile(config_path):
+                with open(config_path, encoding="utf-8") as f:
+                    config = json.load(f)
+            tok = HFTokenizer(text, path, config)
+        except Exception as err:  # the library's own message says what is wrong
+            raise TokenizerError(f"{path}: not a usable tokenizer.json: {err}") from err
+    missing = [role for role, i in (("BOS", tok.bos), ("EOS", tok.eos)) if i is None or i < 0]
+    if missing:
+        raise TokenizerError(
+            f"tokenizer {path} has no {' or '.join(missing)} token; documents are stored as "
+            "BOS text EOS: use one with <|bos|>/<s> and <|eos|>/</s> (or a "
+            f"{HF_CONFIG_FILE} naming bos_token and eos_token)")
+    return tok
+
+def megatron_tokenizer_args(path: str | os.PathLike) -> list[str]:
+    """The trainer's ``--tokenizer-type``/``--tokenizer-model`` flags for the tokenizer at
+    ``path`` (whichever kind it is)."""
+    return load_tokenizer(os.fspath(path)).megatron_args()
