@@ -6,7 +6,10 @@ the corpus, vocab 32768 by default):
 * naive: one process reads the jsonl, tokenizes one document at a time and calls
   ``IndexedDatasetBuilder.add_document`` (what a first script usually does);
 * ``data_prep.preprocess`` with 1 and 2 workers (whole call: planning, pool start, merge,
-  hashing, atomic publish).
+  hashing, atomic publish);
+* both tokenizer kinds side by side (``sentencepiece`` and the paper's ``hf-bpe``, same
+  vocabulary and sample): compression in bytes of text per token, and ``preprocess`` tokens/s
+  with 1 worker (``kinds`` in the JSON).
 
 Each figure is the best of ``--repeats`` runs; torch/megatron-core are imported before timing.
 The 1-minute load average before and after is reported: on a busy machine the figures, the
@@ -60,6 +63,22 @@ def ours(corpus: str, model: str, prefix: str, workers: int) -> tuple[float, int
     return time.perf_counter() - t0, manifest["tokens"]
 
 
+def compare_kinds(corpus: str, tmp: str, vocab: int, repeats: int) -> dict:
+    """Per tokenizer kind: bytes of text per token (BOS/EOS not counted) and 1-worker
+    ``preprocess`` tokens/s (best of ``repeats``), on the same corpus and vocabulary."""
+    out = {}
+    for kind in ("sentencepiece", "hf-bpe"):
+        prefix = os.path.join(tmp, f"kind-{kind}")
+        train_tokenizer([corpus], prefix, vocab_size=vocab, kind=kind)
+        path = prefix + ".model" if kind == "sentencepiece" else prefix
+        best, tokens = min(ours(corpus, path, prefix + "-data", 1) for _ in range(repeats))
+        manifest = json.load(open(prefix + "-data.manifest.json"))
+        text_tokens = tokens - 2 * manifest["documents"]  # BOS and EOS per document
+        out[kind] = {"bytes_per_token": round(manifest["text_bytes"] / text_tokens, 4),
+                     "tokens": tokens, "w1_tokens_per_s": round(tokens / best)}
+    return out
+
+
 def same_files(a: str, b: str) -> bool:
     return all(open(a + s, "rb").read() == open(b + s, "rb").read() for s in (".bin", ".idx"))
 
@@ -89,6 +108,7 @@ def main() -> int:
                 runs[f"w{w}"].append(dt)
         identical = (same_files(os.path.join(tmp, "naive"), os.path.join(tmp, "w1"))
                      and same_files(os.path.join(tmp, "w1"), os.path.join(tmp, "w2")))
+        kinds = compare_kinds(corpus, tmp, args.vocab, args.repeats)
     assert len(set(tokens.values())) == 1, tokens
     n = tokens["naive"]
     rate = {k: n / min(v) for k, v in runs.items()}
@@ -111,6 +131,7 @@ def main() -> int:
         "speedup_w2_over_naive": round(rate["w2"] / rate["naive"], 3),
         "seconds_best": {k: round(min(v), 3) for k, v in runs.items()},
         "identical_output": identical,
+        "kinds": kinds,
         # Other processes on the machine skew the figures (scaling above all): check these.
         "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
@@ -122,6 +143,9 @@ def main() -> int:
     print(f"  scaling 2 vs 1 worker: {result['scaling_w2_over_w1']:.2f}x; vs naive: "
           f"{result['speedup_w1_over_naive']:.2f}x (1 worker), "
           f"{result['speedup_w2_over_naive']:.2f}x (2 workers); identical output: {identical}")
+    for kind, k in kinds.items():
+        print(f"  {kind:<14} {k['bytes_per_token']:.3f} bytes/token   preprocess, 1 worker "
+              f"{k['w1_tokens_per_s']:>12,.0f} tokens/s")
     print(json.dumps(result))
     return 0 if identical else 1
 
