@@ -198,3 +198,25 @@ def test_tokenizer_without_bos_is_refused_in_one_line(assets, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "no BOS" in err[0]
     assert not Path(str(tmp_path / "out") + ".bin").exists()
+
+
+@pytest.mark.slow
+def test_trainer_runs_on_hf_bpe_data(assets, tmp_path):
+    """A few steps of the real trainer, one process, on data preprocessed with the
+    tokenizer.json; the config's SentencePiece type gives way to the file's kind."""
+    from tests.training_runs import train
+
+    d = assets.dir
+    out = str(tmp_path / "train")
+    assert preprocess.main([assets.train, "--tokenizer", str(d / "bpe"), "--output", out,
+                            "--quiet"]) == 0
+    proc = train(1, "--config", "configs/parcae-tiny-cpu.yaml", "--tokenizer-type",
+                 "SentencePieceTokenizer", "--tokenizer-model", str(d / "bpe"),
+                 "--train-data-path", "1.0", out, "--valid-data-path", "1.0", out,
+                 "--train-iters", "3", "--lr-wsd-decay-iters", "1", "--log-interval", "1",
+                 "--eval-interval", "4", "--eval-iters", "1")
+    log = proc.stdout + proc.stderr
+    assert re.search(r"tokenizer_type \.+ HuggingFaceTokenizer", log)
+    losses = [float(x) for x in re.findall(r"iteration +\d+/ +3 .*?lm loss: ([0-9.E+-]+)", log)]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert abs(losses[0] - np.log(VOCAB)) < 1.0  # starts near uniform over the vocabulary
