@@ -159,6 +159,23 @@ def test_preprocess_gives_the_library_ids_and_the_trainer_agrees(assets, monkeyp
         assert megatron_tok.tokenize(text) == assets.tok.tokenize(text)
 
 
+def test_evaluation_tokenizer_and_bytes_per_token(assets):
+    """Evaluation's transformers tokenizer gives the same ids; bits per byte counts each
+    token's bytes exactly, also where a character is split over several tokens."""
+    from parcae_megatron.evaluate.data import token_byte_lengths
+    from parcae_megatron.evaluate.runner import load_hf_tokenizer
+
+    tok = load_hf_tokenizer(str(assets.dir / "bpe"), VOCAB)
+    table = token_byte_lengths(tok, VOCAB)
+    assert table[:3].tolist() == [0, 0, 0]
+    for text in SAMPLES + assets.texts[:5]:
+        ids = assets.tok.tokenize(text)
+        assert tok.encode(text, add_special_tokens=False) == ids
+        assert int(table[ids].sum()) == len(text.encode())
+    with pytest.raises(ValueError, match="512 tokens but the model's vocabulary has 256"):
+        load_hf_tokenizer(str(assets.dir / "bpe"), 256)
+
+
 def test_load_tokenizer_by_content(assets, tmp_path):
     d = assets.dir
     assert isinstance(load_tokenizer(str(d / "sp.model")), SentencePieceTokenizer)
