@@ -6,7 +6,10 @@ the corpus, vocab 32768 by default):
 * naive: one process reads the jsonl, tokenizes one document at a time and calls
   ``IndexedDatasetBuilder.add_document`` (what a first script usually does);
 * ``data_prep.preprocess`` with 1 and 2 workers (whole call: planning, pool start, merge,
-  hashing, atomic publish).
+  hashing, atomic publish);
+* both tokenizer kinds side by side (``sentencepiece`` and the paper's ``hf-bpe``, same
+  vocabulary and sample): compression in bytes of text per token, and ``preprocess`` tokens/s
+  with 1 worker (``kinds`` in the JSON).
 
 The three run interleaved (naive, 1 worker, 2 workers, naive, …) for one warm-up round and
 ``--repeats`` timed rounds; each figure is the median with its min–max, ratios taken round by
@@ -64,6 +67,36 @@ def ours(corpus: str, model: str, prefix: str, workers: int) -> tuple[float, int
     return time.perf_counter() - t0, manifest["tokens"]
 
 
+def compare_kinds(corpus: str, tmp: str, vocab: int, repeats: int) -> dict:
+    """Per tokenizer kind: bytes of text per token (BOS/EOS not counted) and 1-worker
+    ``preprocess`` tokens/s (median [min–max] of ``repeats`` rounds, the two kinds alternated),
+    on the same corpus and vocabulary; ``hf_bpe_over_sentencepiece_time`` is per round."""
+    paths, tokens = {}, {}
+    for kind in ("sentencepiece", "hf-bpe"):
+        prefix = os.path.join(tmp, f"kind-{kind}")
+        train_tokenizer([corpus], prefix, vocab_size=vocab, kind=kind)
+        paths[kind] = (prefix + ".model" if kind == "sentencepiece" else prefix, prefix)
+
+    def run(kind: str):
+        def call() -> None:
+            path, prefix = paths[kind]
+            tokens[kind] = ours(corpus, path, prefix + "-data", 1)[1]
+        return call
+
+    timings = interleave({kind: run(kind) for kind in paths}, repeats)
+    out: dict = {}
+    for kind, (_, prefix) in paths.items():
+        manifest = json.load(open(prefix + "-data.manifest.json"))
+        text_tokens = tokens[kind] - 2 * manifest["documents"]  # BOS and EOS per document
+        spread = timings.time(kind)
+        out[kind] = {"bytes_per_token": round(manifest["text_bytes"] / text_tokens, 4),
+                     "tokens": tokens[kind], "w1_tokens_per_s": round(tokens[kind] / spread.median),
+                     "w1_tokens_per_s_min": round(tokens[kind] / spread.max),
+                     "w1_tokens_per_s_max": round(tokens[kind] / spread.min)}
+    out.update(timings.ratio("hf-bpe", "sentencepiece").flat("hf_bpe_over_sentencepiece_time"))
+    return out
+
+
 def same_files(a: str, b: str) -> bool:
     return all(open(a + s, "rb").read() == open(b + s, "rb").read() for s in (".bin", ".idx"))
 
@@ -97,6 +130,7 @@ def main() -> int:
                               "w2": run("w2", ours, 2)}, args.repeats)
         identical = (same_files(os.path.join(tmp, "naive"), os.path.join(tmp, "w1"))
                      and same_files(os.path.join(tmp, "w1"), os.path.join(tmp, "w2")))
+        kinds = compare_kinds(corpus, tmp, args.vocab, args.repeats)
     assert len(set(tokens.values())) == 1, tokens
     n = tokens["naive"]
     rate = {k: n / timings.time(k).median for k in timings.samples}
@@ -121,6 +155,7 @@ def main() -> int:
         **w1_over_naive.flat("speedup_w1_over_naive"),
         **w2_over_naive.flat("speedup_w2_over_naive"),
         "identical_output": identical,
+        "kinds": kinds,
         # Other processes on the machine skew the figures (scaling above all): check these.
         "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
@@ -133,6 +168,9 @@ def main() -> int:
     print(f"  scaling 2 vs 1 worker: {w2_over_w1.text(fmt='.2f')}x; vs naive: "
           f"{w1_over_naive.text(fmt='.2f')}x (1 worker), "
           f"{w2_over_naive.text(fmt='.2f')}x (2 workers); identical output: {identical}")
+    for kind, k in ((n, v) for n, v in kinds.items() if isinstance(v, dict)):
+        print(f"  {kind:<14} {k['bytes_per_token']:.3f} bytes/token   preprocess, 1 worker "
+              f"{k['w1_tokens_per_s']:>12,.0f} tokens/s")
     print(json.dumps(result))
     return 0 if identical else 1
 

@@ -241,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog="example: python -m data_prep.inspect data/stdlib_train --samples 2")
     parser.add_argument("prefix", help="dataset prefix (without .bin/.idx)")
     parser.add_argument("--tokenizer", default=None,
-                        help="SentencePiece .model for decoding (default: the one named in the "
-                             "manifest, if it exists)")
+                        help="tokenizer (.model or tokenizer.json) for decoding (default: the "
+                             "one named in the manifest, if it exists)")
     parser.add_argument("--samples", type=int, default=3, help="documents to decode (default 3)")
     parser.add_argument("--sample-chars", type=int, default=300,
                         help="characters shown per sample (default 300)")

@@ -47,7 +47,7 @@ from data_prep.files import (
 from data_prep.parallel import default_workers, make_pool, pool_context
 from data_prep.readers import REASONS, TXT_MODES, Piece, plan_pieces
 from data_prep.report import Progress, SkipCounter, short_path, summary_table
-from data_prep.tokenizer import SentencePieceTokenizer, load_tokenizer
+from data_prep.tokenizer import Tokenizer, load_tokenizer
 from data_prep.worker import init_worker, piece_key, piece_prefix, process_piece
 from parcae_megatron import cli
 
@@ -196,7 +196,7 @@ def _location(piece: Piece, where: int, line_offset: int, detail: str) -> str:
     return f"{loc} ({detail})" if detail else loc
 
 
-def _settings_fingerprint(opts: Options, paths: list[str], tok: SentencePieceTokenizer) -> dict:
+def _settings_fingerprint(opts: Options, paths: list[str], tok: Tokenizer) -> dict:
     return {"inputs": [[p, os.path.getsize(p)] for p in paths], "tokenizer_sha256": tok.sha256,
             "text_key": opts.text_key, "txt_mode": opts.txt_mode, "bos": opts.bos,
             "eos": opts.eos, "shard_size": opts.shard_size}
@@ -263,7 +263,7 @@ def preprocess(opts: Options) -> dict:
     indexed.freeze_gc()
     settings = {"text_key": opts.text_key, "txt_mode": opts.txt_mode, "bos": opts.bos,
                 "eos": opts.eos, "tokenizer_sha256": tok.sha256,
-                "dtype": indexed.dtype_name(dtype), "tokenizer_proto": tok.model_proto,
+                "dtype": indexed.dtype_name(dtype), "tokenizer": tok,
                 "work_dir": work_dir, "resume": opts.resume}
     workers = max(1, min(opts.workers or default_workers(), len(pieces)))
 
@@ -334,7 +334,7 @@ def preprocess(opts: Options) -> dict:
         "eos": opts.eos,
         "text_key": opts.text_key,
         "txt_mode": opts.txt_mode,
-        "tokenizer": {"path": tok.model_path, "sha256": tok.sha256,
+        "tokenizer": {"path": tok.model_path, "kind": tok.kind, "sha256": tok.sha256,
                       "vocab_size": tok.vocab_size, "bos": tok.bos, "eos": tok.eos,
                       "pad": tok.pad},
         "inputs": [{"path": p, "format": _fmt(pieces, p), "size": os.path.getsize(p),
@@ -377,7 +377,7 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("megatron-core", "sentencepiece"):
+    for name in ("megatron-core", "sentencepiece", "tokenizers"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:  # pragma: no cover
@@ -426,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output prefix: writes PREFIX.bin, PREFIX.idx, "
                              "PREFIX.manifest.json (or PREFIX_00000.* shards)")
     parser.add_argument("--tokenizer", required=True,
-                        help="SentencePiece .model (from data_prep.train_tokenizer)")
+                        help="SentencePiece .model or Hugging Face tokenizer.json (file or "
+                             "directory; from data_prep.train_tokenizer)")
     parser.add_argument("--text-key", default="text",
                         help="JSON field / parquet column with the text (default %(default)s)")
     parser.add_argument("--txt-mode", choices=TXT_MODES, default="document",

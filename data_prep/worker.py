@@ -19,7 +19,7 @@ from data_prep import indexed
 from data_prep.files import atomic_write_json, read_json, sha256_file
 from data_prep.readers import Piece, PieceReader
 from data_prep.report import FIRST_LOCATIONS
-from data_prep.tokenizer import SentencePieceTokenizer
+from data_prep.tokenizer import Tokenizer
 
 PROGRESS_EVERY_S = 0.25
 
@@ -47,11 +47,10 @@ def piece_prefix(work_dir: str, key: dict) -> str:
 
 
 def init_worker(settings: dict, counters: Any) -> None:
-    """Pool initializer: load the tokenizer once per process."""
+    """Pool initializer: keep the settings (the tokenizer arrives pickled, once per process)."""
     _W.clear()
     _W.update(settings)
     _W["counters"] = counters
-    _W["tokenizer"] = SentencePieceTokenizer(model_proto=settings["tokenizer_proto"])
     _W["np_dtype"] = indexed.token_dtype(_W["tokenizer"].vocab_size)
 
 
@@ -89,7 +88,7 @@ def process_piece(piece: Piece) -> dict:
                          piece.end - piece.start, force=True)
             return {**stats, "reused": True}
     t0 = time.time()
-    tok: SentencePieceTokenizer = _W["tokenizer"]
+    tok: Tokenizer = _W["tokenizer"]
     bin_tmp, idx_tmp = indexed.partial_paths(prefix)
     out = indexed.builder(bin_tmp, _W["np_dtype"])
     reader = PieceReader(piece, _W["text_key"], _W["txt_mode"])
@@ -118,7 +117,7 @@ def process_piece(piece: Piece) -> dict:
         except UnicodeEncodeError as err:  # lone surrogates, e.g. from a "\ud800" JSON escape
             skip(record.where, "non_utf8", f"lone surrogate at char {err.start}")
             continue
-        # One call per document: SentencePiece's batch encode is no faster single-threaded.
+        # One call per document: batch encoding is no faster single-threaded.
         ids = encode(text)
         out.add_document(ids, [len(ids)])
         stats["documents"] += 1

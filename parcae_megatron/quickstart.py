@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from data_prep.tokenizer import megatron_tokenizer_args
 from parcae_megatron import cli, stability
 from parcae_megatron.scaling.fit import fit_test_time_curve
 from parcae_megatron.scaling.plots import draw_test_time_fit, test_time_fit_label
@@ -74,8 +75,7 @@ def train_command(run_dir: Path, data: Path, iters: int, nproc: int) -> list[str
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={nproc}", "-m", "parcae_megatron.train",
         "--config", str(ROOT / "configs" / "parcae-tiny-cpu.yaml"),
-        "--tokenizer-type", "SentencePieceTokenizer",
-        "--tokenizer-model", str(data / "tokenizer.model"),
+        *megatron_tokenizer_args(data / "tokenizer.model"),
         "--train-data-path", "1.0", str(data / "train"),
         "--valid-data-path", "1.0", str(data / "valid"),
         "--seq-length", "128", "--max-position-embeddings", "128",

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from data_prep.tokenizer import megatron_tokenizer_args
 from parcae_megatron.training.telemetry import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +42,7 @@ def command(data: Path, telemetry: Path, injection: str, lr: float, steps: int,
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
             "-m", "parcae_megatron.train",
             "--config", str(ROOT / "configs" / "parcae-tiny-cpu.yaml"),
-            "--tokenizer-type", "SentencePieceTokenizer",
-            "--tokenizer-model", str(data / "tokenizer.model"),
+            *megatron_tokenizer_args(data / "tokenizer.model"),
             "--train-data-path", "1.0", str(data / "train"),
             "--valid-data-path", "1.0", str(data / "valid"),
             "--optimizer", "adam", "--adam-beta1", "0.9", "--lr", str(lr),

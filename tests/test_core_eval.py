@@ -384,13 +384,13 @@ def test_standard_sentencepiece_tokenizer_evaluates(tmp_path, capsys):
     from parcae_megatron.convert.errors import ConversionError
     from parcae_megatron.convert.hf_io import write_hf_dir
     from parcae_megatron.evaluate.__main__ import main as evaluate_main
-    from parcae_megatron.evaluate.runner import load_tokenizer
+    from parcae_megatron.evaluate.runner import load_hf_tokenizer
     from parcae_megatron.hf.configuration_parcae import ParcaeConfig
     from parcae_megatron.hf.modeling_parcae import ParcaeForCausalLM
 
     good = train_standard_spm(tmp_path / "std.model")
     bad = train_standard_spm(tmp_path / "nobos.model", bos=False)
-    tok = load_tokenizer(str(good), vocab_size=300)
+    tok = load_hf_tokenizer(str(good), vocab_size=300)
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>")
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, len(tok)) == (1, 2, 3, 300)
     assert tok("quick")["input_ids"][0] == 1
@@ -408,9 +408,9 @@ def test_standard_sentencepiece_tokenizer_evaluates(tmp_path, capsys):
     assert oracle.first_tokens == {1}
 
     with pytest.raises(ValueError, match="has no BOS piece"):
-        load_tokenizer(str(bad))
+        load_hf_tokenizer(str(bad))
     with pytest.raises(ValueError, match="300 pieces but the model's vocabulary has 256"):
-        load_tokenizer(str(good), vocab_size=256)
+        load_hf_tokenizer(str(good), vocab_size=256)
 
     config = ParcaeConfig(vocab_size=300, hidden_size=64, intermediate_size=128,
                           num_attention_heads=2, head_dim=32, num_prelude_layers=1,

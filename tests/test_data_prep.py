@@ -84,7 +84,7 @@ def test_tokenizer_settings(assets, tmp_path):
     assert info["trainer"]["byte_fallback"] and info["trainer"]["split_digits"]
     assert train_tokenizer_main([assets.train, "--output", str(tmp_path / "tok"), "--vocab-size",
                                  str(VOCAB), "--workers", "2", "--character-coverage", "1"]) == 0
-    again = json.load(open(tmp_path / "tok.json"))
+    again = json.load(open(tmp_path / "tok.settings.json"))
     assert again["sha256"] == info["sha256"]  # deterministic, whatever the worker count
 
 

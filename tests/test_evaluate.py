@@ -22,7 +22,7 @@ from parcae_megatron.evaluate import (
     evaluate,
     fit_loop_curve,
     format_table,
-    load_tokenizer,
+    load_hf_tokenizer,
     plot,
 )
 from parcae_megatron.evaluate.__main__ import main
@@ -62,7 +62,7 @@ def tiny_model(**overrides) -> ParcaeForCausalLM:
 
 
 def test_text_and_indexed_inputs_give_the_same_stream_and_bytes(data):
-    tok = load_tokenizer(str(data / "tok.model"))
+    tok = load_hf_tokenizer(str(data / "tok.model"))
     text = build_windows(32, text_files=[str(data / "valid.jsonl")], tokenizer=tok)
     indexed = build_windows(32, data_prefix=str(data / "valid"))
     assert len(text.windows) == len(indexed.windows) > 10
@@ -82,7 +82,7 @@ def test_text_and_indexed_inputs_give_the_same_stream_and_bytes(data):
 
 
 def test_scores_equal_the_models_own_loss(data):
-    tok = load_tokenizer(str(data / "tok.model"))
+    tok = load_hf_tokenizer(str(data / "tok.model"))
     model = tiny_model()
     windows = build_windows(48, data_prefix=str(data / "valid"), max_sequences=5)
     report = evaluate(model, windows, iterations=[1, 3], seeds=[0, 7], batch_size=2,

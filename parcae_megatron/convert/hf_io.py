@@ -64,19 +64,31 @@ def build_hf_model(config: HFConfig, state: dict[str, torch.Tensor],
 def write_hf_dir(model: ParcaeForCausalLM, out: Path, tokenizer_model: Path | None,
                  overwrite: bool) -> Path:
     """Save ``model`` (+ code, + tokenizer) to ``out`` atomically."""
+    from data_prep.tokenizer import HFTokenizer, load_tokenizer, resolve_tokenizer
     from parcae_megatron.hf.tokenization_parcae import check_sentencepiece, save_tokenizer
 
+    fast = None  # a tokenizer.json tokenizer, shipped as tokenizer.json + tokenizer_config.json
     if tokenizer_model is not None:
         try:  # before anything is written: a tokenizer the model cannot use is refused
-            check_sentencepiece(tokenizer_model, model.config.vocab_size)
+            kind, tokenizer_file = resolve_tokenizer(tokenizer_model)
+            if kind == HFTokenizer.kind:
+                fast = load_tokenizer(tokenizer_file)
+                if fast.vocab_size > model.config.vocab_size:
+                    raise ValueError(f"tokenizer {tokenizer_file} has {fast.vocab_size} tokens "
+                                     f"but the model's vocabulary has "
+                                     f"{model.config.vocab_size} rows: wrong tokenizer?")
+            else:
+                check_sentencepiece(tokenizer_file, model.config.vocab_size)
         except (OSError, RuntimeError, ValueError) as exc:
             raise ConversionError(str(exc).splitlines()[0]) from exc
     partial = prepare_output(out, overwrite)
     type(model.config).register_for_auto_class()
     type(model).register_for_auto_class("AutoModelForCausalLM")
     model.save_pretrained(partial, safe_serialization=True)
-    if tokenizer_model is not None:
-        save_tokenizer(Path(tokenizer_model), partial)
+    if fast is not None:
+        fast.save_pretrained(str(partial))
+    elif tokenizer_model is not None:
+        save_tokenizer(Path(tokenizer_file), partial)
     publish(partial, Path(out))
     return Path(out)
 

@@ -193,8 +193,9 @@ def args_for_model(overrides: dict, tensor_parallel: int, pipeline_parallel: int
     if overrides.get("qk_layernorm_epsilon") is not None:
         argv += ["--qk-layernorm-epsilon", repr(overrides["qk_layernorm_epsilon"])]
     if tokenizer_model is not None:
-        argv += ["--tokenizer-type", "SentencePieceTokenizer",
-                 "--tokenizer-model", str(tokenizer_model)]
+        from data_prep.tokenizer import megatron_tokenizer_args
+
+        argv += megatron_tokenizer_args(tokenizer_model)
     else:
         argv += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(padded_vocab_size)]
     saved_argv = sys.argv

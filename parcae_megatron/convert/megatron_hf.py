@@ -59,15 +59,15 @@ class _Stages:
 
 
 def _tokenizer_ids(args) -> dict:
-    """bos/eos/pad ids of the run's SentencePiece tokenizer, when it has one."""
+    """bos/eos/pad ids of the run's tokenizer, when it has one."""
     path = getattr(args, "tokenizer_model", None)
     if not path or not Path(path).exists():
         return {}
-    import sentencepiece as spm
+    from data_prep.tokenizer import load_tokenizer
 
-    sp = spm.SentencePieceProcessor(model_file=str(path))
-    ids = {name: sp.piece_to_id(f"<|{name}|>") for name in ("bos", "eos", "pad")}
-    return {f"{name}_token_id": i for name, i in ids.items() if i != sp.unk_id()}
+    tok = load_tokenizer(str(path))
+    ids = {"bos": tok.bos, "eos": tok.eos, "pad": tok.pad}
+    return {f"{name}_token_id": i for name, i in ids.items() if i is not None and i >= 0}
 
 
 def megatron_to_hf_model(load: Path, iteration: int | None = None,
@@ -115,9 +115,10 @@ def from_hf(hf_dir: Path, save: Path, tensor_parallel: int = 1, pipeline_paralle
     stages.next(f"reading {hf_dir}")
     hf_config, hf_state = read_hf_dir(hf_dir)
     overrides = megatron_overrides_from_hf(hf_config)
-    tokenizer = Path(hf_dir) / "tokenizer.model"
+    has_tokenizer = any((Path(hf_dir) / name).exists()
+                        for name in ("tokenizer.json", "tokenizer.model"))
     args = args_for_model(overrides, tensor_parallel, pipeline_parallel,
-                          tokenizer if tokenizer.exists() else None, hf_config.vocab_size)
+                          Path(hf_dir) if has_tokenizer else None, hf_config.vocab_size)
     cfg = single_process_config(args)
     mismatched = {k: (getattr(cfg, k), v) for k, v in overrides.items()
                   if getattr(cfg, k) != v}

@@ -17,11 +17,11 @@ from parcae_megatron.evaluate.runner import (
     build_windows,
     evaluate,
     load_hf_model,
+    load_hf_tokenizer,
     load_megatron_model,
-    load_tokenizer,
 )
 from parcae_megatron.evaluate.validation_loss import default_loop_counts, score
 
 __all__ = ["build_windows", "default_loop_counts", "evaluate", "fit_loop_curve", "format_table",
-           "load_hf_model", "load_megatron_model", "load_tokenizer", "plot", "score",
+           "load_hf_model", "load_megatron_model", "load_hf_tokenizer", "plot", "score",
            "write_json"]

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "optionally .gz; tokenized as <|bos|> text <|eos|>")
     p.add_argument("--text-key", default="text", help="JSON field with the text (default text)")
     p.add_argument("--tokenizer", metavar="MODEL",
-                   help="SentencePiece .model (default: tokenizer.model of the HF directory); "
+                   help="SentencePiece .model or tokenizer.json (default: the HF directory's); "
                         "needed for --text and for bits per byte")
     p.add_argument("--seq-length", type=int, default=None,
                    help="tokens per window (default: the model's max_position_embeddings)")
@@ -128,8 +128,8 @@ def _run(args: argparse.Namespace) -> int:
         build_windows,
         evaluate,
         load_hf_model,
+        load_hf_tokenizer,
         load_megatron_model,
-        load_tokenizer,
         parse_dtype,
     )
 
@@ -139,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         model, tokenizer = load_megatron_model(args.load)
     if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
+        tokenizer = load_hf_tokenizer(args.tokenizer, model.config.vocab_size)
     seq_length = args.seq_length or model.config.max_position_embeddings
     windows = build_windows(seq_length, data_prefix=args.data_prefix, text_files=args.text,
                             tokenizer=tokenizer, max_tokens=args.max_tokens or None,

@@ -18,8 +18,8 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--hf", metavar="DIR", help="Hugging Face export directory (safetensors)")
     src.add_argument("--load", metavar="CKPT", help="Megatron checkpoint directory")
-    p.add_argument("--tokenizer", metavar="MODEL", help="SentencePiece .model (default: "
-                   "tokenizer.model of the HF directory / the run's tokenizer)")
+    p.add_argument("--tokenizer", metavar="MODEL", help="SentencePiece .model or tokenizer.json "
+                   "(default: the HF directory's / the run's tokenizer)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--out", metavar="JSON", help="write the report here")
@@ -67,15 +67,15 @@ def load_model(args):
 
     from parcae_megatron.evaluate.runner import (
         load_hf_model,
+        load_hf_tokenizer,
         load_megatron_model,
-        load_tokenizer,
         parse_dtype,
     )
 
     dtype = parse_dtype(args.dtype)
     model, tokenizer = load_hf_model(args.hf) if args.hf else load_megatron_model(args.load)
     if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer, model.config.vocab_size)
+        tokenizer = load_hf_tokenizer(args.tokenizer, model.config.vocab_size)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device=device, dtype=dtype).eval()
     name = os.path.basename(os.path.normpath(args.hf or args.load))
@@ -101,7 +101,7 @@ def run(args, extended: bool) -> int:
                                 f"and unzip {BUNDLE_URL})")
     model, tokenizer, device, name = load_model(args)
     if tokenizer is None:
-        raise ValueError("CORE needs a tokenizer (tokenizer.model in the HF dir, or --tokenizer)")
+        raise ValueError("CORE needs a tokenizer (in the HF dir, or --tokenizer)")
     iterations = sorted(set(args.iterations or [int(model.config.mean_recurrence)]))
     if iterations[0] < 1:
         raise ValueError("loop counts must be >= 1")

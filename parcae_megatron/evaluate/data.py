@@ -124,11 +124,14 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
 
     SentencePiece tokenizers are read piece by piece (``<0xNN>`` byte pieces count 1, ``▁`` is a
     space), which is exact even where one character is split over several byte pieces;
-    other tokenizers fall back to decoding each id alone.
+    byte-level BPE tokens (``tokenizer.json`` with a ByteLevel decoder) are one character per
+    byte; other tokenizers fall back to decoding each id alone.
     """
     table = np.zeros(vocab_size, dtype=np.int64)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     sp = getattr(tokenizer, "sp_model", None)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = backend is not None and type(backend.decoder).__name__ == "ByteLevel"
     n = min(vocab_size, len(tokenizer))
     for i in range(n):
         if i in special:
@@ -139,6 +142,8 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
             piece = sp.id_to_piece(i)
             table[i] = 1 if _BYTE_PIECE.match(piece) else len(
                 piece.replace("\u2581", " ").encode("utf-8"))
+        elif byte_level:
+            table[i] = len(tokenizer.convert_ids_to_tokens(i))
         else:
             table[i] = len(tokenizer.decode([i]).encode("utf-8"))
     return table

@@ -19,17 +19,34 @@ from parcae_megatron.evaluate.report import fit_loop_curve
 from parcae_megatron.evaluate.validation_loss import default_loop_counts, score
 
 
-def load_tokenizer(path: str, vocab_size: int | None = None):
-    """A ``ParcaeTokenizer`` from a SentencePiece ``.model`` file or an HF directory holding
-    ``tokenizer.model`` (our own class: no remote code runs). Refused (ValueError) without a
-    usable BOS, or with more pieces than the model's ``vocab_size``."""
-    from parcae_megatron.hf.tokenization_parcae import ParcaeTokenizer, check_sentencepiece
+def load_hf_tokenizer(path: str, vocab_size: int | None = None):
+    """The ``transformers`` tokenizer that evaluation calls, for the tokenizer at ``path``
+    (found by ``data_prep.tokenizer.resolve_tokenizer``: a SentencePiece model becomes our
+    ``ParcaeTokenizer``, a ``tokenizer.json`` a ``PreTrainedTokenizerFast``; no remote code
+    runs). Refused (ValueError) without a usable BOS, or with more tokens than the model's
+    ``vocab_size``."""
+    from data_prep.tokenizer import SentencePieceTokenizer, load_tokenizer, resolve_tokenizer
 
-    model_file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
-    if not os.path.isfile(model_file):
-        raise FileNotFoundError(f"tokenizer model not found: {model_file}")
-    check_sentencepiece(model_file, vocab_size)
-    return ParcaeTokenizer(vocab_file=model_file)
+    kind, model_file = resolve_tokenizer(path)
+    if kind == SentencePieceTokenizer.kind:
+        from parcae_megatron.hf.tokenization_parcae import ParcaeTokenizer, check_sentencepiece
+
+        check_sentencepiece(model_file, vocab_size)
+        return ParcaeTokenizer(vocab_file=model_file)
+    from transformers import PreTrainedTokenizerFast
+
+    tok = load_tokenizer(model_file)
+    if vocab_size is not None and tok.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer {model_file} has {tok.vocab_size} tokens but the model's "
+                         f"vocabulary has {vocab_size} rows: wrong tokenizer?")
+    config = tok.hf_config()
+    config.pop("tokenizer_class")
+    return PreTrainedTokenizerFast(tokenizer_file=model_file, **config)
+
+
+def _has_tokenizer(hf_dir: str) -> bool:
+    return any(os.path.isfile(os.path.join(hf_dir, name))
+               for name in ("tokenizer.json", "tokenizer.model"))
 
 
 def load_hf_model(hf_dir: str):
@@ -37,8 +54,8 @@ def load_hf_model(hf_dir: str):
     from parcae_megatron.convert.hf_io import load_hf_model as load_hf_dir
 
     model = load_hf_dir(Path(hf_dir))
-    has_tok = os.path.isfile(os.path.join(hf_dir, "tokenizer.model"))
-    return model, (load_tokenizer(hf_dir, model.config.vocab_size) if has_tok else None)
+    return model, (load_hf_tokenizer(hf_dir, model.config.vocab_size)
+                   if _has_tokenizer(hf_dir) else None)
 
 
 def load_megatron_model(load_dir: str):
@@ -47,7 +64,7 @@ def load_megatron_model(load_dir: str):
     from parcae_megatron.convert.megatron_hf import megatron_to_hf_model
 
     model, tokenizer_model, *_ = megatron_to_hf_model(Path(load_dir))
-    tokenizer = (load_tokenizer(str(tokenizer_model), model.config.vocab_size)
+    tokenizer = (load_hf_tokenizer(str(tokenizer_model), model.config.vocab_size)
                  if tokenizer_model else None)
     return model.eval(), tokenizer
 
@@ -67,8 +84,8 @@ def build_windows(seq_length: int, *, data_prefix: str | None = None,
         source = f"indexed:{data_prefix}"
     else:
         if tokenizer is None:
-            raise ValueError("text inputs need a tokenizer (tokenizer.model in the HF "
-                             "directory, or --tokenizer)")
+            raise ValueError("text inputs need a tokenizer (tokenizer.json or tokenizer.model "
+                             "in the HF directory, or --tokenizer)")
         stream, docs = text_token_stream(text_files, tokenizer, cap, text_key)
         source = "text:" + ",".join(text_files)
     return TokenWindows(make_windows(stream, seq_length, max_tokens, max_sequences), source,

@@ -15,6 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from data_prep.tokenizer import megatron_tokenizer_args
 from parcae_megatron.probe.task import TaskSpec, generate
 from parcae_megatron.training.telemetry import read_records
 
@@ -77,8 +78,7 @@ def train_command(config: Path, data: Path, ckpt: Path, telemetry: Path, seq_len
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={nproc}", "-m", "parcae_megatron.train",
         "--config", str(config),
-        "--tokenizer-type", "SentencePieceTokenizer",
-        "--tokenizer-model", str(data / "tokenizer.model"),
+        *megatron_tokenizer_args(data / "tokenizer.model"),
         "--train-data-path", "1.0", str(data / "train"),
         "--valid-data-path", "1.0", str(data / "test"),
         "--seq-length", str(seq_length), "--max-position-embeddings", str(seq_length),

@@ -45,14 +45,14 @@ def score_checkpoint(ckpt: Path, test_jsonl: Path, tokenizer_model: Path,
                      loop_counts: list[int] | None = None) -> dict:
     """Load a Megatron checkpoint through the converter and score it at ``loop_counts``
     (default T = 1 … 2·μ_rec); T is ignored (reported as 0) without a recurrent block."""
-    from data_prep.tokenizer import SentencePieceTokenizer
+    from data_prep.tokenizer import load_tokenizer
     from parcae_megatron.convert.megatron_hf import megatron_to_hf_model
 
     model, _, _ = megatron_to_hf_model(ckpt)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).eval()
     looped = bool(model.config.num_recurrent_layers)
-    ids, answers = load_test(test_jsonl, SentencePieceTokenizer(str(tokenizer_model)))
+    ids, answers = load_test(test_jsonl, load_tokenizer(str(tokenizer_model)))
     mu = int(model.config.mean_recurrence)
     counts = (loop_counts or list(range(1, 2 * mu + 1))) if looped else [0]
     table = accuracy_by_k(model, ids, answers, counts)

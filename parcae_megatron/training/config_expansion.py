@@ -75,4 +75,23 @@ def expand_argv(argv: list[str]) -> list[str]:
                                                 "--num-recurrent-layers", "--num-coda-layers")]
         if all(c is not None for c in counts):
             full += ["--num-layers", str(sum(int(c) for c in counts))]
-    return full
+    return full + _tokenizer_flags(full)
+
+
+# Megatron tokenizer types whose files data_prep.tokenizer reads; for these the type and the
+# files follow from the tokenizer itself, so a config's type cannot contradict its file.
+_OWN_TOKENIZER_TYPES = (None, "SentencePieceTokenizer", "HuggingFaceTokenizer")
+
+
+def _tokenizer_flags(full: list[str]) -> list[str]:
+    """``--tokenizer-type``/``--tokenizer-model`` as the ``--tokenizer-model`` file needs them
+    (appended: the last occurrence wins); none without a tokenizer model."""
+    path = flag_value(full, "--tokenizer-model")
+    if path is None or flag_value(full, "--tokenizer-type") not in _OWN_TOKENIZER_TYPES:
+        return []
+    from data_prep.tokenizer import megatron_tokenizer_args
+
+    try:
+        return megatron_tokenizer_args(path)
+    except FileNotFoundError as err:
+        raise ParcaeConfigError(str(err)) from None
