@@ -8,6 +8,7 @@ Parcae's fixed block settings < preset < YAML (base < file) < command line.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from parcae_megatron.config_file import flag_present, flag_value, load_config
@@ -89,6 +90,8 @@ def _tokenizer_flags(full: list[str]) -> list[str]:
     path = flag_value(full, "--tokenizer-model")
     if path is None or flag_value(full, "--tokenizer-type") not in _OWN_TOKENIZER_TYPES:
         return []
+    if not os.path.exists(path):
+        return []  # the path check names it, with every other missing path, in one line
     from data_prep.tokenizer import megatron_tokenizer_args
 
     try:
