@@ -89,7 +89,7 @@ def test_wandb_offline_holds_parcae_and_megatron_metrics(slow_run):
         for key in ("loss", "depth_mean", "executed_flops", "grad_norm"):
             assert row[f"parcae/{key}"] == pytest.approx(telemetry[step][key], rel=1e-12)
     keys = {k for row in history for k in row}
-    assert {"lm loss", "learning-rate", "parcae/residual_ratio",
+    assert {"lm loss", "learning-rate", "parcae/executed_over_sampled",
             "parcae-straggler/max_ratio"} <= keys  # Megatron's own metrics are there too
 
 
