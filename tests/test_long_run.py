@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from parcae_megatron.training import faults
 from parcae_megatron.training.straggler import judge
 from tests.training_runs import TINY, records, train
 
@@ -28,12 +29,12 @@ LAUNCH = [*TINY, "--train-iters", "8", "--eval-interval", "100", "--save-interva
 
 @pytest.fixture(scope="module")
 def slow_run(tmp_path_factory):
-    """Rank 1 sleeps 2 s per step from step 5 on; W&B offline; steps 2-3 profiled."""
+    """Rank 1 sleeps 3 s per step from step 5 on; W&B offline; steps 2-3 profiled."""
     root = tmp_path_factory.mktemp("slow")
     proc = train(2, *LAUNCH, "--save", str(root / "ckpt"), "--tensorboard-dir",
                  str(root / "tb"), "--profile", "--use-pytorch-profiler",
                  "--profile-step-start", "2", "--profile-step-end", "3",
-                 env={"WANDB_MODE": "offline", "PARCAE_FAULT": "slow@step=5,rank=1,ms=2000"})
+                 env={"WANDB_MODE": "offline", "PARCAE_FAULT": "slow@step=5,rank=1,ms=3000"})
     return root, proc.stdout + proc.stderr
 
 
@@ -162,3 +163,13 @@ def test_judge_normalises_by_the_replicas_executed_flops():
     rows = [[0, 1, 1.0, 1.0, 4, 32, 8], [0, 1, 1.0, 1.0, 0, 0, 0]]
     ranks = judge(rows, None, flops, 8, 1.2, 1, 1)["ranks"]
     assert ranks[0]["executed_flops"] == ranks[1]["executed_flops"] > 0
+
+
+def test_slow_and_deep_faults_last_from_their_step_on():
+    slow = faults.parse("slow@step=3,rank=1,ms=250")
+    assert (slow.action, slow.step, slow.rank, slow.ms) == ("slow", 3, 1, 250)
+    assert not slow.matches(2, 1, 1) and slow.matches(3, 1, 1) and slow.matches(9, 1, 1)
+    assert not slow.matches(5, 0, 1)
+    assert faults.parse("deep@step=1").ms == 1000 and faults.parse("deep@step=1").rank == 0
+    with pytest.raises(faults.FaultSpecError):
+        faults.parse("slow@step=1,ms=-5")

@@ -59,8 +59,8 @@ class Fault:
     step: int
     rank: int = 0
     attempt: int | None = None
-    ms: int = 1000
     spec: str = ""
+    ms: int = 1000  # the sleep of a ``slow`` fault
 
     def matches(self, step: int, rank: int, attempt: int) -> bool:
         """Whether the fault fires in ``step`` on ``rank`` during ``attempt`` (a persistent
