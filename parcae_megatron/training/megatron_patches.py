@@ -1,7 +1,7 @@
 """Every replacement of a Megatron internal a Parcae run makes, each with its record (target,
 megatron-core version, what it replaces, what it changes, why) and its install function.
 
-The logic the replacements call lives in the job modules (``telemetry``, ``guards``,
+The logic the replacements call lives in the job modules (``telemetry``, ``straggler``, ``guards``,
 ``distopt_fix``, ``muon_optimizer``); the act of patching happens only here. The CPU backend's
 own patches (``platform/cpu_backend.py``) carry the same records, and
 ``tests/test_megatron_patches.py`` fails, naming the patch, when a target's signature changes.
