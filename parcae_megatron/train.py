@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
     megatron_patches.skip_dependency_compilation()  # the wheel has no Makefile for them
+    megatron_patches.tolerate_wandb_failures()  # Megatron starts W&B while parsing
     args = parse_args_or_exit(argv)
     fault = faults.from_env_or_exit()
     if validate_only:

@@ -116,12 +116,32 @@ def refused(monkeypatch, capsys, *argv: str) -> str:
     # Userbuffer GEMM overlap needs fixed GEMM shapes; compaction changes them per iteration.
     (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--tp-comm-overlap"],
      "--tp-comm-overlap"),
+    # Long runs: raw step times mislead with sampled depths; CUDA-only tools on the CPU backend.
+    (["--log-straggler"], "--log-straggler"),
+    (["--inprocess-restart"], "--inprocess-restart"),
+    (["--record-memory-history"], "--record-memory-history"),
+    (["--profile"], "--profile"),
+    (["--profile", "--use-pytorch-profiler"], "--use-pytorch-profiler"),
 ])
 def test_unsupported_flag_is_refused(monkeypatch, capsys, flags, named):
     line = refused(monkeypatch, capsys, *CPU_FLAGS, *TINY, *flags)
     assert named in line, line
     assert "is not supported by Parcae" in line or "FP8" in line or "fp8" in line \
         or "fp4" in line, line
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--straggler-factor", "1.0"], "--straggler-factor 1.0 must be above 1"),
+    (["--straggler-window", "-1"], "--straggler-window -1 must be"),
+])
+def test_bad_straggler_settings_are_refused(monkeypatch, capsys, flags, named):
+    assert named in refused(monkeypatch, capsys, *CPU_FLAGS, *TINY, *flags)
+
+
+def test_pytorch_profiler_with_a_tensorboard_dir_is_accepted_on_cpu(monkeypatch, tmp_path):
+    args = parse(monkeypatch, *CPU_FLAGS, *TINY, "--profile", "--use-pytorch-profiler",
+                 "--tensorboard-dir", str(tmp_path))
+    assert args.profile and args.use_pytorch_profiler
 
 
 def test_refused_flag_trains_nothing_through_the_entry_point(tmp_path):

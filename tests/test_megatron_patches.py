@@ -38,6 +38,12 @@ EXPECTED = {
         "(forward_step_func, data_iterator, model, process_non_loss_data_func, config, "
         "verbose=False, non_loss_data_func=None, eval_iters=None, pg_collection=None, "
         "p2p_communicator=None)",
+    "megatron.training.global_vars:_set_wandb_writer": "(args)",
+    "megatron.training.training:train_step":
+        "(forward_step_func, data_iterator, model, optimizer, opt_param_scheduler, config, "
+        "forward_backward_func, iteration=None, pg_collection=None, p2p_communicator=None)",
+    "megatron.training.training:finalize_model_grads":
+        "(model, num_tokens=None, pg_collection=None, force_all_reduce=False)",
     "megatron.training.training:get_megatron_optimizer":
         "(config, model_chunks, config_overrides=None, use_gloo_process_groups=True, "
         "pg_collection=None, dump_param_to_param_group_map=None)",

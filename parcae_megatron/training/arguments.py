@@ -61,6 +61,11 @@ def add_parcae_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="JSONL telemetry file (default: SAVE/telemetry.jsonl)")
     g.add_argument("--telemetry-interval", type=int, default=10,
                    help="steps between stability telemetry (state norms, spectra)")
+    g.add_argument("--straggler-window", type=int, default=100,
+                   help="steps per straggler report (time per executed FLOP per rank; 0: off)")
+    g.add_argument("--straggler-factor", type=float, default=1.2,
+                   help="flag a rank whose time per executed FLOP exceeds the median over "
+                        "ranks by this factor")
     g.add_argument("--max-consecutive-skipped", type=int, default=10,
                    help="stop the run after this many non-finite steps in a row")
     # TransformerConfig.tp_only_amax_red has no Megatron-LM flag in 0.19; the config builder

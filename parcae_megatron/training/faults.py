@@ -9,6 +9,12 @@
                                                 gradient of one Muon matrix it owns NaN (the
                                                 other ranks' gradients stay finite): every
                                                 rank must skip the step
+    PARCAE_FAULT="slow@step=3,rank=1,ms=500"    from step 3 on, rank 1 sleeps 500 ms (default
+                                                1000) in every training micro-batch: a slow
+                                                device, for the straggler report
+    PARCAE_FAULT="deep@step=3,rank=1"           from step 3 on, rank 1 runs every sequence
+                                                twice as many loop iterations as drawn (depth
+                                                imbalance, which is not a straggler)
     PARCAE_FAULT="raise@step=3,rank=1,attempt=1"   ... only in the job's first attempt
 
 ``rank`` is the global rank (default 0); the fault fires in the forward pass of the step's
@@ -32,8 +38,9 @@ from datetime import datetime
 
 ENV = "PARCAE_FAULT"
 FORWARD_ACTIONS = ("raise", "kill", "hang", "nan")
-ACTIONS = (*FORWARD_ACTIONS, "nan_grad")
-_KEYS = ("step", "rank", "attempt")
+PERSISTENT_ACTIONS = ("slow", "deep")  # from their step on, every training micro-batch
+ACTIONS = (*FORWARD_ACTIONS, "nan_grad", *PERSISTENT_ACTIONS)
+_KEYS = ("step", "rank", "attempt", "ms")
 
 
 class FaultSpecError(ValueError):
@@ -53,10 +60,13 @@ class Fault:
     rank: int = 0
     attempt: int | None = None
     spec: str = ""
+    ms: int = 1000  # the sleep of a ``slow`` fault
 
     def matches(self, step: int, rank: int, attempt: int) -> bool:
-        """Whether the fault fires in ``step`` on ``rank`` during ``attempt``."""
-        return (step == self.step and rank == self.rank
+        """Whether the fault fires in ``step`` on ``rank`` during ``attempt`` (a persistent
+        action: in ``step`` or any later one)."""
+        due = step >= self.step if self.action in PERSISTENT_ACTIONS else step == self.step
+        return (due and rank == self.rank
                 and (self.attempt is None or attempt == self.attempt))
 
 
@@ -78,7 +88,7 @@ def parse(spec: str) -> Fault:
             raise FaultSpecError(f"{ENV}={spec!r}: {key} must be an integer") from None
     if "step" not in values:
         raise FaultSpecError(f"{ENV}={spec!r}: step=N is required")
-    least = {"step": 1, "rank": 0, "attempt": 1}
+    least = {"step": 1, "rank": 0, "attempt": 1, "ms": 0}
     for key, value in values.items():
         if value < least[key]:
             raise FaultSpecError(f"{ENV}={spec!r}: {key} must be at least {least[key]}")
@@ -111,7 +121,7 @@ def fire(fault: Fault, step: int, rank: int, detail: str = "") -> None:
     if fault.action == "kill":
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-    elif fault.action in ("nan", "nan_grad"):
+    elif fault.action in ("nan", "nan_grad", *PERSISTENT_ACTIONS):
         return
     elif fault.action == "hang":
         while True:  # not even SIGTERM ends it (Megatron's handler only sets a flag)
@@ -122,6 +132,8 @@ def fire(fault: Fault, step: int, rank: int, detail: str = "") -> None:
 def inject(forward_step: Callable, fault: Fault | None) -> Callable:
     """``forward_step`` that carries out ``fault`` in its training step; itself if None or
     the fault is not one of the forward pass."""
+    if fault is not None and fault.action in PERSISTENT_ACTIONS:
+        return _persistent(forward_step, fault)
     if fault is None or fault.action not in FORWARD_ACTIONS:
         return forward_step
     attempt = current_attempt()
@@ -145,6 +157,48 @@ def inject(forward_step: Callable, fault: Fault | None) -> Callable:
         return forward_step(data_iterator, model)
 
     return forward_step_with_fault
+
+
+def _persistent(forward_step: Callable, fault: Fault) -> Callable:
+    """``forward_step`` that, from the fault's step on, on its rank, sleeps (``slow``) or
+    doubles the drawn loop depths (``deep``) in every training micro-batch."""
+    attempt = current_attempt()
+    announced = False
+
+    @functools.wraps(forward_step)
+    def forward_step_with_fault(data_iterator, model):
+        nonlocal announced
+        if model.training:
+            import torch.distributed as dist
+            from megatron.core.utils import unwrap_model
+            from megatron.training import get_args
+
+            step = get_args().curr_iteration + 1
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            if fault.matches(step, rank, attempt):
+                if not announced:
+                    announced = True
+                    fire(fault, step, rank, "from this step on")
+                if fault.action == "slow":
+                    time.sleep(fault.ms / 1000)
+                else:
+                    _deepen(unwrap_model(model).depth_sampler)
+        return forward_step(data_iterator, model)
+
+    return forward_step_with_fault
+
+
+def _deepen(sampler) -> None:
+    """Make ``sampler`` draw twice the depths (gradient depths unchanged) from now on."""
+    if getattr(sampler, "deepened", False):
+        return
+    draw = sampler.next
+
+    def next_deeper(batch_size: int):
+        depths, seed = draw(batch_size)
+        return type(depths)(depths.total * 2, depths.grad), seed
+
+    sampler.next, sampler.deepened = next_deeper, True
 
 
 def _poisoned(loss_func: Callable) -> Callable:

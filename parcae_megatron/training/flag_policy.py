@@ -161,7 +161,40 @@ REFUSALS: tuple[Refusal, ...] = (
     Refusal("--sft", _set("sft"), "the Parcae datasets provider builds GPT pretraining data"),
     Refusal("--fim-data", _set("fim_data"),
             "the Parcae datasets provider builds GPT pretraining data"),
+    # Long runs.
+    Refusal("--log-straggler", _set("log_straggler"),
+            "it compares raw per-rank step times, and a rank's step time follows the loop "
+            "depths it sampled (depth imbalance reads as slow hardware); Parcae's straggler "
+            "report compares time per executed FLOP (--straggler-window, --straggler-factor)"),
+    Refusal("--inprocess-restart", _set("inprocess_restart"),
+            "it needs nvidia-resiliency-ext and has never run with Parcae; a failed rank ends "
+            "the job and the launcher restarts it from the last checkpoint"),
+    Refusal("--record-memory-history", lambda a, g: a.record_memory_history and _cpu(a),
+            "it records the CUDA caching allocator, and this run is on the CPU backend"),
+    Refusal("--profile", lambda a, g: a.profile and not a.use_pytorch_profiler and _cpu(a),
+            "without --use-pytorch-profiler it drives the CUDA profiler (nsys), and this run "
+            "is on the CPU backend"),
+    Refusal("--use-pytorch-profiler",
+            lambda a, g: a.profile and a.use_pytorch_profiler and not a.tensorboard_dir,
+            "Megatron writes the trace next to the TensorBoard directory "
+            "(TENSORBOARD_DIR/../torch_profile): give --tensorboard-dir"),
 )
+
+
+def _cpu(args: argparse.Namespace) -> bool:
+    """The run is on the CPU backend (train.main makes it gloo there)."""
+    return args.distributed_backend == "gloo"
+
+
+def check_straggler_report(args: argparse.Namespace) -> None:
+    """``--straggler-factor`` must be a factor above 1 and the window a step count."""
+    factor, window = getattr(args, "straggler_factor", 1.2), getattr(args, "straggler_window", 0)
+    if factor <= 1.0:
+        raise ParcaeConfigError(f"--straggler-factor {factor} must be above 1 "
+                                "(a factor over the median time per executed FLOP)")
+    if window < 0:
+        raise ParcaeConfigError(f"--straggler-window {window} must be a number "
+                                "of steps (0: no straggler report)")
 
 
 def refuse_before_parsing(argv: list[str]) -> None:
@@ -185,6 +218,7 @@ def refuse_unsupported(args: argparse.Namespace, argv: list[str]) -> None:
             raise ParcaeConfigError(f"{refusal.flag} is not supported by Parcae: "
                                     f"{refusal.reason}")
     check_low_precision(args)
+    check_straggler_report(args)
 
 
 def check_low_precision(args: argparse.Namespace) -> None:

@@ -1,7 +1,7 @@
 """Every replacement of a Megatron internal a Parcae run makes, each with its record (target,
 megatron-core version, what it replaces, what it changes, why) and its install function.
 
-The logic the replacements call lives in the job modules (``telemetry``, ``guards``,
+The logic the replacements call lives in the job modules (``telemetry``, ``straggler``, ``guards``,
 ``distopt_fix``, ``muon_optimizer``); the act of patching happens only here. The CPU backend's
 own patches (``platform/cpu_backend.py``) carry the same records, and
 ``tests/test_megatron_patches.py`` fails, naming the patch, when a target's signature changes.
@@ -9,6 +9,7 @@ own patches (``platform/cpu_backend.py``) carry the same records, and
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ import torch.distributed as dist
 
 from parcae_megatron.platform.patching import Patch
 from parcae_megatron.training import distopt_fix, faults, guards, muon_optimizer
+from parcae_megatron.training.straggler import STRAGGLER
 from parcae_megatron.training.telemetry import TELEMETRY
 
 _TRAINING = "megatron.training.training"
@@ -52,6 +54,24 @@ EVALUATE = Patch(
     replaces="Megatron-LM's validation pass, returning the averaged losses",
     change="calls it, then TELEMETRY.on_evaluate with the losses at every loop count",
     why="validation records (loss per loop count, tokens seen, FLOPs) for the scaling fits")
+WANDB_WRITER = Patch(
+    target="megatron.training.global_vars:_set_wandb_writer",
+    replaces="with --wandb-project, starts W&B on the last rank (wandb.init); raises when "
+             "--wandb-exp-name is empty, wandb is missing or wandb.init fails",
+    change="names the run after the save directory when --wandb-exp-name is empty; any "
+           "failure prints one warning line and leaves the W&B writer unset",
+    why="W&B is a view of the run: no network, no key or no wandb never stops training "
+        "(TensorBoard and telemetry.jsonl go on)")
+TRAIN_STEP = Patch(
+    target=f"{_TRAINING}:train_step",
+    replaces="one training step (forward/backward of every micro-batch, optimizer step)",
+    change="notes the step's start time for the straggler report, then calls it",
+    why="a rank's compute time per step (start to gradient sync) for time per executed FLOP")
+FINALIZE_MODEL_GRADS = Patch(
+    target=f"{_TRAINING}:finalize_model_grads",
+    replaces="the gradient synchronisation pretrain installs as finalize_model_grads_func",
+    change="notes the time it is entered for the straggler report, then calls it",
+    why="up to here a rank computes; from here on a fast rank waits for the slowest")
 
 # ------------------------------------------------------------------ non-finite steps
 GET_MEGATRON_OPTIMIZER = Patch(
@@ -134,6 +154,7 @@ SCHEDULER_CLASS = Patch(
 
 PATCHES: tuple[Patch, ...] = (
     ADD_MEGATRON_ARGUMENTS, HELP_EXPAND, COMPILE_DEPENDENCIES, TRAINING_LOG, EVALUATE,
+    WANDB_WRITER, TRAIN_STEP, FINALIZE_MODEL_GRADS,
     GET_MEGATRON_OPTIMIZER, PREPARE_GRADS, DISTOPT_INIT, DISTOPT_SHARDED_STATE_DICT,
     DISTOPT_LOAD_STATE_DICT, DISTOPT_SET_MAIN_PARAM, EMERGING_OPTIMIZERS, TAG_BUFFER_ROUTING,
     TAG_BUFFER_ROUTING_TRAINING, OPTIMIZER_CONFIG, SCHEDULER_CLASS)
@@ -196,6 +217,42 @@ def install_telemetry() -> None:
 
     TRAINING_LOG.apply(training_log_with_telemetry)
     EVALUATE.apply(evaluate_with_telemetry)
+
+
+def tolerate_wandb_failures() -> None:
+    """WANDB_WRITER (idempotent): W&B starts when it can; otherwise one warning and training
+    goes on. Megatron starts W&B while validating the arguments, so this precedes parsing."""
+    if WANDB_WRITER.applied():
+        return
+    set_writer = WANDB_WRITER.original()
+
+    def set_wandb_writer(args) -> None:
+        if getattr(args, "wandb_project", "") and not args.wandb_exp_name:
+            args.wandb_exp_name = os.path.basename(os.path.normpath(args.save or "parcae"))
+        try:
+            set_writer(args)
+        except Exception as exc:  # noqa: BLE001 - any W&B failure: go on without it
+            message = " ".join(str(exc).split())[:300]
+            print(f"warning: W&B disabled ({type(exc).__name__}: {message}); "
+                  "TensorBoard and telemetry.jsonl go on", flush=True)
+
+    WANDB_WRITER.apply(set_wandb_writer)
+
+
+def install_step_timing() -> None:
+    """TRAIN_STEP and FINALIZE_MODEL_GRADS: per-rank compute time for the straggler report."""
+    train_step, finalize = TRAIN_STEP.original(), FINALIZE_MODEL_GRADS.original()
+
+    def timed_train_step(*args, **kwargs):
+        STRAGGLER.on_step_start()
+        return train_step(*args, **kwargs)
+
+    def timed_finalize_model_grads(*args, **kwargs):
+        STRAGGLER.on_gradient_sync()
+        return finalize(*args, **kwargs)
+
+    TRAIN_STEP.apply(timed_train_step)
+    FINALIZE_MODEL_GRADS.apply(timed_finalize_model_grads)
 
 
 def guard_non_finite_grads(optimizer, model_chunks=(),
@@ -305,6 +362,7 @@ def install_training_patches(fault: faults.Fault | None = None) -> None:
     """Everything ``parcae_megatron.train`` installs before Megatron's ``pretrain`` (``fault``:
     the run's ``PARCAE_FAULT``, for the faults carried out by the optimizer)."""
     install_telemetry()
+    install_step_timing()
     install_guards(fault)
     install_distopt_fixes()
     install_muon_recipe()

@@ -1,4 +1,8 @@
-"""Per-step telemetry of a Parcae run: a JSONL file plus TensorBoard scalars.
+"""Per-step telemetry of a Parcae run: one sink, three destinations.
+
+Every record goes to ``telemetry.jsonl`` and, as scalars, to Megatron's TensorBoard writer and
+Megatron's W&B writer (``--wandb-project``; the run's own metrics reach both through
+Megatron's ``training_log``), so TensorBoard, W&B and the file show the same numbers.
 
 Hooked into Megatron's own ``training_log`` and ``evaluate`` (called on every rank; patched in
 ``training/megatron_patches.py``), so the numbers Megatron prints (loss, LR, grad norm,
@@ -29,10 +33,13 @@ from parcae_megatron.model.accounting import (
     token_embedding_params,
 )
 from parcae_megatron.training.guards import ConsecutiveSkips, NonFiniteGuard
+from parcae_megatron.training.straggler import STRAGGLER, describe
 
 # Peak dense bf16 FLOP/s per accelerator, for MFU (CPU runs report none).
 _PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "GB200": 2500e12}
 
+_PREFIX = {"train": "parcae/", "validation": "parcae-validation/",
+           "straggler": "parcae-straggler/"}
 _SUM_FIELDS = ("sequences", "sampled_iterations", "executed_iterations", "grad_iterations",
                "state_norm", "residual_norm", "state_samples")
 _STABILITY_FIELDS = ("decay_min", "decay_mean", "decay_max", "delta_min", "delta_mean",
@@ -52,6 +59,7 @@ class Telemetry:
         self.nominal = None  # (fixed FLOPs/token, per-iteration loop FLOPs: grad, no-grad)
         self.skips = ConsecutiveSkips(0)
         self.guard: NonFiniteGuard | None = None  # set when the optimizer is built
+        self.local_loop = (0, 0, 0)  # this rank's sequences, executed and grad iterations
 
     # ------------------------------------------------------------------ setup
     def register_model(self, model) -> None:
@@ -66,6 +74,7 @@ class Telemetry:
         self.path = Path(target) if target else None
         self.peak_flops = _peak_flops()
         self.skips = ConsecutiveSkips(args.max_consecutive_skipped)
+        STRAGGLER.configure(args)
 
     def record_state_now(self, iteration: int) -> bool:
         """Whether iteration ``iteration`` measures loop-state norms."""
@@ -83,6 +92,10 @@ class Telemetry:
         stability = self._reduce_stability() if self.record_state_now(iteration) else None
         # Identical on every rank (the guard's decision and culprit are the job's).
         culprit = self.guard.culprit if skipped_iter and self.guard is not None else None
+        if self.model is not None:
+            STRAGGLER.on_step(iteration, elapsed, self.local_loop, _dp_rank(),
+                              self.executed_flops_per_token, args.seq_length,
+                              self._write_straggler)
         if not _is_last_rank():
             self.skips.update(bool(skipped_iter), iteration, culprit)
             return
@@ -173,6 +186,8 @@ class Telemetry:
                                  sum(stats.state_norm), sum(stats.residual_norm),
                                  len(stats.state_norm)], dtype=torch.float64)
             peak[0] = stats.max_depth
+        self.local_loop = ((stats.sequences, stats.executed_iterations, stats.grad_iterations)
+                           if owner else (0, 0, 0))
         if dist.is_initialized():
             sums, peak = _on_comm_device(sums), _on_comm_device(peak)
             dist.all_reduce(sums)
@@ -195,20 +210,31 @@ class Telemetry:
             return None
         return dict(zip(_STABILITY_FIELDS[:-1], values[:-1], strict=True))
 
+    def _write_straggler(self, record: dict, iteration: int) -> None:
+        for line in describe(record):
+            print(line, flush=True)
+        self._write(record, iteration)
+
     def _write(self, record: dict, iteration: int) -> None:
+        """The one sink: ``telemetry.jsonl``, TensorBoard and W&B (scalars)."""
         record["time"] = time.time()
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        from megatron.training.global_vars import get_tensorboard_writer
+        from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
 
+        prefix = _PREFIX[record["type"]]
+        scalars = {prefix + key: value for key, value in record.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)
+                   and key not in ("iteration", "first_iteration", "time")}
         writer = get_tensorboard_writer()
         if writer is not None:
-            prefix = "parcae/" if record["type"] == "train" else "parcae-validation/"
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("iteration", "time"):
-                    writer.add_scalar(prefix + key, value, iteration)
+            for key, value in scalars.items():
+                writer.add_scalar(key, value, iteration)
+        wandb_writer = get_wandb_writer()
+        if wandb_writer is not None:
+            wandb_writer.log(scalars, iteration)
 
 
 @torch.no_grad()
