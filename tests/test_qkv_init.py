@@ -1,21 +1,38 @@
-"""Parcae's QKV init under grouped-query attention (docs/design.md §5: Q, K and V each orthogonal).
+"""Parcae's initialisation (docs/design.md §5): one pass sets every parameter from its key.
 
-Megatron's fused QKV weight holds, per query group, the rows of that group's query heads, then
-its key head, then its value head. Every Q, K and V head must be a block of rows of an
-orthogonal Q, K or V matrix, at any heads / groups ratio, and a TP=2 shard (built on
-Megatron's GPU-style init path, which sees only the shard) must equal its slice of the TP=1
-weight."""
+The whole model, for every preset and variant, has the weights recorded before the pass
+replaced per-constructor inits, each kind of parameter is its keyed draw, and TP = 2 and
+PP = 2 build the same weights as one process.
+
+Q, K and V are each orthogonal under grouped-query attention: Megatron's fused QKV weight
+holds, per query group, the rows of that group's query heads, then its key head, then its
+value head. Every Q, K and V head must be a block of rows of an orthogonal Q, K or V
+matrix, at any heads / groups ratio, and a TP=2 shard (built on Megatron's GPU-style init
+path, which sees only the shard) must equal its slice of the TP=1 weight."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from parcae_megatron.model import ParcaeModel
+from parcae_megatron.model import ParcaeModel, preset_config
+from parcae_megatron.model.init import (
+    InitMethod,
+    orthogonal_init,
+    parameter_init,
+    qkv_orthogonal_init,
+)
 from parcae_megatron.model.layer_specs import get_parcae_layer_local_spec
-from tests.dist.qkv_init_worker import qkv_config
+from tests.dist.qkv_init_worker import (
+    INIT_VARIANTS,
+    checkpoint_shards,
+    qkv_config,
+    variant_model,
+)
 from tests.distributed import torchrun
 
 CASES = [(4, 1, 16, 64), (8, 2, 8, 64), (6, 6, 16, 96)]  # heads, groups, head dim, hidden
@@ -74,3 +91,107 @@ def test_tp2_shards_are_tp1_slices(megatron_single, tmp_path):
         assert torch.equal(q_half, q[heads * hd // 2:])
         assert torch.equal(k_half, k[groups * hd // 2:])
         assert torch.equal(v_half, v[groups * hd // 2:])
+
+
+# ---------------------------------------------------------------------------------------
+# The whole model: every parameter from its key, the same on every layout
+# ---------------------------------------------------------------------------------------
+FINGERPRINTS = Path(__file__).parent / "init_fingerprints.json"
+"""Per variant and parameter, (sum, first, last) of the TP=1 initial weights, recorded from
+the constructors that initialised the model before the initialisation pass replaced them:
+the pass must give the same weights. The gated MLP is not recorded: its fc1 was not keyed
+then (its values depended on the layout)."""
+
+
+def fingerprint(model: torch.nn.Module) -> dict[str, list[float]]:
+    """(sum, first entry, last entry) of every parameter, by name."""
+    out = {}
+    for name, param in model.named_parameters():
+        flat = param.detach().double().flatten()
+        out[name] = [float(flat.sum()), float(flat[0]), float(flat[-1])]
+    return out
+
+
+@pytest.mark.parametrize("variant", sorted(set(INIT_VARIANTS) - {"parcae-tiny-gated-mlp"}))
+def test_init_matches_recorded_weights(megatron_single, variant):
+    recorded = json.loads(FINGERPRINTS.read_text())[variant]
+    got = fingerprint(variant_model(variant))
+    assert sorted(got) == sorted(recorded)
+    for name, values in got.items():
+        assert values == pytest.approx(recorded[name], rel=1e-6, abs=1e-9), name
+
+
+def test_init_rederived_from_keys(megatron_single):
+    """Each kind of parameter equals its init drawn directly from (seed, key, global shape),
+    here at TP = 1 (the layouts are compared with it below); the gated MLP's fc1 is its gate
+    and up matrices, each orthogonal."""
+    model = variant_model("parcae-tiny-gated-mlp")
+    cfg = model.config
+    std, seed, d, ffn = cfg.init_method_std, cfg.init_seed, cfg.hidden_size, cfg.ffn_hidden_size
+    expected = {
+        "embedding.word_embeddings.weight": orthogonal_init(std, seed).bind(
+            "embedding.word_embeddings.weight", (cfg.vocab_size, d)),
+        "core.layers.1.self_attention.linear_qkv.weight": qkv_orthogonal_init(
+            16, 4, std, seed).bind("layers.3.self_attention.linear_qkv.weight", (192, d)),
+        "coda.layers.1.self_attention.value_embedding.weight": InitMethod(
+            "normal", 1.0, seed, "layers.5.self_attention.value_embedding.weight",
+            (cfg.vocab_size, 64)),
+        "prelude.layers.1.self_attention.value_embedding.gate_weight": InitMethod(
+            "uniform", 1 / math.sqrt(32), seed,
+            "layers.1.self_attention.value_embedding.gate_weight", (4, 32)),
+        "readout.weight": orthogonal_init(std, seed).bind("readout.weight", (d, d)),
+    }
+    params = dict(model.named_parameters())
+    for name, init in expected.items():
+        assert torch.equal(params[name].detach(), init.full()), name
+    gate, up = params["coda.layers.0.mlp.linear_fc1.weight"].detach().split(ffn)
+    for half in (gate, up):
+        svals = torch.linalg.svdvals(half)
+        assert torch.allclose(svals, torch.full_like(svals, std * math.sqrt(ffn)), rtol=1e-4)
+    assert torch.equal(params["injection.B"].detach(), torch.eye(d))
+    assert torch.count_nonzero(params["coda.layers.0.mlp.linear_fc2.weight"]) == 0
+
+
+def test_init_skips_meta_and_sets_materialised_weights(megatron_single):
+    """Built on the meta device the pass leaves the model alone; materialised and passed
+    again, it is the model built directly."""
+    with torch.device("meta"):  # as describe builds it: no allocation at all
+        meta = variant_model("parcae-tiny", use_cpu_initialization=True)
+    assert all(p.device.type == "meta" for p in meta.parameters())
+    meta.to_empty(device="cpu")
+    meta.init_weights()
+    direct = dict(variant_model("parcae-tiny").named_parameters())
+    for name, param in meta.named_parameters():
+        assert torch.equal(param.detach(), direct[name].detach()), name
+
+
+def test_every_parameter_needs_an_init_rule():
+    with pytest.raises(ValueError, match="no initialisation rule for parameter 'extra.w'"):
+        parameter_init("extra.w", preset_config("parcae-tiny"))
+
+
+def _full_checkpoint(model: ParcaeModel) -> dict[tuple, torch.Tensor]:
+    return {(s["key"], s["offset"][:s["prepend"]]): s["data"] for s in checkpoint_shards(model)}
+
+
+@pytest.mark.slow
+def test_init_same_on_every_layout(megatron_single, tmp_path):
+    """TP = 2 and PP = 2 build every variant's weights as the single process does: each
+    rank's checkpoint shards are slices of the TP = 1 tensors (Megatron's own sharding of
+    the checkpoint, so the keys are not the init's), and the ranks together cover them all."""
+    torchrun(2, "tests/dist/qkv_init_worker.py", "--variants", ",".join(INIT_VARIANTS),
+             "--out", str(tmp_path), timeout=1800)
+    for variant in INIT_VARIANTS:
+        full = _full_checkpoint(variant_model(variant))
+        for layout in ("tp2pp1", "tp1pp2"):
+            covered = set()
+            for rank in range(2):
+                for shard in torch.load(tmp_path / f"init-{variant}-{layout}-r{rank}.pt"):
+                    where = (shard["key"], shard["offset"][:shard["prepend"]])
+                    data = shard["data"]
+                    window = tuple(slice(o, o + n)
+                                   for o, n in zip(shard["offset"][shard["prepend"]:],
+                                                   data.shape))
+                    assert torch.equal(data, full[where][window]), (variant, layout, where)
+                    covered.add(where)
+            assert covered == set(full), (variant, layout, set(full) - covered)

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-from parcae_megatron.model.init import InitMethod
 from parcae_megatron.model.norm import mark_sequence_parallel
 
 
@@ -65,14 +64,10 @@ class DiagonalInjection(Fp32ParamsModule):
         d = config.hidden_size
         self.exact_zoh = exact_zoh
         self.min_decay_rate = config.min_decay_rate
-        self.A_log = torch.nn.Parameter(torch.zeros(d, dtype=torch.float32))
+        # Initial values (A_log = 0, Ā = init_decay, B = I) are set by the model's init pass.
+        self.A_log = torch.nn.Parameter(torch.empty(d, dtype=torch.float32))
         self.dt_bias = torch.nn.Parameter(torch.empty(d, dtype=torch.float32))
         self.B = torch.nn.Parameter(torch.empty(d, d, dtype=torch.float32))
-        if self.dt_bias.device.type != "meta":
-            with torch.no_grad():
-                # Δ0 = -ln(init_decay) and a0 = 1 give Ā0 = init_decay (√0.2 ≈ 0.44721).
-                self.dt_bias.fill_(inverse_softplus(-math.log(config.init_decay)))
-                torch.nn.init.eye_(self.B)
         self.finish_init(config)
 
     def delta(self) -> torch.Tensor:
@@ -126,9 +121,6 @@ class ConcatLinearInjection(Fp32ParamsModule):
         super().__init__(config=config)
         d = config.hidden_size
         self.weight = torch.nn.Parameter(torch.empty(d, 2 * d, dtype=torch.float32))
-        if self.weight.device.type != "meta":
-            InitMethod("trunc_normal", config.init_method_std, config.init_seed,
-                       "injection.weight", (d, 2 * d))(self.weight.data)
         self.finish_init(config)
 
     def prepare(self, e: torch.Tensor) -> Prepared:
@@ -149,8 +141,6 @@ class Readout(Fp32ParamsModule):
         super().__init__(config=config)
         d = config.hidden_size
         self.weight = torch.nn.Parameter(torch.empty(d, d, dtype=torch.float32))
-        InitMethod("orthogonal", config.init_method_std, config.init_seed, "readout.weight",
-                   (d, d))(self.weight.data)
         self.finish_init(config)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
