@@ -7,8 +7,8 @@ PP = 2 build the same weights as one process.
 Q, K and V are each orthogonal under grouped-query attention: Megatron's fused QKV weight
 holds, per query group, the rows of that group's query heads, then its key head, then its
 value head. Every Q, K and V head must be a block of rows of an orthogonal Q, K or V
-matrix, at any heads / groups ratio, and a TP=2 shard (built on Megatron's GPU-style init
-path, which sees only the shard) must equal its slice of the TP=1 weight."""
+matrix, at any heads / groups ratio, and a TP=2 shard (built on Megatron's GPU-style
+path, where each rank initialises only its shard) must equal its slice of the TP=1 weight."""
 
 from __future__ import annotations
 
@@ -51,6 +51,20 @@ def build_qkv(heads: int, groups: int, hd: int, hidden: int) -> torch.Tensor:
     return model.prelude.layers[0].self_attention.linear_qkv.weight.detach()
 
 
+TP_CASES = [c for c in CASES if c[1] % 2 == 0]  # TP=2 splits the groups
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory) -> Path:
+    """One two-rank launch for every multi-rank check here: the QKV shards of `TP_CASES` at
+    TP = 2, and every init variant at TP = 2 and PP = 2 (tests/dist/qkv_init_worker.py)."""
+    out = tmp_path_factory.mktemp("init")
+    torchrun(2, "tests/dist/qkv_init_worker.py",
+             "--cases", ";".join(",".join(map(str, c)) for c in TP_CASES),
+             "--variants", ",".join(INIT_VARIANTS), "--out", str(out), timeout=1800)
+    return out
+
+
 @pytest.mark.parametrize("heads,groups,hd,hidden", CASES, ids=["4-1", "8-2", "6-6"])
 def test_every_qkv_head_orthogonal(megatron_single, heads, groups, hd, hidden):
     weight = build_qkv(heads, groups, hd, hidden)
@@ -73,14 +87,10 @@ def test_every_qkv_head_orthogonal(megatron_single, heads, groups, hd, hidden):
 
 
 @pytest.mark.slow
-def test_tp2_shards_are_tp1_slices(megatron_single, tmp_path):
-    tp_cases = [c for c in CASES if c[1] % 2 == 0]  # TP=2 splits the groups
-    spec = ";".join(",".join(map(str, c)) for c in tp_cases)
-    torchrun(2, "tests/dist/qkv_init_worker.py", "--cases", spec, "--out", str(tmp_path),
-             timeout=900)
-    for heads, groups, hd, hidden in tp_cases:
+def test_tp2_shards_are_tp1_slices(megatron_single, two_rank_run):
+    for heads, groups, hd, hidden in TP_CASES:
         full = build_qkv(heads, groups, hd, hidden)
-        shards = [torch.load(tmp_path / f"qkv-{heads}-{groups}-r{r}.pt") for r in range(2)]
+        shards = [torch.load(two_rank_run / f"qkv-{heads}-{groups}-r{r}.pt") for r in range(2)]
         assert not torch.equal(shards[0], shards[1])
         for rank, shard in enumerate(shards):
             rows = full.shape[0] // 2
@@ -170,28 +180,33 @@ def test_every_parameter_needs_an_init_rule():
         parameter_init("extra.w", preset_config("parcae-tiny"))
 
 
-def _full_checkpoint(model: ParcaeModel) -> dict[tuple, torch.Tensor]:
-    return {(s["key"], s["offset"][:s["prepend"]]): s["data"] for s in checkpoint_shards(model)}
+def assemble(shards: list[dict]) -> dict[tuple, torch.Tensor]:
+    """The global tensors of a checkpoint, put together from shards of one or more ranks (a
+    replica must equal what another rank wrote there)."""
+    full: dict[tuple, torch.Tensor] = {}
+    for shard in shards:
+        p = shard["prepend"]
+        tensor = full.setdefault((shard["key"], shard["offset"][:p]),
+                                 torch.full(shard["shape"][p:], float("nan")))
+        window = tensor[tuple(slice(o, o + n) for o, n in zip(shard["offset"][p:],
+                                                              shard["data"].shape))]
+        written = ~window.isnan()
+        assert torch.equal(window[written], shard["data"][written]), shard["key"]
+        window.copy_(shard["data"])
+    return full
 
 
 @pytest.mark.slow
-def test_init_same_on_every_layout(megatron_single, tmp_path):
-    """TP = 2 and PP = 2 build every variant's weights as the single process does: each
-    rank's checkpoint shards are slices of the TP = 1 tensors (Megatron's own sharding of
-    the checkpoint, so the keys are not the init's), and the ranks together cover them all."""
-    torchrun(2, "tests/dist/qkv_init_worker.py", "--variants", ",".join(INIT_VARIANTS),
-             "--out", str(tmp_path), timeout=1800)
+def test_init_same_on_every_layout(megatron_single, two_rank_run):
+    """TP = 2 and PP = 2 build every variant's weights as the single process does: the
+    ranks' checkpoint shards put together are the TP = 1 checkpoint (Megatron's own sharding
+    of the checkpoint, so the keys are not the init's), every entry written."""
     for variant in INIT_VARIANTS:
-        full = _full_checkpoint(variant_model(variant))
+        ref = assemble(checkpoint_shards(variant_model(variant)))
         for layout in ("tp2pp1", "tp1pp2"):
-            covered = set()
-            for rank in range(2):
-                for shard in torch.load(tmp_path / f"init-{variant}-{layout}-r{rank}.pt"):
-                    where = (shard["key"], shard["offset"][:shard["prepend"]])
-                    data = shard["data"]
-                    window = tuple(slice(o, o + n)
-                                   for o, n in zip(shard["offset"][shard["prepend"]:],
-                                                   data.shape))
-                    assert torch.equal(data, full[where][window]), (variant, layout, where)
-                    covered.add(where)
-            assert covered == set(full), (variant, layout, set(full) - covered)
+            got = assemble([s for r in range(2) for s in
+                            torch.load(two_rank_run / f"init-{variant}-{layout}-r{r}.pt")])
+            assert sorted(got) == sorted(ref), (variant, layout)
+            for where, tensor in got.items():
+                assert not tensor.isnan().any(), (variant, layout, where)
+                assert torch.equal(tensor, ref[where]), (variant, layout, where)

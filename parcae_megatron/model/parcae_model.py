@@ -107,60 +107,13 @@ class ParcaeModel(LanguageModule):
         self.vocab_size = config.vocab_size
         self.stage = config.stage_layout()[pp_rank]
         spec = transformer_layer_spec or get_parcae_layer_spec()
-        norm = spec.submodules.input_layernorm
         self.input_tensor: Tensor | None = None
         self._state_generators: dict[torch.device, torch.Generator] = {}
         n_pre, n_rec = config.num_prelude_layers, config.num_recurrent_layers
         self.first_effective_layer = {"prelude": 0, "core": n_pre, "coda": n_pre + n_rec}
         """Effective-layer index of each stack's first layer (its layers' init keys)."""
-
-        # Megatron's constructors leave the weights empty; init_weights sets them below.
         with deferred_initialization(config) as initialise:
-            if self.pre_process:
-                self.embedding = LanguageModelEmbedding(
-                    config=config, vocab_size=config.vocab_size,
-                    max_sequence_length=config.seq_length, position_embedding_type="rope")
-            self.rotary_pos_emb = RotaryEmbedding(
-                kv_channels=config.kv_channels, rotary_percent=1.0,
-                rotary_base=config.rotary_base,
-                use_cpu_initialization=config.use_cpu_initialization)
-
-            def stack(name: str) -> TransformerBlock | None:
-                token = {"prelude": "p", "core": "R", "coda": "c"}[name]
-                if token not in self.stage:
-                    return None
-                stack_config = config.stack_config("recurrent" if name == "core" else name)
-                return TransformerBlock(
-                    config=stack_config, post_layer_norm=False, pre_process=True,
-                    post_process=False,
-                    spec=spec_for_stack(spec, self.first_effective_layer[name]))
-
-            self.prelude = stack("prelude")
-            self.core = stack("core")
-            self.coda = stack("coda")
-            self.has_loop = self.core is not None
-            if self.has_loop:
-                hidden = config.hidden_size
-                self.prelude_norm = (norm(config=config, hidden_size=hidden,
-                                          eps=config.layernorm_epsilon)
-                                     if config.prelude_norm else None)
-                self.injection = build_injection(config)
-                self.readout = Readout(config)
-                if dp_rank is None:
-                    dp_rank = parallel_state.get_data_parallel_rank()
-                    dp_size = parallel_state.get_data_parallel_world_size()
-                self.depth_sampler = DepthSampler(config, dp_rank, dp_size or 1)
-            self.loop_stats = LoopStats()
-            self.record_state_stats = False
-
-            if self.post_process:
-                self.final_norm = norm(config=config, hidden_size=config.hidden_size,
-                                       eps=config.layernorm_epsilon)
-                self.output_layer = tensor_parallel.ColumnParallelLinear(
-                    config.hidden_size, config.vocab_size, config=output_layer_config(config),
-                    init_method=config.embedding_init_method, bias=False,
-                    skip_bias_add=False, gather_output=False,
-                    skip_weight_param_allocation=self.pre_process)
+            self._build(config, spec, dp_rank, dp_size)
         if initialise:
             self.init_weights()
         if self.pre_process or self.post_process:
@@ -179,6 +132,53 @@ class ParcaeModel(LanguageModule):
             # also give them --decoupled-lr.
             for param in (*self.injection.parameters(), *self.readout.parameters()):
                 param.adamw_only = True
+
+    def _build(self, config: ParcaeConfig, spec: ModuleSpec, dp_rank: int | None,
+               dp_size: int | None) -> None:
+        """This stage's modules, their weights left empty (`init_weights` sets them)."""
+        norm = spec.submodules.input_layernorm
+        if self.pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config=config, vocab_size=config.vocab_size,
+                max_sequence_length=config.seq_length, position_embedding_type="rope")
+        self.rotary_pos_emb = RotaryEmbedding(
+            kv_channels=config.kv_channels, rotary_percent=1.0,
+            rotary_base=config.rotary_base, use_cpu_initialization=config.use_cpu_initialization)
+
+        def stack(name: str, first_layer: int) -> TransformerBlock | None:
+            token = {"prelude": "p", "recurrent": "R", "coda": "c"}[name]
+            if token not in self.stage:
+                return None
+            return TransformerBlock(config=config.stack_config(name),
+                                    spec=spec_for_stack(spec, first_layer),
+                                    post_layer_norm=False, pre_process=True, post_process=False)
+
+        first = self.first_effective_layer
+        self.prelude = stack("prelude", first["prelude"])
+        self.core = stack("recurrent", first["core"])
+        self.coda = stack("coda", first["coda"])
+        self.has_loop = self.core is not None
+        if self.has_loop:
+            hidden = config.hidden_size
+            self.prelude_norm = (norm(config=config, hidden_size=hidden,
+                                      eps=config.layernorm_epsilon)
+                                 if config.prelude_norm else None)
+            self.injection = build_injection(config)
+            self.readout = Readout(config)
+            if dp_rank is None:
+                dp_rank = parallel_state.get_data_parallel_rank()
+                dp_size = parallel_state.get_data_parallel_world_size()
+            self.depth_sampler = DepthSampler(config, dp_rank, dp_size or 1)
+        self.loop_stats = LoopStats()
+        self.record_state_stats = False
+
+        if self.post_process:
+            self.final_norm = norm(config=config, hidden_size=config.hidden_size,
+                                   eps=config.layernorm_epsilon)
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size, config.vocab_size, config=output_layer_config(config),
+                init_method=config.embedding_init_method, bias=False, skip_bias_add=False,
+                gather_output=False, skip_weight_param_allocation=self.pre_process)
 
     def init_keys(self) -> Iterator[tuple[str, Tensor]]:
         """Every parameter of this stage with its layout-independent key: a layer's

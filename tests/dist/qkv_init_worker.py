@@ -1,8 +1,8 @@
 """TP=2 / PP=2 worker for the initialisation tests (torchrun, CPU over gloo).
 
 ``--cases``: for each (heads, groups, head dim, hidden) case every rank builds the first
-attention layer of a tiny Parcae at TP = 2 on Megatron's GPU-style init path (the init sees
-only this rank's shard) and writes its fused QKV shard to ``OUT/qkv-H-G-rRANK.pt``.
+attention layer of a tiny Parcae at TP = 2 on Megatron's GPU-style path (each rank allocates
+and initialises only its shard) and writes its fused QKV shard to ``OUT/qkv-H-G-rRANK.pt``.
 
 ``--variants``: for each layout (TP = 2, then PP = 2) and each named model variant
 (`INIT_VARIANTS`), every rank builds its part of the model and writes every checkpoint
@@ -65,12 +65,12 @@ def variant_model(name: str, tp: int = 1, pp: int = 1, **changes: Any) -> Parcae
 
 def checkpoint_shards(model: ParcaeModel) -> list[dict[str, Any]]:
     """Every tensor of the model's distributed checkpoint as Megatron shards it: key, global
-    offset (stacked-layer axes first), local shape and data. The checkpoint's own layout,
-    not the init's parameter keys, so it checks them independently."""
+    offset and shape (stacked-layer axes first), and data. The checkpoint's own layout, not
+    the init's parameter keys, so it checks them independently."""
     state = model.sharded_state_dict()
-    apply_factories(state)  # a gated fc1 becomes its two halves
-    return [{"key": t.key, "offset": tuple(t.global_offset), "prepend": t.prepend_axis_num,
-             "data": t.data.detach().clone()}
+    apply_factories(state)  # a gated fc1 becomes its gate and up halves
+    return [{"key": t.key, "offset": tuple(t.global_offset), "shape": tuple(t.global_shape),
+             "prepend": t.prepend_axis_num, "data": t.data.detach().clone()}
             for t in nested_values(state) if isinstance(t, ShardedTensor)]
 
 
