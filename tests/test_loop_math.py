@@ -60,3 +60,33 @@ def test_init_rules_give_the_documented_start():
         loop_math.init_injection_parameter_(rule, params[n], loop_math.INIT_DECAY, None)
     torch.testing.assert_close(loop_math.decay(params, 1e-6), torch.full((8,), 0.2 ** 0.5))
     torch.testing.assert_close(params["B"], torch.eye(8))
+
+
+def test_init_pass_takes_injection_inits_from_the_registry(monkeypatch):
+    """The Megatron init pass (``init.parameter_init``) initialises ``injection.*`` by the
+    registry entry's rules: a new entry needs no init code elsewhere, and a parameter the
+    configured type does not have is an error."""
+    import copy
+    import math
+
+    from parcae_megatron.hf import loop_math
+    from parcae_megatron.model.init import InitMethod, parameter_init
+
+    additive = INJECTIONS["additive"]
+    entry = loop_math.Injection(
+        "probe", lambda d: {"gain": (d,), "mix": (d, d), "w": (d, 2 * d), "off": (d,)},
+        {"gain": "dt_bias", "mix": "eye", "w": "normal", "off": "zeros"},
+        additive.prepare, additive.step)
+    monkeypatch.setitem(INJECTIONS, "probe", entry)
+    cfg = copy.copy(preset_config("parcae-tiny"))
+    cfg.injection_type, d = "probe", cfg.hidden_size
+    got = {n: parameter_init(f"injection.{n}", cfg)(torch.full(s, math.nan))
+           for n, s in entry.shapes(d).items()}
+    torch.testing.assert_close(got["gain"], torch.full((d,), loop_math.initial_dt_bias(
+        cfg.init_decay)), rtol=0, atol=0)
+    assert torch.equal(got["mix"], torch.eye(d)) and torch.equal(got["off"], torch.zeros(d))
+    keyed = InitMethod("trunc_normal", cfg.init_method_std, cfg.init_seed, "injection.w",
+                       (d, 2 * d))
+    assert torch.equal(got["w"], keyed.full())
+    with pytest.raises(ValueError, match="no initialisation rule for parameter 'injection.B'"):
+        parameter_init("injection.B", cfg)

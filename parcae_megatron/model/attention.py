@@ -10,8 +10,8 @@ sequence, so the gate's 32 input channels are all-gathered along the sequence to
 gradient is reduce-scattered back, as for the QKV input).
 
 No side channel carries the token ids. The model looks up a stack's table rows E[s] once
-per forward (``ParcaeModel.value_embedding_rows``) and hands them to the stack as the
-``context`` argument of Megatron's ``TransformerBlock``, which passes ``context`` from layer
+per forward (``ParcaeModel.value_embedding_rows``, a `ValueRows`) and hands them to the stack
+as the ``context`` argument of Megatron's ``TransformerBlock``, which passes ``context`` from layer
 to layer and saves it with the inputs of a recomputed chunk (full activation recompute), so
 a recomputed layer sees exactly the rows it saw in its forward. ``ParcaeTransformerLayer``
 (layer_specs.py) gives them to its attention for the duration of that one call (Megatron's
@@ -21,11 +21,10 @@ rows of the sequences still iterating, so the compaction index never reaches a l
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NewType
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +36,14 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-from megatron.core.utils import get_pg_rank, get_pg_size
+from megatron.core.utils import get_pg_size
 
-from parcae_megatron.model.init import InitMethod, keyed_init
+ValueRows = NewType("ValueRows", torch.Tensor)
+"""A stack's value-embedding rows: for every value-embedding layer of the stack, in layer
+order, its table rows E[s] of this forward's tokens, side by side: [s, b, Σ widths] (see
+``ParcaeModel.value_embedding_rows``). Carried as Megatron's ``context`` argument, so it
+stays a plain tensor: Megatron's full recompute saves ``context`` with
+``save_for_backward``, which takes tensors only."""
 
 
 class HeadRMSNorm(torch.nn.Module):
@@ -63,11 +67,9 @@ class HeadRMSNorm(torch.nn.Module):
 class ValueEmbedding(MegatronModule):
     """A gated value-embedding table for one attention layer, sharded by heads over TP."""
 
-    def __init__(self, config, vocab_size: int, tp_group=None,
-                 key: str = "value_embedding") -> None:
+    def __init__(self, config, vocab_size: int, tp_group=None) -> None:
         super().__init__(config=config)
         tp_size = get_pg_size(tp_group)
-        tp_rank = get_pg_rank(tp_group)
         groups = config.num_query_groups or config.num_attention_heads
         self.heads = groups // tp_size
         self.head_dim = config.kv_channels
@@ -80,18 +82,7 @@ class ValueEmbedding(MegatronModule):
                                                           dtype=dtype))
         set_tensor_model_parallel_attributes(self.weight, True, 1, 1)
         set_tensor_model_parallel_attributes(self.gate_weight, True, 0, 1)
-        if config.perform_initialization and self.weight.device.type != "meta":
-            # Draw the full tables (PyTorch defaults, docs/design.md §5) keyed by this parameter and
-            # keep this rank's heads, so the initial model does not depend on the layout.
-            seed = config.init_seed
-            table = InitMethod("normal", 1.0, seed, f"{key}.weight",
-                               (vocab_size, groups * self.head_dim)).full()
-            gate = InitMethod("uniform", 1.0 / math.sqrt(self.gate_channels), seed,
-                              f"{key}.gate_weight", (groups, self.gate_channels)).full()
-            with torch.no_grad():
-                width = self.heads * self.head_dim
-                self.weight.copy_(table[:, tp_rank * width:(tp_rank + 1) * width])
-                self.gate_weight.copy_(gate[tp_rank * self.heads:(tp_rank + 1) * self.heads])
+        # Values are set by the model's initialisation pass (init.py), from the full tables.
 
     @property
     def width(self) -> int:
@@ -137,7 +128,7 @@ class ParcaeSelfAttentionSubmodules(SelfAttentionSubmodules):
 
 
 class ParcaeSelfAttention(SelfAttention):
-    """Self-attention with Parcae's QKV init and an optional gated value embedding.
+    """Self-attention with an optional gated value embedding.
 
     ``first_effective_layer`` is the effective-layer index of this stack's first layer
     (prelude 0, recurrent L_P, coda L_P + L_R); with the layer number it decides whether
@@ -146,23 +137,8 @@ class ParcaeSelfAttention(SelfAttention):
 
     def __init__(self, config, submodules: ParcaeSelfAttentionSubmodules, layer_number: int,
                  first_effective_layer: int = 0, **kwargs) -> None:
-        effective_layer = first_effective_layer + layer_number - 1
-        prefix = f"layers.{effective_layer}.self_attention"
-        hd, d = config.kv_channels, config.hidden_size
-        groups = config.num_query_groups or config.num_attention_heads
-        # Q, K and V are each orthogonal (docs/design.md §5); inits keyed by parameter (init.py).
-        qkv = ({"kind": "qkv_orthogonal", "head_dim": hd, "query_groups": groups}
-               if getattr(config.init_method, "kind", None) == "orthogonal" else {})
-        init_config = copy.copy(config)
-        init_config.init_method = keyed_init(
-            config.init_method, f"{prefix}.linear_qkv.weight",
-            ((config.num_attention_heads + 2 * groups) * hd, d), 0, **qkv)
-        init_config.output_layer_init_method = keyed_init(
-            config.output_layer_init_method, f"{prefix}.linear_proj.weight",
-            (d, config.num_attention_heads * hd), 1)
-        super().__init__(init_config, submodules, layer_number, **kwargs)
-        self.config = config
-        self.effective_layer = effective_layer
+        super().__init__(config, submodules, layer_number, **kwargs)
+        self.effective_layer = first_effective_layer + layer_number - 1
         self.value_embedding = None
         self.value_rows_columns: slice | None = None
         """This layer's columns in its stack's value-embedding rows (set by the model)."""
@@ -170,11 +146,10 @@ class ParcaeSelfAttention(SelfAttention):
         if submodules.value_embedding is not None and config.has_value_embedding(
                 self.effective_layer):
             self.value_embedding = submodules.value_embedding(
-                config, config.vocab_size, tp_group=self.pg_collection.tp,
-                key=f"{prefix}.value_embedding")
+                config, config.vocab_size, tp_group=self.pg_collection.tp)
 
     @contextmanager
-    def value_rows_bound(self, stack_rows: torch.Tensor | None) -> Iterator[None]:
+    def value_rows_bound(self, stack_rows: ValueRows | None) -> Iterator[None]:
         """Use ``stack_rows`` (the stack's rows, this layer's columns) for one call only."""
         if self.value_embedding is None:
             yield

@@ -17,7 +17,6 @@ from megatron.core.transformer.module import MegatronModule
 
 from parcae_megatron.hf import loop_math
 from parcae_megatron.hf.loop_math import Prepared
-from parcae_megatron.model.init import InitMethod
 from parcae_megatron.model.norm import mark_sequence_parallel
 
 __all__ = ["DiagonalInjection", "Injection", "Prepared", "Readout", "build_injection"]
@@ -45,17 +44,11 @@ class Injection(Fp32ParamsModule):
         super().__init__(config=config)
         self.kind = loop_math.injection(kind or config.injection_type)
         self.min_decay_rate = config.min_decay_rate
-        shapes = self.kind.shapes(config.hidden_size)
-        for name, shape in shapes.items():
+        # Allocated only: the model's init pass sets each parameter by its registry entry's
+        # init rule (model/init.py `parameter_init`).
+        for name, shape in self.kind.shapes(config.hidden_size).items():
             self.register_parameter(name, torch.nn.Parameter(
                 torch.empty(shape, dtype=torch.float32)))
-        for name, shape in shapes.items():
-            param = getattr(self, name)
-            if param.device.type != "meta":
-                normal = InitMethod("trunc_normal", config.init_method_std, config.init_seed,
-                                    f"injection.{name}", shape)
-                loop_math.init_injection_parameter_(self.kind.init[name], param.data,
-                                                    config.init_decay, normal)
         self.finish_init(config)
 
     def params(self) -> dict[str, torch.Tensor]:
@@ -102,9 +95,8 @@ class Readout(Fp32ParamsModule):
     def __init__(self, config) -> None:
         super().__init__(config=config)
         d = config.hidden_size
+        # Allocated only: the model's init pass sets it (model/init.py `parameter_init`).
         self.weight = torch.nn.Parameter(torch.empty(d, d, dtype=torch.float32))
-        InitMethod("orthogonal", config.init_method_std, config.init_seed, "readout.weight",
-                   (d, d))(self.weight.data)
         self.finish_init(config)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,8 @@ non-reentrant checkpoint: only the loop state at iteration boundaries is kept fo
 from __future__ import annotations
 
 import copy
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -39,10 +41,10 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from torch import Tensor
 
 from parcae_megatron.hf.loop_math import truncated_normal_
-from parcae_megatron.model.attention import ParcaeSelfAttention, ValueEmbedding
+from parcae_megatron.model.attention import ParcaeSelfAttention, ValueEmbedding, ValueRows
 from parcae_megatron.model.config import ParcaeConfig
 from parcae_megatron.model.depth import DepthSample, DepthSampler
-from parcae_megatron.model.init import keyed_init
+from parcae_megatron.model.init import deferred_initialization, init_parameters
 from parcae_megatron.model.injection import Prepared, Readout, build_injection
 from parcae_megatron.model.layer_specs import get_parcae_layer_spec, spec_for_stack
 
@@ -102,19 +104,39 @@ class ParcaeModel(LanguageModule):
         self.vocab_size = config.vocab_size
         self.stage = config.stage_layout()[pp_rank]
         spec = transformer_layer_spec or get_parcae_layer_spec()
-        norm = spec.submodules.input_layernorm
         self.input_tensor: Tensor | None = None
         self._state_generators: dict[torch.device, torch.Generator] = {}
-        # The tied embedding / output weight, keyed like any other parameter (init.py).
-        embedding_init = keyed_init(config.embedding_init_method,
-                                    "embedding.word_embeddings.weight",
-                                    (config.vocab_size, config.hidden_size), 0)
+        n_pre, n_rec = config.num_prelude_layers, config.num_recurrent_layers
+        self.first_effective_layer = {"prelude": 0, "core": n_pre, "coda": n_pre + n_rec}
+        """Effective-layer index of each stack's first layer (its layers' init keys)."""
+        with deferred_initialization(config) as initialise:
+            self._build(config, spec, dp_rank, dp_size)
+        if initialise:
+            self.init_weights()
+        if self.pre_process or self.post_process:
+            # On a last stage without the embedding, Megatron copies the first stage's
+            # embedding into the output layer (an all-reduce with a zeroed copy).
+            self.setup_embeddings_and_output_layer()
+        for module in self.modules():
+            if isinstance(module, ValueEmbedding):
+                module.weight.is_embedding_or_output_parameter = True
+        for stack in (self.prelude, self.core, self.coda):
+            if stack is not None:
+                self._assign_value_rows_columns(stack)
+        if self.has_loop:
+            # docs/design.md §6.1: B and C (like A_log, dt_bias) are in the AdamW group. Their own
+            # flag (read by the optimizer routing), not Megatron's embedding flag, which would
+            # also give them --decoupled-lr.
+            for param in (*self.injection.parameters(), *self.readout.parameters()):
+                param.adamw_only = True
 
+    def _build(self, config: ParcaeConfig, spec: ModuleSpec, dp_rank: int | None,
+               dp_size: int | None) -> None:
+        """This stage's modules, their weights left empty (`init_weights` sets them)."""
+        norm = spec.submodules.input_layernorm
         if self.pre_process:
-            embedding_config = copy.copy(config)
-            embedding_config.embedding_init_method = embedding_init
             self.embedding = LanguageModelEmbedding(
-                config=embedding_config, vocab_size=config.vocab_size,
+                config=config, vocab_size=config.vocab_size,
                 max_sequence_length=config.seq_length, position_embedding_type="rope")
         self.rotary_pos_emb = RotaryEmbedding(
             kv_channels=config.kv_channels, rotary_percent=1.0,
@@ -128,10 +150,10 @@ class ParcaeModel(LanguageModule):
                                     spec=spec_for_stack(spec, first_layer),
                                     post_layer_norm=False, pre_process=True, post_process=False)
 
-        n_pre, n_rec = config.num_prelude_layers, config.num_recurrent_layers
-        self.prelude = stack("prelude", 0)
-        self.core = stack("recurrent", n_pre)
-        self.coda = stack("coda", n_pre + n_rec)
+        first = self.first_effective_layer
+        self.prelude = stack("prelude", first["prelude"])
+        self.core = stack("recurrent", first["core"])
+        self.coda = stack("coda", first["coda"])
         self.has_loop = self.core is not None
         if self.has_loop:
             hidden = config.hidden_size
@@ -152,22 +174,29 @@ class ParcaeModel(LanguageModule):
                                    eps=config.layernorm_epsilon)
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size, config.vocab_size, config=output_layer_config(config),
-                init_method=embedding_init, bias=False, skip_bias_add=False,
+                init_method=config.embedding_init_method, bias=False, skip_bias_add=False,
                 gather_output=False, skip_weight_param_allocation=self.pre_process)
-        if self.pre_process or self.post_process:
-            self.setup_embeddings_and_output_layer()
-        for module in self.modules():
-            if isinstance(module, ValueEmbedding):
-                module.weight.is_embedding_or_output_parameter = True
-        for stack in (self.prelude, self.core, self.coda):
-            if stack is not None:
-                self._assign_value_rows_columns(stack)
-        if self.has_loop:
-            # docs/design.md §6.1: B and C (like A_log, dt_bias) are in the AdamW group. Their own
-            # flag (read by the optimizer routing), not Megatron's embedding flag, which would
-            # also give them --decoupled-lr.
-            for param in (*self.injection.parameters(), *self.readout.parameters()):
-                param.adamw_only = True
+
+    def init_keys(self) -> Iterator[tuple[str, Tensor]]:
+        """Every parameter of this stage with its layout-independent key: a layer's
+        parameters are ``layers.<effective layer>.…`` (the same on any pipeline stage), the
+        output layer's copy of the tied embedding is ``embedding.word_embeddings.weight``,
+        the rest keep their names."""
+        layer = re.compile(r"(prelude|core|coda)\.layers\.(\d+)\.(.*)")
+        for name, param in self.named_parameters():
+            match = layer.fullmatch(name)
+            if match:
+                stack, index, rest = match.groups()
+                number = getattr(self, stack).layers[int(index)].layer_number  # PP-global
+                name = f"layers.{self.first_effective_layer[stack] + number - 1}.{rest}"
+            elif name == "output_layer.weight":
+                name = "embedding.word_embeddings.weight"
+            yield name, param
+
+    def init_weights(self) -> None:
+        """Set every parameter to its initial value, from its key alone (model/init.py): the
+        same weights on any TP/PP layout. Meta tensors are skipped (``to_empty`` them first)."""
+        init_parameters(self.init_keys(), self.config)
 
     # ---------------------------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
@@ -189,12 +218,13 @@ class ParcaeModel(LanguageModule):
             attention.value_rows_columns = slice(start, start + width)
             start += width
 
-    def value_embedding_rows(self, stack: TransformerBlock, input_ids: Tensor) -> Tensor | None:
+    def value_embedding_rows(self, stack: TransformerBlock,
+                             input_ids: Tensor) -> ValueRows | None:
         """The rows E[s] of every value-embedding layer of ``stack`` for ``input_ids`` ([b, s]),
         side by side ([s, b, Σ widths]), or None when the stack has none: the ``context`` the
         stack's layers read."""
         tables = [a.value_embedding.lookup(input_ids) for a in self._value_attentions(stack)]
-        return torch.cat(tables, dim=-1) if tables else None
+        return ValueRows(torch.cat(tables, dim=-1)) if tables else None
 
     def pop_loop_stats(self) -> LoopStats:
         """Return and reset the loop counters."""
@@ -289,7 +319,7 @@ class ParcaeModel(LanguageModule):
                                    cfg.init_method_std, generator).to(x.device)
         return depths, self._sequence_shard(h0, x.shape[0])
 
-    def _loop(self, x: Tensor, mask, rope, rows: Tensor | None, num_iterations, depths,
+    def _loop(self, x: Tensor, mask, rope, rows: ValueRows | None, num_iterations, depths,
               initial_state, generator) -> Tensor:
         depths, h = self._depths_and_state(x, num_iterations, depths, initial_state, generator)
         e = self.prelude_norm(x) if self.prelude_norm is not None else x
@@ -337,7 +367,7 @@ class ParcaeModel(LanguageModule):
                 stats.residual_norm.append(float(norms[1]))
         return self.readout(h).to(x.dtype)
 
-    def _iterate(self, h: Tensor, prepared: Prepared, rows: Tensor | None, active: Tensor,
+    def _iterate(self, h: Tensor, prepared: Prepared, rows: ValueRows | None, active: Tensor,
                  index: Tensor, mask, rope, block_dtype) -> Tensor:
         """One loop iteration on the active sequences: h ← F_R(Ā h + B̄ e).
 
