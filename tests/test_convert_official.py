@@ -343,6 +343,7 @@ def test_authors_release_with_its_tokenizer_json_end_to_end(tmp_path):
     from parcae_megatron.convert.__main__ import main as convert_main
     from parcae_megatron.convert.hf_io import load_hf_model
     from parcae_megatron.evaluate.__main__ import main as evaluate_main
+    from tests.test_core_eval import _std_bundle
     from tests.training_runs import losses, train
 
     build_default_corpus(str(tmp_path / "corpus.jsonl"), max_bytes=200_000)
@@ -384,6 +385,11 @@ def test_authors_release_with_its_tokenizer_json_end_to_end(tmp_path):
                           "--quiet"]) == 0
     rows = json.loads((tmp_path / "eval.json").read_text())["results"]
     assert rows and all(r["bpb"] is not None and r["bpb"] > 0 for r in rows)
+    bundle = _std_bundle(tmp_path / "bundle")  # CORE's prompts through the same tokenizer
+    assert evaluate_main(["core", "--hf", str(hf_dir), "--bundle", str(bundle), "--tasks-yaml",
+                          str(bundle / "core.yaml"), "--T", "1", "--seeds", "1", "--quiet",
+                          "--device", "cpu", "--out", str(tmp_path / "core.json")]) == 0
+    assert json.loads((tmp_path / "core.json").read_text())["tasks"][0]["by_T"]["1"]["items"] == 4
 
     # Training data from the same tokenizer.json; every document 32 tokens with BOS and EOS.
     doc = _document_of(tok, texts, 30)
