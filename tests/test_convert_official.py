@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -314,3 +315,104 @@ def test_authors_adapters_act_on_state_then_input():
     u = linear.step({"weight": w}, h, linear.prepare({"weight": w}, e, 1e-6))
     torch.testing.assert_close(u, torch.nn.functional.linear(torch.cat([h, e], -1), w))
     assert torch.equal(add.step({}, h, add.prepare({}, e, 1e-6)), h + e)
+
+
+def _document_of(tok, texts: list[str], length: int) -> str:
+    """A text whose ids are exactly ``length`` tokens and re-encode to themselves."""
+    for text in texts:
+        ids = tok.tokenize(text)[:length]
+        piece = tok.detokenize(ids)
+        if len(ids) == length and tok.tokenize(piece) == ids:
+            return piece
+    raise AssertionError(f"no corpus text gives {length} stable tokens")
+
+
+@pytest.mark.slow
+def test_authors_release_with_its_tokenizer_json_end_to_end(tmp_path):
+    """The authors' release with an hf-bpe ``tokenizer.json``: official-import gives a fast
+    ``AutoTokenizer`` (no remote code) with the training tokenizer's ids; evaluation scores
+    text with it; from-hf → ``train --load`` on data preprocessed with the same tokenizer
+    starts at the HF model's loss on the same batch. Every document is the same 32 tokens
+    (BOS text EOS), so every 64-token training sample, whatever the shuffle, is known."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from data_prep import preprocess
+    from data_prep.corpus import build_default_corpus
+    from data_prep.tokenizer import load_tokenizer
+    from data_prep.train_tokenizer import train_tokenizer
+    from parcae_megatron.convert.__main__ import main as convert_main
+    from parcae_megatron.convert.hf_io import load_hf_model
+    from parcae_megatron.evaluate.__main__ import main as evaluate_main
+    from tests.test_core_eval import _std_bundle
+    from tests.training_runs import losses, train
+
+    build_default_corpus(str(tmp_path / "corpus.jsonl"), max_bytes=200_000)
+    train_tokenizer([str(tmp_path / "corpus.jsonl")], str(tmp_path / "bpe"), vocab_size=512,
+                    workers=1, kind="hf-bpe")
+    released = tmp_path / "release"
+    # The parcae-tiny preset's shape, so the trainer's config matches the checkpoint.
+    export_official(random_model(seed=5, vocab_size=512, intermediate_size=256,
+                                 num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                                 mean_recurrence=4, max_position_embeddings=64), released)
+    # As the authors ship it: a bare tokenizer.json beside the weights.
+    shutil.copy(tmp_path / "bpe" / "tokenizer.json", released / "tokenizer.json")
+    tok = load_tokenizer(released / "tokenizer.json")
+    hf_dir = tmp_path / "hf"
+    parser = argparse.ArgumentParser()
+    add_official_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["official-import", str(released), "--out", str(hf_dir),
+                              "--rope", "rotate-half", "--qk-norm-eps", "1e-5",
+                              "--tokenizer", str(released / "tokenizer.json")])
+    assert args.handler(args) == 0
+
+    # A fast tokenizer without remote code, the training tokenizer's ids. (transformers 5
+    # reads config.json first and would ask about the model's code; the tokenizer needs none.)
+    fast = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
+    assert isinstance(fast, PreTrainedTokenizerFast) and fast.is_fast
+    assert "auto_map" not in json.loads((hf_dir / "tokenizer_config.json").read_text())
+    assert "AutoTokenizer" not in json.loads((hf_dir / "config.json").read_text())["auto_map"]
+    texts = [json.loads(x)["text"] for x in (tmp_path / "corpus.jsonl").read_text().splitlines()]
+    for text in texts[:20] + ["digits 1234567 and  spaces\n\tüñí 🤖"]:
+        assert fast.encode(text, add_special_tokens=False) == tok.tokenize(text)
+    assert (fast.bos_token_id, fast.eos_token_id, fast.pad_token_id) == (tok.bos, tok.eos, tok.pad)
+
+    # Evaluation scores text through the export's tokenizer, bits per byte included.
+    (tmp_path / "valid.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                  for t in texts[:4]))
+    assert evaluate_main(["--hf", str(hf_dir), "--text", str(tmp_path / "valid.jsonl"),
+                          "--seq-length", "32", "--max-sequences", "2", "--iterations", "1",
+                          "--device", "cpu", "--out", str(tmp_path / "eval.json"),
+                          "--quiet"]) == 0
+    rows = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert rows and all(r["bpb"] is not None and r["bpb"] > 0 for r in rows)
+    bundle = _std_bundle(tmp_path / "bundle")  # CORE's prompts through the same tokenizer
+    assert evaluate_main(["core", "--hf", str(hf_dir), "--bundle", str(bundle), "--tasks-yaml",
+                          str(bundle / "core.yaml"), "--T", "1", "--seeds", "1", "--quiet",
+                          "--device", "cpu", "--out", str(tmp_path / "core.json")]) == 0
+    assert json.loads((tmp_path / "core.json").read_text())["tasks"][0]["by_T"]["1"]["items"] == 4
+
+    # Training data from the same tokenizer.json; every document 32 tokens with BOS and EOS.
+    doc = _document_of(tok, texts, 30)
+    (tmp_path / "train.jsonl").write_text((json.dumps({"text": doc}) + "\n") * 400)
+    data = str(tmp_path / "data")
+    assert preprocess.main([str(tmp_path / "train.jsonl"), "--tokenizer",
+                            str(released / "tokenizer.json"), "--output", data,
+                            "--quiet"]) == 0
+    assert convert_main(["from-hf", "--hf", str(hf_dir), "--save", str(tmp_path / "mcore")]) == 0
+    proc = train(1, "--config", "configs/parcae-tiny-cpu.yaml", "--seq-length", "64",
+                 "--tokenizer-model", str(hf_dir), "--load", str(tmp_path / "mcore"),
+                 "--train-data-path", "1.0", data, "--valid-data-path", "1.0", data,
+                 "--depth-sampling", "fixed", "--state-init", "zero", "--train-iters", "1",
+                 "--log-interval", "1", "--eval-interval", "100", "--eval-iters", "1",
+                 "--save-interval", "100", "--telemetry-path", str(tmp_path / "t.jsonl"))
+    log = proc.stdout + proc.stderr
+    assert "successfully loaded checkpoint" in log
+    first = losses(tmp_path / "t.jsonl").get(1)
+    sample = torch.tensor(([tok.bos] + tok.tokenize(doc) + [tok.eos]) * 3)[:65]
+    model = load_hf_model(hf_dir).float()
+    with torch.no_grad():
+        logits = model(sample[None, :64], num_iterations=4, use_cache=False,
+                       initial_state=torch.zeros(1, 64, 64)).logits
+    hf_loss = torch.nn.functional.cross_entropy(logits[0], sample[1:]).item()
+    print(f"round trip: HF loss {hf_loss:.6f}, first-step loss {first}")
+    assert first is not None and abs(first - hf_loss) <= 1e-4 * hf_loss

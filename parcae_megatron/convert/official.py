@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from data_prep.tokenizer import SentencePieceTokenizer, load_tokenizer, resolve_tokenizer
 from parcae_megatron.convert.errors import ConversionError
 from parcae_megatron.convert.hf_io import (
     build_hf_model,
@@ -418,11 +419,15 @@ def import_official(path: str | os.PathLike, out_dir: str | os.PathLike, *,
     """Convert an authors' checkpoint (dir or weights file) into an HF directory ``out_dir``."""
     prepare_output(Path(out_dir), overwrite)  # fail before the (slow) load
     out = Path(out_dir)
-    if tokenizer_model and not Path(tokenizer_model).is_file():
-        raise FileNotFoundError(f"tokenizer model not found: {tokenizer_model}")
+    if tokenizer_model and not Path(tokenizer_model).exists():
+        raise FileNotFoundError(f"tokenizer not found: {tokenizer_model}")
     if tokenizer_model:  # BOS checked before the (slow) load; the vocabulary size after it
         try:
-            check_sentencepiece(tokenizer_model)
+            kind, tokenizer_file = resolve_tokenizer(tokenizer_model)
+            if kind == SentencePieceTokenizer.kind:
+                check_sentencepiece(tokenizer_file)
+            else:
+                load_tokenizer(tokenizer_file)
         except (OSError, RuntimeError, ValueError) as exc:
             raise ConversionError(str(exc).splitlines()[0]) from exc
     model = official_to_hf_model(path, rope=rope, state_seed=state_seed, qk_norm_eps=qk_norm_eps)
@@ -486,7 +491,9 @@ def add_official_subcommands(subparsers: argparse._SubParsersAction) -> None:
     imp.add_argument("--state-seed", type=_seed, default=0,
                      help="seed of the initial state h0 in the exported config; 'none' draws a "
                           "fresh h0 every forward like the authors (default 0)")
-    imp.add_argument("--tokenizer", help="SentencePiece .model to export with the model")
+    imp.add_argument("--tokenizer", help="tokenizer to export with the model: a Hugging Face "
+                                          "tokenizer.json (the authors' release) or its "
+                                          "directory, or a SentencePiece .model")
     imp.add_argument("--qk-norm-eps", type=float, default=FP32_EPS,
                      help="QK-norm epsilon (default: the authors' fp32 machine epsilon; use "
                           "1e-5 if the model goes on to Megatron with from-hf)")
