@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     if validate_only:
         print("configuration is valid", flush=True)
         return
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(megatron_patches.report("train"), flush=True)
     TELEMETRY.configure(args)
     cfg = pretrain_cfg_container_from_args(args)
     # Any failure ends this rank within seconds (training/failfast.py), never a hang.

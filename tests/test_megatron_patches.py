@@ -214,9 +214,9 @@ def test_a_different_megatron_core_is_refused_in_one_line_unless_allowed(monkeyp
     megatron_patches.check_megatron_version({})
 
 
-def test_the_convert_phase_installs_the_cpu_backend_and_names_its_patches(capsys):
+def test_the_convert_phase_installs_the_cpu_backend_and_names_its_patches():
     assert megatron_patches.install("convert", ["--foo"]) == ["--foo"]
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    line = megatron_patches.report("convert")
     assert line.startswith(f"parcae: convert patches of megatron-core {MEGATRON_CORE}: ")
     assert "add_megatron_arguments" in line
     if cpu_backend.is_active():

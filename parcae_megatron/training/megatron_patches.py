@@ -434,8 +434,9 @@ def install(phase: Literal["train", "convert"], argv: list[str] | None = None) -
       converts it): the CPU backend where there is no CUDA, and ``--optimizer parcae_muon``.
 
     Checks the megatron-core version first (``check_megatron_version``); raises
-    ``gpu_check.GpuUnavailableError`` where GPUs were asked for and CUDA is unusable. Prints
-    one line naming the active patches (rank 0; not for ``--help``).
+    ``gpu_check.GpuUnavailableError`` where GPUs were asked for and CUDA is unusable.
+    ``report`` is the line naming the active patches (printed once the command line is known
+    to be valid, so that a mistake's output stays its one ``error:`` line).
     """
     if phase not in PHASES:
         raise ValueError(f"unknown patch phase {phase!r} (one of {', '.join(PHASES)})")
@@ -455,12 +456,16 @@ def install(phase: Literal["train", "convert"], argv: list[str] | None = None) -
         skip_dependency_compilation()  # the wheel has no Makefile for them
         tolerate_wandb_failures()
         install_training_patches()
-    if "-h" not in argv and "--help" not in argv and int(os.environ.get("RANK", "0")) == 0:
-        print(f"parcae: {phase} patches of megatron-core {version('megatron-core')}: "
-              f"{', '.join(active())}", flush=True)
     return argv
 
 
 def active() -> list[str]:
     """The names of the patches applied in this process (CPU backend's included)."""
-    return [p.name for p in (*cpu_backend.PATCHES, *PATCHES) if p.applied()]
+    return [p.target.rsplit(":", 1)[-1] for p in (*cpu_backend.PATCHES, *PATCHES)
+            if p.applied()]
+
+
+def report(phase: str) -> str:
+    """One line naming the megatron-core release and every patch active in this process."""
+    return f"parcae: {phase} patches of megatron-core {version('megatron-core')}: " \
+           f"{', '.join(active())}"

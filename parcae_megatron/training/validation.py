@@ -50,6 +50,7 @@ def check_command_line(argv: list[str], world_size: int | None = None) -> list[s
     args.world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     check_paths(args)
     flag_policy.refuse_unsupported(args, expanded)
+    flag_policy.refuse_unlisted_structure(args, expanded, parser)
     check_layout(args)
     return expanded
 
