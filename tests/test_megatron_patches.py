@@ -289,3 +289,22 @@ def test_megatron_is_patched_only_in_megatron_patches():
             if any(_root(t) in megatron for t in targets):
                 found.append(f"{rel}:{node.lineno}")
     assert not found, f"Megatron patched outside training/megatron_patches.py: {found}"
+
+
+def test_sys_argv_is_written_in_one_place(monkeypatch):
+    """``arguments.set_megatron_argv`` is the package's only writer of ``sys.argv``."""
+    import sys
+
+    from parcae_megatron.training.arguments import set_megatron_argv
+
+    monkeypatch.setattr(sys, "argv", ["prog", "--old"])
+    assert set_megatron_argv(["--hidden-size", "8"]) == ["prog", "--old"]
+    assert sys.argv == ["prog", "--hidden-size", "8"]
+    writers = []
+    for path in sorted(ROOT.glob("parcae_megatron/**/*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign) and any(
+                    isinstance(t, ast.Attribute) and t.attr == "argv"
+                    and getattr(t.value, "id", None) == "sys" for t in node.targets):
+                writers.append(f"{path.relative_to(ROOT).as_posix()}:{node.lineno}")
+    assert len(writers) == 1 and writers[0].startswith("parcae_megatron/training/arguments.py")

@@ -119,6 +119,10 @@ def load_megatron_model(load: Path, iteration: int | None = None):
     """(model, args, checkpoint dir): the full model with the checkpoint's weights."""
     from megatron.core import dist_checkpointing
 
+    from parcae_megatron.training import megatron_patches
+
+    megatron_patches.install("evaluate")
+
     ckpt_dir = resolve_checkpoint_dir(load, iteration)
     args = load_checkpoint_args(ckpt_dir)
     model = build_model(single_process_config(args))

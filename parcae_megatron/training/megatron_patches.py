@@ -402,7 +402,7 @@ def install_training_patches(fault: faults.Fault | None = None) -> None:
 
 
 # ------------------------------------------------------------------ the patch phase
-PHASES = ("train", "convert")
+PHASES = ("train", "convert", "evaluate")
 ALLOW_VERSION_ENV = "PARCAE_ALLOW_MEGATRON_VERSION"
 
 
@@ -422,7 +422,8 @@ def check_megatron_version(environ: dict[str, str] | None = None) -> None:
     raise SystemExit(2)
 
 
-def install(phase: Literal["train", "convert"], argv: list[str] | None = None) -> list[str]:
+def install(phase: Literal["train", "convert", "evaluate"],
+            argv: list[str] | None = None) -> list[str]:
     """The one patch phase of an entry point: everything it needs of Megatron is replaced
     here, before Megatron parses a flag. Returns ``argv`` with the flags the CPU backend needs.
 
@@ -430,8 +431,11 @@ def install(phase: Literal["train", "convert"], argv: list[str] | None = None) -
       dependency-compilation skip, W&B tolerance (Megatron starts W&B while parsing),
       ``--optimizer parcae_muon`` and every training patch (telemetry, step timing, the
       non-finite guard, the distributed-optimizer fixes, the Muon recipe);
-    * ``convert`` (checkpoint conversion, and evaluation of a Megatron checkpoint, which
-      converts it): the CPU backend where there is no CUDA, and ``--optimizer parcae_muon``.
+    * ``convert`` (building Megatron arguments for a converted model with Megatron-LM's
+      parser): the CPU backend where there is no CUDA with its Megatron-LM patches, and
+      ``--optimizer parcae_muon``;
+    * ``evaluate`` (reading a Megatron checkpoint into one process: evaluation, the probe,
+      ``convert to-hf``): the CPU backend where there is no CUDA (Megatron-Core only).
 
     Checks the megatron-core version first (``check_megatron_version``); raises
     ``gpu_check.GpuUnavailableError`` where GPUs were asked for and CUDA is unusable.
@@ -443,6 +447,8 @@ def install(phase: Literal["train", "convert"], argv: list[str] | None = None) -
     argv = list(argv or [])
     check_megatron_version()
     cpu = cpu_backend.maybe_activate()
+    if phase == "evaluate":
+        return argv
     if cpu:
         cpu_backend.patch_megatron_training()
     accept_parcae_optimizer()
