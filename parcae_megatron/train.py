@@ -157,30 +157,22 @@ def main(argv: list[str] | None = None) -> None:
     validate_only = "--validate-only" in argv
     argv = [a for a in argv if a != "--validate-only"]
     try:
-        cpu = cpu_backend.maybe_activate()
+        argv = megatron_patches.install("train", argv)
     except GpuUnavailableError as exc:  # a GPU job without usable CUDA: stop, every rank
         print(exc, file=sys.stderr, flush=True)
         raise SystemExit(2) from None  # 2: the launcher does not restart it (job_body.sh)
-    if cpu:
-        cpu_backend.patch_megatron_training()
-        # No --use-cpu-initialization: the GPU init path runs on the CPU backend too, and
-        # the initial weights do not depend on it (model/init.py). Gradient-accumulation and
-        # RoPE fusion are switched off by fusions.adapt_fusions when their kernels are
-        # missing, as on a GPU without APEX / Transformer Engine.
-        argv = ["--transformer-impl", "local", "--distributed-backend", "gloo", *argv]
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
-    megatron_patches.skip_dependency_compilation()  # the wheel has no Makefile for them
-    megatron_patches.tolerate_wandb_failures()  # Megatron starts W&B while parsing
     args = parse_args_or_exit(argv)
     fault = faults.from_env_or_exit()
     if validate_only:
         print("configuration is valid", flush=True)
         return
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(megatron_patches.report("train"), flush=True)
     TELEMETRY.configure(args)
-    megatron_patches.install_training_patches(fault)
     cfg = pretrain_cfg_container_from_args(args)
     # Any failure ends this rank within seconds (training/failfast.py), never a hang.
     with failfast.exit_on_failure():

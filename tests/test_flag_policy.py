@@ -272,3 +272,41 @@ def test_recompute_modes_are_accepted(monkeypatch, flags):
     cfg = parcae_config_from_args(args, vocab_size=512)
     assert cfg.recompute_granularity == flags[1]
     assert cfg.recompute_loop_iterations == ("--recompute-loop-iterations" in flags)
+
+
+# Model structure is an allow-list (flag_policy.SUPPORTED_STRUCTURE).
+def test_a_structure_flag_not_on_the_list_is_refused(monkeypatch, capsys):
+    line = refused(monkeypatch, capsys, *CPU_FLAGS, *TINY, "--apply-layernorm-1p")
+    assert line.startswith("error: --apply-layernorm-1p is not supported by Parcae: "
+                           "it changes the model's structure"), line
+
+
+def test_a_future_structure_flag_is_refused_until_listed(monkeypatch):
+    """A flag a future megatron-core adds to a structure group (simulated here) is refused."""
+    from parcae_megatron.model.config import ParcaeConfigError
+    from parcae_megatron.training import flag_policy
+    from parcae_megatron.training.config_expansion import expand_argv
+    from parcae_megatron.training.validation import trainer_parser
+
+    parser = trainer_parser()
+    group = next(g for g in parser._action_groups if g.title == "network size")
+    group.add_argument("--future-block-variant", type=str, default=None)
+    argv = expand_argv([*TINY, "--future-block-variant", "x"])
+    with pytest.raises(ParcaeConfigError, match="^--future-block-variant is not supported"):
+        flag_policy.refuse_unlisted_structure(parser.parse_args(argv), argv, parser)
+    monkeypatch.setattr(flag_policy, "SUPPORTED_STRUCTURE",
+                        flag_policy.SUPPORTED_STRUCTURE | {"future_block_variant"})
+    flag_policy.refuse_unlisted_structure(parser.parse_args(argv), argv, parser)
+
+
+def test_every_shipped_config_uses_only_listed_structure_flags():
+    from parcae_megatron.training import flag_policy
+    from parcae_megatron.training.config_expansion import expand_argv
+    from parcae_megatron.training.validation import trainer_parser
+
+    parser = trainer_parser()
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert configs
+    for config in configs:
+        argv = expand_argv(["--config", str(config), *DATA])
+        flag_policy.refuse_unlisted_structure(parser.parse_args(argv), argv, parser)

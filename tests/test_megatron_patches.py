@@ -97,9 +97,32 @@ EXPECTED = {
     "megatron.training.training:set_jit_fusion_options": "(tp_size=None)",
     "megatron.core.dist_checkpointing.strategies.filesystem_async:get_write_results_queue":
         "(mp_mode='spawn')",
+    **{f"torch.cuda:{name}": shape for name, shape in (
+        ("current_device", "()"), ("synchronize", "(device=None)"),
+        ("current_stream", "(device=None)"), ("default_stream", "(device=None)"),
+        ("Stream", "(device=None, priority=0, **kwargs)"), ("stream", "(stream)"),
+        ("get_rng_state", "(device='cuda')"), ("set_rng_state", "(new_state, device='cuda')"),
+        ("manual_seed", "(seed)"), ("manual_seed_all", "(seed)"), ("empty_cache", "()"),
+        ("memory_allocated", "(device=None)"), ("max_memory_allocated", "(device=None)"),
+        ("device_count", "()"), ("set_device", "(device)"))},
+    "torch.cuda.random:get_rng_state": "(device='cuda')",
+    "torch.cuda.random:set_rng_state": "(new_state, device='cuda')",
+    "torch.autograd.graph:_engine_run_backward": "(t_outputs, *args, **kwargs)",
+    "torch.autograd:_engine_run_backward": "(t_outputs, *args, **kwargs)",
+    # private overrides by subclassing (megatron_patches.OVERRIDES)
+    f"{_DISTOPT}._init_optimizer_states_with_dummy_values": "(self)",
+    "megatron.core.transformer.transformer_layer:TransformerLayer._forward_attention":
+        "(self, hidden_states, attention_mask=None, context=None, context_mask=None, "
+        "rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, "
+        "rotary_pos_cos_sin=None, attention_bias=None, inference_context=None, "
+        "packed_seq_params=None, sequence_len_offset=None, padding_mask=None, *, "
+        "inference_params=None)",
+    "megatron.core.transformer.attention:SelfAttention.get_query_key_value_tensors":
+        "(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True)",
+    "torch.nn.modules.module:Module._apply": "(self, fn, recurse=True)",
 }
 
-ALL_PATCHES = (*megatron_patches.PATCHES, *cpu_backend.PATCHES)
+ALL_PATCHES = (*megatron_patches.PATCHES, *megatron_patches.OVERRIDES, *cpu_backend.PATCHES)
 
 
 def _shape(obj) -> str:
@@ -148,6 +171,58 @@ def test_every_record_is_complete_and_unique():
         assert patch.version == MEGATRON_CORE
         assert patch.replaces and patch.change and patch.why, patch.target
     assert set(EXPECTED) == {t for p in ALL_PATCHES for t in (p.target, *p.relies_on)}
+
+
+def test_every_private_override_by_subclassing_has_a_record():
+    """Every ``_``-named method a class of ``model/`` or ``training/`` defines over one of a
+    Megatron (or torch) base class has a record in ``megatron_patches.OVERRIDES``."""
+    import importlib
+    import pkgutil
+
+    import parcae_megatron.model
+    import parcae_megatron.training
+
+    recorded = {p.target.rsplit(":", 1)[-1] for p in megatron_patches.OVERRIDES}
+    found = set()
+    for package in (parcae_megatron.model, parcae_megatron.training):
+        for info in pkgutil.iter_modules(package.__path__):
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+            for cls in vars(module).values():
+                if not inspect.isclass(cls) or cls.__module__ != module.__name__:
+                    continue
+                for name, value in vars(cls).items():
+                    if not callable(value) or not name.startswith("_") or name.startswith("__"):
+                        continue
+                    owner = next((b for b in cls.__mro__[1:] if name in vars(b)), None)
+                    if owner is not None and owner.__module__.split(".")[0] in ("megatron",
+                                                                               "torch"):
+                        found.add(f"{owner.__name__}.{name}")
+    assert found <= recorded, f"private overrides without a record: {found - recorded}"
+    assert {"TransformerLayer._forward_attention", "Module._apply"} <= found
+
+
+def test_a_different_megatron_core_is_refused_in_one_line_unless_allowed(monkeypatch, capsys):
+    monkeypatch.setattr(megatron_patches, "version", lambda name: "0.99.0")
+    with pytest.raises(SystemExit) as exit_info:
+        megatron_patches.check_megatron_version({})
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert "0.99.0" in err and MEGATRON_CORE in err and "PARCAE_ALLOW_MEGATRON_VERSION" in err
+    megatron_patches.check_megatron_version({"PARCAE_ALLOW_MEGATRON_VERSION": "1"})
+    monkeypatch.setattr(megatron_patches, "version", lambda name: MEGATRON_CORE)
+    megatron_patches.check_megatron_version({})
+
+
+def test_the_convert_phase_installs_the_cpu_backend_and_names_its_patches():
+    assert megatron_patches.install("convert", ["--foo"]) == ["--foo"]
+    line = megatron_patches.report("convert")
+    assert line.startswith(f"parcae: convert patches of megatron-core {MEGATRON_CORE}: ")
+    assert "add_megatron_arguments" in line
+    if cpu_backend.is_active():
+        assert "initialize_megatron" in line and "current_device" in line
+    with pytest.raises(ValueError, match="unknown patch phase"):
+        megatron_patches.install("serve")
 
 
 def test_the_registry_patch_adds_parcae_muon_and_routes_megatrons_muons():
@@ -214,3 +289,22 @@ def test_megatron_is_patched_only_in_megatron_patches():
             if any(_root(t) in megatron for t in targets):
                 found.append(f"{rel}:{node.lineno}")
     assert not found, f"Megatron patched outside training/megatron_patches.py: {found}"
+
+
+def test_sys_argv_is_written_in_one_place(monkeypatch):
+    """``arguments.set_megatron_argv`` is the package's only writer of ``sys.argv``."""
+    import sys
+
+    from parcae_megatron.training.arguments import set_megatron_argv
+
+    monkeypatch.setattr(sys, "argv", ["prog", "--old"])
+    assert set_megatron_argv(["--hidden-size", "8"]) == ["prog", "--old"]
+    assert sys.argv == ["prog", "--hidden-size", "8"]
+    writers = []
+    for path in sorted(ROOT.glob("parcae_megatron/**/*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign) and any(
+                    isinstance(t, ast.Attribute) and t.attr == "argv"
+                    and getattr(t.value, "id", None) == "sys" for t in node.targets):
+                writers.append(f"{path.relative_to(ROOT).as_posix()}:{node.lineno}")
+    assert len(writers) == 1 and writers[0].startswith("parcae_megatron/training/arguments.py")

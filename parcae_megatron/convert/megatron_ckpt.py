@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import copy
 import io
-import sys
 from pathlib import Path
 
 import torch
@@ -120,6 +119,10 @@ def load_megatron_model(load: Path, iteration: int | None = None):
     """(model, args, checkpoint dir): the full model with the checkpoint's weights."""
     from megatron.core import dist_checkpointing
 
+    from parcae_megatron.training import megatron_patches
+
+    megatron_patches.install("evaluate")
+
     ckpt_dir = resolve_checkpoint_dir(load, iteration)
     args = load_checkpoint_args(ckpt_dir)
     model = build_model(single_process_config(args))
@@ -156,12 +159,12 @@ def args_for_model(overrides: dict, tensor_parallel: int, pipeline_parallel: int
     from megatron.training.arguments import parse_args, validate_args
 
     from parcae_megatron.platform import cpu_backend
-    from parcae_megatron.training.arguments import add_parcae_args
+    from parcae_megatron.training import megatron_patches
+    from parcae_megatron.training.arguments import add_parcae_args, set_megatron_argv
     from parcae_megatron.training.config_expansion import expand_argv
 
-    cpu = bool(cpu_backend.maybe_activate())
-    if cpu:  # validate_args asks CUDA for the device architecture
-        cpu_backend.patch_megatron_training()
+    megatron_patches.install("convert")  # on CPU, validate_args asks for the device arch
+    cpu = cpu_backend.is_active()
     flags = {"hidden-size": overrides["hidden_size"],
              "ffn-hidden-size": overrides["ffn_hidden_size"],
              "num-attention-heads": overrides["num_attention_heads"],
@@ -198,12 +201,11 @@ def args_for_model(overrides: dict, tensor_parallel: int, pipeline_parallel: int
         argv += megatron_tokenizer_args(tokenizer_model)
     else:
         argv += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(padded_vocab_size)]
-    saved_argv = sys.argv
-    sys.argv = [saved_argv[0], *expand_argv(argv)]
+    saved_argv = set_megatron_argv(expand_argv(argv))
     try:
         args = parse_args(add_parcae_args)
     finally:
-        sys.argv = saved_argv
+        set_megatron_argv(saved_argv[1:])
     args.world_size = tensor_parallel * pipeline_parallel
     args.rank = 0
     with contextlib.redirect_stdout(io.StringIO()):  # validate_args prints every argument

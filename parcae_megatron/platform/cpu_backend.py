@@ -68,9 +68,48 @@ GET_WRITE_RESULTS_QUEUE = Patch(
     change="starts the manager by 'fork'",
     why="'spawn' costs 7-14 s per run on a CPU; 'fork' is safe without a CUDA context")
 
+
+
+def _cuda_stub(name: str, change: str, module: str = "torch.cuda") -> Patch:
+    return Patch(target=f"{module}:{name}", replaces=f"{module}.{name} (on the CUDA device)",
+                 change=change, why=f"{_CPU}; Megatron calls it")
+
+
+# torch.cuda's functions Megatron calls, each a CPU stand-in (``_patch_torch_cuda``).
+CUDA_STUBS: tuple[Patch, ...] = (
+    _cuda_stub("current_device", "returns the CPU device"),
+    _cuda_stub("synchronize", "does nothing (CPU work is ordered)"),
+    _cuda_stub("current_stream", "returns a null stream"),
+    _cuda_stub("default_stream", "returns a null stream"),
+    _cuda_stub("Stream", "a null stream class"),
+    _cuda_stub("stream", "a null context"),
+    _cuda_stub("get_rng_state", "reads the CPU generator's state"),
+    _cuda_stub("set_rng_state", "sets the CPU generator's state"),
+    _cuda_stub("manual_seed", "seeds the CPU generator (torch.manual_seed calls it)"),
+    _cuda_stub("manual_seed_all", "seeds the CPU generator"),
+    _cuda_stub("get_rng_state", "reads the CPU generator's state", "torch.cuda.random"),
+    _cuda_stub("set_rng_state", "sets the CPU generator's state", "torch.cuda.random"),
+    _cuda_stub("empty_cache", "does nothing"),
+    _cuda_stub("memory_allocated", "returns 0"),
+    _cuda_stub("max_memory_allocated", "returns 0"),
+    _cuda_stub("device_count", "returns 1 (one CPU device; patch_megatron_training)"),
+    _cuda_stub("set_device", "does nothing (patch_megatron_training)"),
+)
+ENGINE_RUN_BACKWARD = Patch(
+    target="torch.autograd.graph:_engine_run_backward",
+    replaces="torch's entry to the autograd engine (every backward)",
+    change="runs it under the CPU mode unless the mode is already active",
+    why="a TorchFunctionMode is off inside its own handler: a backward (and activation "
+        "recompute in it) would meet CUDA devices again")
+ENGINE_RUN_BACKWARD_AUTOGRAD = Patch(
+    target="torch.autograd:_engine_run_backward",
+    replaces="the same function, imported by name into torch.autograd",
+    change=ENGINE_RUN_BACKWARD.change, why=ENGINE_RUN_BACKWARD.why)
+
 PATCHES: tuple[Patch, ...] = (GET_CUDA_RNG_STATE, SET_CUDA_RNG_STATE, INITIALIZE_MEGATRON,
                               GET_DEVICE_ARCH_VERSION, SET_JIT_FUSION_OPTIONS,
-                              GET_WRITE_RESULTS_QUEUE)
+                              GET_WRITE_RESULTS_QUEUE, *CUDA_STUBS, ENGINE_RUN_BACKWARD,
+                              ENGINE_RUN_BACKWARD_AUTOGRAD)
 
 _MODE: TorchFunctionMode | None = None
 
@@ -122,24 +161,38 @@ class _NullStream:
         return event
 
 
+def _stub(target: str) -> Patch:
+    return next(p for p in CUDA_STUBS if p.target == target)
+
+
 def _patch_torch_cuda() -> None:
-    cuda = torch.cuda
-    cuda.current_device = lambda: torch.device("cpu")
-    cuda.synchronize = lambda device=None: None
-    cuda.current_stream = lambda device=None: _NullStream()
-    cuda.default_stream = lambda device=None: _NullStream()
-    cuda.Stream = _NullStream
-    cuda.stream = lambda stream=None: contextlib.nullcontext()
-    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
-    cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
-    # torch.manual_seed itself calls cuda.manual_seed_all: seed the CPU generator directly.
-    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    cuda.manual_seed_all = cuda.manual_seed
-    cuda.random.get_rng_state = cuda.get_rng_state
-    cuda.random.set_rng_state = cuda.set_rng_state
-    cuda.empty_cache = lambda: None
-    cuda.memory_allocated = lambda device=None: 0
-    cuda.max_memory_allocated = lambda device=None: 0
+    def get_rng_state(device="cuda"):
+        return torch.get_rng_state()
+
+    def set_rng_state(new_state, device="cuda"):
+        torch.set_rng_state(new_state)
+
+    def manual_seed(seed):
+        # torch.manual_seed itself calls cuda.manual_seed_all: seed the CPU generator directly.
+        return torch.default_generator.manual_seed(int(seed))
+
+    stubs = {
+        "current_device": lambda: torch.device("cpu"),
+        "synchronize": lambda device=None: None,
+        "current_stream": lambda device=None: _NullStream(),
+        "default_stream": lambda device=None: _NullStream(),
+        "Stream": _NullStream,
+        "stream": lambda stream=None: contextlib.nullcontext(),
+        "get_rng_state": get_rng_state, "set_rng_state": set_rng_state,
+        "manual_seed": manual_seed, "manual_seed_all": manual_seed,
+        "empty_cache": lambda: None,
+        "memory_allocated": lambda device=None: 0,
+        "max_memory_allocated": lambda device=None: 0,
+    }
+    for name, stub in stubs.items():
+        _stub(f"torch.cuda:{name}").apply(stub)
+    _stub("torch.cuda.random:get_rng_state").apply(get_rng_state)
+    _stub("torch.cuda.random:set_rng_state").apply(set_rng_state)
 
 
 def _patch_megatron() -> None:
@@ -161,11 +214,9 @@ def _patch_autograd_engine() -> None:
     activation recompute (forward code re-run inside the backward) would meet CUDA devices
     again. Re-enter the mode around the engine call unless it is already active.
     """
-    import torch.autograd
-    import torch.autograd.graph
     from torch.overrides import _get_current_function_mode_stack
 
-    engine_run = torch.autograd.graph._engine_run_backward
+    engine_run = ENGINE_RUN_BACKWARD.original()
 
     def run_backward_on_cpu(*args, **kwargs):
         if _MODE is None or _MODE in _get_current_function_mode_stack():
@@ -173,8 +224,8 @@ def _patch_autograd_engine() -> None:
         with _MODE:
             return engine_run(*args, **kwargs)
 
-    torch.autograd.graph._engine_run_backward = run_backward_on_cpu
-    torch.autograd._engine_run_backward = run_backward_on_cpu
+    ENGINE_RUN_BACKWARD.apply(run_backward_on_cpu)
+    ENGINE_RUN_BACKWARD_AUTOGRAD.apply(run_backward_on_cpu)
 
 
 def is_active() -> bool:
@@ -233,8 +284,8 @@ def patch_megatron_training() -> None:
     original = INITIALIZE_MEGATRON.original()
     write_results_queue = GET_WRITE_RESULTS_QUEUE.original()
     GET_DEVICE_ARCH_VERSION.original()
-    torch.cuda.device_count = lambda: 1
-    torch.cuda.set_device = lambda device=None: None
+    _stub("torch.cuda:device_count").apply(lambda: 1)
+    _stub("torch.cuda:set_device").apply(lambda device=None: None)
 
     def initialize_megatron(*args, **kwargs):
         kwargs["allow_no_cuda"] = True

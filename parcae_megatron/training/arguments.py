@@ -9,6 +9,7 @@ namespace is checked by ``validation.py``.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from parcae_megatron.model.config import (
     DEPTH_BALANCES,
@@ -114,3 +115,16 @@ def parcae_config_from_args(args: argparse.Namespace,
         return core_transformer_config_from_args(args, config_class=ParcaeConfig)
     finally:
         args.vocab_size, args.init_seed = saved
+
+
+def set_megatron_argv(argv: list[str]) -> list[str]:
+    """Make ``argv`` (a Parcae command line after ``--config`` / ``--preset`` expansion) the
+    process's ``sys.argv``; returns the previous ``sys.argv`` for a caller that restores it.
+
+    Megatron-LM's ``parse_args`` has no argv parameter: it reads ``sys.argv``, and a training
+    run re-reads it later (e.g. for fault tolerance), so the
+    trainer leaves the rewrite in place. The only writer of ``sys.argv`` in the package.
+    """
+    previous = sys.argv
+    sys.argv = [previous[0] if previous else "parcae_megatron", *argv]
+    return previous

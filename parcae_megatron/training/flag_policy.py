@@ -6,6 +6,10 @@ its layout (the loop on one pipeline stage). A flag it cannot honour is refused 
 Megatron's own validation and before any rank starts, with one message naming the flag — never
 silently ignored. Kernel fusions that need a missing extension are adapted in
 ``fusions.py``.
+
+Model structure is an allow-list: a flag that shapes the model (``structure_flags``) given a
+value other than its default is refused unless it is in ``SUPPORTED_STRUCTURE``, so a
+structure flag a future megatron-core adds is refused until someone lists it.
 """
 
 from __future__ import annotations
@@ -179,6 +183,57 @@ REFUSALS: tuple[Refusal, ...] = (
             "Megatron writes the trace next to the TensorBoard directory "
             "(TENSORBOARD_DIR/../torch_profile): give --tensorboard-dir"),
 )
+
+
+# Megatron's argument groups that only describe the model's structure.
+STRUCTURE_GROUPS = ("network size", "moe", "mla", "experimental_attention_variant",
+                    "heterogeneous architecture")
+# In Megatron's "transformer configuration" group (every TransformerConfig field, most of them
+# parallelism, precision, fusion or recompute settings), the fields that shape the model.
+_STRUCTURE_PREFIXES = ("moe_", "mtp_", "dsa_", "linear_", "mamba_", "mup_")
+_STRUCTURE_FIELDS = frozenset({
+    "num_layers", "hidden_size", "num_attention_heads", "softmax_type", "num_query_groups",
+    "ffn_hidden_size", "kv_channels", "fp32_residual_connection",
+    "apply_residual_connection_post_layernorm", "layernorm_epsilon",
+    "layernorm_zero_centered_gamma", "add_bias_linear", "add_qkv_bias", "glu_linear_offset",
+    "activation_func_clamp_value", "rotary_interleaved", "normalization", "qk_layernorm",
+    "qk_l2_norm", "attention_output_gate", "multi_latent_attention",
+    "experimental_attention_variant", "apply_query_key_layer_scaling", "use_mup",
+    "is_hybrid_model", "mrope_section"})
+# The structure flags ParcaeModel honours (REFUSALS still apply to some of their values).
+SUPPORTED_STRUCTURE = frozenset({
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "group_query_attention", "kv_channels", "layernorm_epsilon", "normalization",
+    "qk_layernorm", "add_bias_linear", "position_embedding_type", "rotary_base",
+    "max_position_embeddings", "make_vocab_size_divisible_by", "fp32_residual_connection"})
+
+
+def structure_flags(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
+    """``dest -> option strings`` of every flag of ``parser`` that shapes the model."""
+    flags: dict[str, list[str]] = {}
+    for group in parser._action_groups:
+        for action in group._group_actions:
+            dest = action.dest
+            structural = group.title in STRUCTURE_GROUPS or (
+                group.title == "transformer configuration"
+                and (dest in _STRUCTURE_FIELDS or dest.startswith(_STRUCTURE_PREFIXES)))
+            if action.option_strings and structural:
+                flags.setdefault(dest, []).extend(action.option_strings)
+    return flags
+
+
+def refuse_unlisted_structure(args: argparse.Namespace, argv: list[str],
+                              parser: argparse.ArgumentParser) -> None:
+    """Raise ``ParcaeConfigError`` naming the first structure flag set to a value other than
+    its default that is not in ``SUPPORTED_STRUCTURE`` (run after ``refuse_unsupported``, whose
+    messages come first)."""
+    defaults = vars(parser.parse_args([]))  # per dest (two flags may share one)
+    for dest, options in structure_flags(parser).items():
+        if dest in SUPPORTED_STRUCTURE or getattr(args, dest, None) == defaults.get(dest):
+            continue
+        given = [o for o in options if any(a == o or a.startswith(o + "=") for a in argv)]
+        raise ParcaeConfigError(f"{(given or options)[0]} is not supported by Parcae: it "
+                                f"changes the model's structure, and {_BLOCK}")
 
 
 def _cpu(args: argparse.Namespace) -> bool:

@@ -10,11 +10,14 @@ own patches (``platform/cpu_backend.py``) carry the same records, and
 from __future__ import annotations
 
 import os
-from typing import Any
+import sys
+from importlib.metadata import version
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
+from parcae_megatron.platform import cpu_backend
 from parcae_megatron.platform.patching import Patch
 from parcae_megatron.training import distopt_fix, faults, guards, muon_optimizer
 from parcae_megatron.training.straggler import STRAGGLER
@@ -107,7 +110,8 @@ DISTOPT_SHARDED_STATE_DICT = Patch(
     replaces="the optimizer's sharded state dict (saving and, with is_loading, loading)",
     change="without Apex/TE, creates the optimizer states (dummy step) before a load; "
            "accepts model_sharded_state_dict=None as {}",
-    why="with torch's Adam the load read each state's 'step' before any state existed")
+    why="with torch's Adam the load read each state's 'step' before any state existed",
+    relies_on=(f"{_DISTOPT}._init_optimizer_states_with_dummy_values",))
 DISTOPT_LOAD_STATE_DICT = Patch(
     target=f"{_DISTOPT}.load_state_dict",
     replaces="loads the param groups and the inner optimizer's state dict",
@@ -151,6 +155,33 @@ SCHEDULER_CLASS = Patch(
     replaces="the scheduler class pretrain instantiates (LR and weight decay)",
     change="with --optimizer parcae_muon builds muon_optimizer.RecipeParamScheduler",
     why="the Muon momentum warms up from 0.85 to 0.95 over 300 steps (the authors')")
+
+# ------------------------------------------------------------------ private overrides
+# Subclasses that override a private (or internal) method of a Megatron class: never applied
+# by ``Patch.apply`` (the subclass is the replacement), recorded so the signature test covers
+# the method each override was written against.
+FORWARD_ATTENTION = Patch(
+    target="megatron.core.transformer.transformer_layer:TransformerLayer._forward_attention",
+    replaces="the layer's input norm, self-attention, bias-dropout-add and cross-attention",
+    change="model/layer_specs.py ParcaeTransformerLayer: binds the value-embedding rows "
+           "(carried in the cross-attention 'context' argument) to the self-attention, calls "
+           "it with context=None and returns the rows unchanged",
+    why="the block hands the same rows to every layer, and full recompute saves them with "
+        "the chunk's inputs")
+GET_QUERY_KEY_VALUE_TENSORS = Patch(
+    target="megatron.core.transformer.attention:SelfAttention.get_query_key_value_tensors",
+    replaces="splits the fused QKV projection into query, key and value",
+    change="model/attention.py ParcaeSelfAttention: calls it, then adds the gated value "
+           "embedding of the bound value rows to v (before RoPE)",
+    why="value embeddings enter Parcae's attention through the values")
+MODULE_APPLY = Patch(
+    target="torch.nn.modules.module:Module._apply",
+    replaces="applies a tensor function (dtype/device casts) to every parameter and buffer",
+    change="model/injection.py Fp32ParamsModule: applies it, then keeps the parameters fp32",
+    why="the injection and readout stay fp32 in a bf16 model (Megatron's Float16Module casts "
+        "the whole model)")
+
+OVERRIDES: tuple[Patch, ...] = (FORWARD_ATTENTION, GET_QUERY_KEY_VALUE_TENSORS, MODULE_APPLY)
 
 PATCHES: tuple[Patch, ...] = (
     ADD_MEGATRON_ARGUMENTS, HELP_EXPAND, COMPILE_DEPENDENCIES, TRAINING_LOG, EVALUATE,
@@ -274,12 +305,14 @@ def guard_non_finite_grads(optimizer, model_chunks=(),
 
 def install_guards(fault: faults.Fault | None = None) -> None:
     """GET_MEGATRON_OPTIMIZER: the optimizer ``pretrain`` builds is guarded (and carries out a
-    ``nan_grad`` fault)."""
+    ``nan_grad`` fault: ``fault``, or else the run's ``PARCAE_FAULT``, read when the optimizer
+    is built, after the command line has been checked)."""
     build = GET_MEGATRON_OPTIMIZER.original()
 
     def get_megatron_optimizer(config, model_chunks, *args, **kwargs):
         optimizer = build(config, model_chunks, *args, **kwargs)
-        TELEMETRY.guard = guard_non_finite_grads(optimizer, model_chunks, fault)
+        TELEMETRY.guard = guard_non_finite_grads(
+            optimizer, model_chunks, fault if fault is not None else faults.from_env())
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"non-finite guard on {guards.describe(optimizer)}: one decision over "
                   f"{dist.get_world_size() if dist.is_initialized() else 1} rank(s)", flush=True)
@@ -366,3 +399,79 @@ def install_training_patches(fault: faults.Fault | None = None) -> None:
     install_guards(fault)
     install_distopt_fixes()
     install_muon_recipe()
+
+
+# ------------------------------------------------------------------ the patch phase
+PHASES = ("train", "convert", "evaluate")
+ALLOW_VERSION_ENV = "PARCAE_ALLOW_MEGATRON_VERSION"
+
+
+def check_megatron_version(environ: dict[str, str] | None = None) -> None:
+    """Exit 2 with one ``error:`` line unless the installed megatron-core is the release every
+    record was written for (or ``PARCAE_ALLOW_MEGATRON_VERSION=1`` says to run anyway)."""
+    environ = os.environ if environ is None else environ
+    installed = version("megatron-core")
+    recorded = {p.version for p in (*PATCHES, *OVERRIDES, *cpu_backend.PATCHES)}
+    if recorded == {installed} or environ.get(ALLOW_VERSION_ENV, "") == "1":
+        return
+    if int(environ.get("RANK", "0")) == 0:
+        print(f"error: megatron-core {installed} is installed, but Parcae's patches of Megatron "
+              f"were written for megatron-core {', '.join(sorted(recorded))}: install that "
+              f"release, or set {ALLOW_VERSION_ENV}=1 to run anyway", file=sys.stderr,
+              flush=True)
+    raise SystemExit(2)
+
+
+def install(phase: Literal["train", "convert", "evaluate"],
+            argv: list[str] | None = None) -> list[str]:
+    """The one patch phase of an entry point: everything it needs of Megatron is replaced
+    here, before Megatron parses a flag. Returns ``argv`` with the flags the CPU backend needs.
+
+    * ``train`` (``parcae_megatron.train``): the CPU backend where there is no CUDA, the
+      dependency-compilation skip, W&B tolerance (Megatron starts W&B while parsing),
+      ``--optimizer parcae_muon`` and every training patch (telemetry, step timing, the
+      non-finite guard, the distributed-optimizer fixes, the Muon recipe);
+    * ``convert`` (building Megatron arguments for a converted model with Megatron-LM's
+      parser): the CPU backend where there is no CUDA with its Megatron-LM patches, and
+      ``--optimizer parcae_muon``;
+    * ``evaluate`` (reading a Megatron checkpoint into one process: evaluation, the probe,
+      ``convert to-hf``): the CPU backend where there is no CUDA (Megatron-Core only).
+
+    Checks the megatron-core version first (``check_megatron_version``); raises
+    ``gpu_check.GpuUnavailableError`` where GPUs were asked for and CUDA is unusable.
+    ``report`` is the line naming the active patches (printed once the command line is known
+    to be valid, so that a mistake's output stays its one ``error:`` line).
+    """
+    if phase not in PHASES:
+        raise ValueError(f"unknown patch phase {phase!r} (one of {', '.join(PHASES)})")
+    argv = list(argv or [])
+    check_megatron_version()
+    cpu = cpu_backend.maybe_activate()
+    if phase == "evaluate":
+        return argv
+    if cpu:
+        cpu_backend.patch_megatron_training()
+    accept_parcae_optimizer()
+    if phase == "train":
+        if cpu:
+            # No --use-cpu-initialization: the GPU init path runs on the CPU backend too, and
+            # the initial weights do not depend on it (model/init.py). Gradient-accumulation
+            # and RoPE fusion are switched off by fusions.adapt_fusions when their kernels are
+            # missing, as on a GPU without APEX / Transformer Engine.
+            argv = ["--transformer-impl", "local", "--distributed-backend", "gloo", *argv]
+        skip_dependency_compilation()  # the wheel has no Makefile for them
+        tolerate_wandb_failures()
+        install_training_patches()
+    return argv
+
+
+def active() -> list[str]:
+    """The names of the patches applied in this process (CPU backend's included)."""
+    return [p.target.rsplit(":", 1)[-1] for p in (*cpu_backend.PATCHES, *PATCHES)
+            if p.applied()]
+
+
+def report(phase: str) -> str:
+    """One line naming the megatron-core release and every patch active in this process."""
+    return f"parcae: {phase} patches of megatron-core {version('megatron-core')}: " \
+           f"{', '.join(active())}"

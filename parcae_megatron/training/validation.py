@@ -16,7 +16,11 @@ from parcae_megatron import cli
 from parcae_megatron.config_file import check_keys, flag_value
 from parcae_megatron.model.config import ParcaeConfig, ParcaeConfigError
 from parcae_megatron.training import flag_policy, fusions, megatron_patches
-from parcae_megatron.training.arguments import add_parcae_args, parcae_config_from_args
+from parcae_megatron.training.arguments import (
+    add_parcae_args,
+    parcae_config_from_args,
+    set_megatron_argv,
+)
 from parcae_megatron.training.config_expansion import expand_argv
 
 
@@ -46,6 +50,7 @@ def check_command_line(argv: list[str], world_size: int | None = None) -> list[s
     args.world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     check_paths(args)
     flag_policy.refuse_unsupported(args, expanded)
+    flag_policy.refuse_unlisted_structure(args, expanded, parser)
     check_layout(args)
     return expanded
 
@@ -66,7 +71,7 @@ def parse_args_or_exit(argv: list[str]) -> argparse.Namespace:
     megatron_patches.accept_parcae_optimizer()
     try:
         argv = check_command_line(argv)
-        sys.argv = [sys.argv[0], *argv]
+        set_megatron_argv(argv)
         args = parse_and_validate_args(extra_args_provider=add_parcae_args)
         notes = fusions.adapt_fusions(args)
         validate_parcae_args(args)
