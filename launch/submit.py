@@ -30,6 +30,7 @@ from parcae_megatron import cli
 from parcae_megatron.config_file import ConfigFileError, flag_value, load_config, standalone_text
 
 REPO = Path(__file__).resolve().parents[1]
+TRAINER = "parcae_megatron.train"  # the module each rank runs unless --module says otherwise
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,7 +48,9 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--python", help="python on the nodes (default: the repo's .venv/bin/python"
                       "; with --container-image, that venv if install.sh --container made it"
                       ", else python)")
-    what.add_argument("--module", default="parcae_megatron.train", help="module each rank runs")
+    what.add_argument("--module", default=TRAINER,
+                      help="module each rank runs (the default check of the training flags "
+                           "applies to the trainer only)")
     res = p.add_argument_group("cluster")
     res.add_argument("--nodes", type=int, default=1)
     res.add_argument("--gpus-per-node", type=int, default=0, help="0 for a CPU job (gloo)")
@@ -288,7 +291,9 @@ def submit(argv: list[str] | None = None) -> Path:
         args, ckpt = train_args(run_dir, user, elem.config)
         runs.append(RunSpec(run_dir=run_dir, checkpoint_dir=ckpt, train_args=tuple(args)))
     script = render(job, runs, root)
-    if opts.check:  # before anything is written: a job that cannot start is never queued
+    # Before anything is written, a job that cannot start is never queued. The check is the
+    # trainer's: another --module takes flags the trainer does not know.
+    if opts.check and job.module == TRAINER:
         for elem, run in zip(plan.elements, runs):
             check_flags(job, run, elem.config)
     if opts.validate:
