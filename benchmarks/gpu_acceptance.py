@@ -49,6 +49,7 @@ import traceback
 from dataclasses import asdict, is_dataclass
 
 import torch
+from loop_execution import compare_loop_execution
 from timing import interleave, measure
 
 from parcae_megatron.model import ParcaeModel, preset_config
@@ -100,7 +101,9 @@ SCHEMA: dict[str, dict[str, type]] = {
                        "masked_s": float, "masked_s_min": float, "masked_s_max": float,
                        "masked_over_compact_time": float,
                        "masked_over_compact_time_min": float,
-                       "masked_over_compact_time_max": float, "saving_reaching_wall": float},
+                       "masked_over_compact_time_max": float,
+                       "masked_over_compact_iterations": float, "saving_reaching_wall": float,
+                       "saving_reaching_wall_min": float, "saving_reaching_wall_max": float},
 }
 
 
@@ -494,40 +497,12 @@ def part_loop_execution(sizes: Sizes, cuda: bool) -> dict:
                  num_coda_layers=8, mean_recurrence=8, mean_backprop_depth=4,
                  recompute_loop_iterations=not sizes.dry, **precision(cuda))
     model = wrap_bf16(cfg, ParcaeModel(cfg, spec_for(cuda))).to(device_of()).train()
-    inner = model.module if hasattr(model, "module") else model
     batch = tokens(cfg, s["mb"], s["seq"], 4)
     ids, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-    rounds = {"compact": 0, "masked": 0}
-    counts = {mode: [0, 0, 0] for mode in rounds}  # sequences, sampled, executed iterations
-
-    def run(mode: str):
-        def step() -> None:
-            cfg.loop_execution = mode
-            inner.depth_sampler.start_step(rounds[mode])  # round k: same draws in both modes
-            rounds[mode] += 1
-            model.zero_grad(set_to_none=True)
-            model(ids, labels=labels).float().mean().backward()
-            stats = inner.pop_loop_stats()
-            if rounds[mode] > 1:  # the warm-up round counts for neither mode
-                for i, n in enumerate((stats.sequences, stats.sampled_iterations,
-                                       stats.executed_iterations)):
-                    counts[mode][i] += n
-        return step
-
-    timings = interleave({"masked": run("masked"), "compact": run("compact")}, sizes.repeats,
-                         sync=sync_of(cuda))
-    sequences, sampled, compact = counts["compact"]
-    iterations = counts["masked"][2] / compact
-    wall = timings.ratio("masked", "compact")
-    # (1 - 1/wall ratio) / (1 - 1/iteration ratio): share of the iteration saving in wall time
-    saving = 1 - 1 / iterations
+    row = compare_loop_execution(model, ids, labels, sizes.repeats, sync=sync_of(cuda))
+    row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
     return {"status": "ok", "layers": "8/8/8", "mean_recurrence": 8, "micro_batch": s["mb"],
-            "seq": s["seq"], "mean_sampled_depth": sampled / sequences,
-            "compact_over_mean_depth": compact / sampled,
-            "masked_over_mean_depth": counts["masked"][2] / sampled,
-            **timings.flat({"masked": "masked_s", "compact": "compact_s"}),
-            **wall.flat("masked_over_compact_time"),
-            "saving_reaching_wall": (1 - 1 / wall.median) / saving if saving > 0 else None}
+            "seq": s["seq"], **row}
 
 
 # --------------------------------------------------------------------------------------------

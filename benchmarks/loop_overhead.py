@@ -40,10 +40,11 @@ import os
 import socket
 
 import torch
+from loop_execution import compare_loop_execution
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
-from timing import Spread, interleave
+from timing import interleave
 
 from parcae_megatron.model import ParcaeConfig, ParcaeModel
 from parcae_megatron.model.config import half_squared_relu
@@ -115,45 +116,8 @@ def bench_compaction(batch: int, repeats: int, layers: int = 1, width: int = 128
     model.train()
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (batch, seq), generator=gen)
-    rounds = {"compact": 0, "masked": 0}
-    counts = {mode: [0, 0, 0] for mode in rounds}  # sequences, sampled, executed iterations
-
-    def run(mode: str):
-        def step() -> None:
-            cfg.loop_execution = mode
-            model.depth_sampler.start_step(rounds[mode])  # round k: same draws in both modes
-            rounds[mode] += 1
-            model.zero_grad(set_to_none=True)
-            model(ids, labels=ids).mean().backward()
-            stats = model.pop_loop_stats()
-            if rounds[mode] > 1:  # the warm-up round does not count
-                for i, n in enumerate((stats.sequences, stats.sampled_iterations,
-                                       stats.executed_iterations)):
-                    counts[mode][i] += n
-        return step
-
-    timings = interleave({"masked": run("masked"), "compact": run("compact")}, repeats)
-    wall = timings.ratio("masked", "compact")
-    iters = counts["masked"][2] / counts["compact"][2]
-    sequences, sampled = counts["compact"][:2]
     return {"layers": f"{layers}/{layers}/{layers}", "hidden_size": width, "micro_batch": batch,
-            "seq": seq, "mean_sampled_depth": sampled / sequences,
-            "compact_over_mean_depth": counts["compact"][2] / sampled,
-            "masked_over_mean_depth": counts["masked"][2] / sampled,
-            "masked_over_compact_iterations": iters,
-            **timings.flat({"masked": "masked_s", "compact": "compact_s"}),
-            **wall.flat("masked_over_compact_time"),
-            **saving_reaching_wall(wall, iters).flat("saving_reaching_wall")}
-
-
-def saving_reaching_wall(wall: Spread, iterations: float) -> Spread:
-    """(1 - 1/wall ratio) / (1 - 1/iteration ratio): the share of compaction's saving in
-    executed iterations that shows up as saved wall time (monotone in the wall ratio, so the
-    median and range map through)."""
-    saving = 1 - 1 / iterations
-    if saving <= 0:
-        return Spread(float("nan"), float("nan"), float("nan"))
-    return Spread(*((1 - 1 / r) / saving for r in (wall.median, wall.min, wall.max)))
+            "seq": seq, **compare_loop_execution(model, ids, ids, repeats)}
 
 
 def bench_initial_state(batch: int, repeats: int) -> dict:
