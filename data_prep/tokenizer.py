@@ -295,6 +295,8 @@ class HFTokenizer:
         config = {"tokenizer_class": "PreTrainedTokenizerFast",
                   "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}
         config.update({f"{role}_token": name for role, name in self._special.items() if name})
+        if self._tk.encode_special_tokens:
+            config["split_special_tokens"] = True
         return config
 
     def megatron_args(self) -> list[str]:

@@ -160,6 +160,9 @@ def test_export_tools_keep_the_sentencepiece_model(toks, export):
     assert (copy.kind, copy.bos, copy.eos, copy.pad) == ("huggingface", ref.bos, ref.eos, ref.pad)
     for text in SAMPLES + texts:
         assert copy.tokenize(text) == ref.tokenize(text)
+    assert copy.hf_config()["split_special_tokens"] is True  # kept by save_pretrained
+    assert load_hf_tokenizer(str(export / "tokenizer.json"), 400).encode(
+        SAMPLES[5], add_special_tokens=False) == ref.tokenize(SAMPLES[5])  # literal specials
 
 
 def test_export_without_an_equivalent_tokenizer_json(toks, tmp_path, capsys):
