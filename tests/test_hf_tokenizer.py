@@ -142,19 +142,25 @@ def test_export_has_a_fast_tokenizer_with_the_training_ids(toks, export):
     assert trusted.is_fast and trusted("x y 12")["input_ids"] == fast("x y 12")["input_ids"]
 
 
-def test_export_tools_keep_the_sentencepiece_model(toks, export):
+def test_export_tools_keep_the_sentencepiece_model(toks, export, tmp_path):
     """Our own readers take tokenizer.model from the export (the training tokenizer): the
-    loader, the trainer's flags (from-hf) and evaluation; the tokenizer.json read on its own
-    gives the same ids, literal special-token text included."""
-    from data_prep.tokenizer import load_tokenizer, megatron_tokenizer_args
+    loader, from-hf (the checkpoint's tokenizer flags) and evaluation; the tokenizer.json read
+    on its own gives the same ids, literal special-token text included."""
+    from data_prep.tokenizer import load_tokenizer
+    from parcae_megatron.convert.__main__ import main as convert_main
+    from parcae_megatron.convert.megatron_ckpt import (
+        load_checkpoint_args,
+        resolve_checkpoint_dir,
+    )
     from parcae_megatron.evaluate.runner import load_hf_tokenizer
 
     ref, _, _, texts = toks
     tok = load_tokenizer(export)
     assert type(tok) is type(ref) and tok.sha256 == ref.sha256
-    assert megatron_tokenizer_args(export) == ["--tokenizer-type", "SentencePieceTokenizer",
-                                               "--tokenizer-model",
-                                               str(export / "tokenizer.model")]
+    assert convert_main(["from-hf", "--hf", str(export), "--save", str(tmp_path / "mc")]) == 0
+    args = load_checkpoint_args(resolve_checkpoint_dir(tmp_path / "mc"))
+    assert (args.tokenizer_type, args.tokenizer_model) == ("SentencePieceTokenizer",
+                                                           str(export / "tokenizer.model"))
     assert type(load_hf_tokenizer(str(export), 400)).__name__ == "ParcaeTokenizer"
     copy = load_tokenizer(export / "tokenizer.json")
     assert (copy.kind, copy.bos, copy.eos, copy.pad) == ("huggingface", ref.bos, ref.eos, ref.pad)
