@@ -129,6 +129,11 @@ class SentencePieceTokenizer:
         return self._sp.id_to_piece(int(token))
 
     @property
+    def processor(self):
+        """The ``sentencepiece.SentencePieceProcessor`` (piece types and scores)."""
+        return self._sp
+
+    @property
     def model_proto(self) -> bytes:
         """The serialized model (the bytes of the .model file)."""
         return self._proto

@@ -11,9 +11,9 @@ concatenation is a piece with the highest score; the ``tokenizers`` BPE merges t
 lowest merge rank. Every split ``(a, b)`` of every piece ``a + b``, ranked by that piece's score,
 gives the same merges. Byte pieces are the byte fallback, a space is SentencePiece's ``▁``, and
 the control pieces are special tokens that text never produces (``split_special_tokens``), as in
-SentencePiece. Models this cannot express (unigram, a normaliser other than the identity, a
-dummy prefix, ...) are reported with the reason instead, and so is any id difference on the
-verification sample.
+SentencePiece. Models this cannot express (unigram, a normaliser other than the identity, no
+byte fallback, a dummy prefix, ...) are reported with the reason instead, and so is any id
+difference on the verification sample.
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ def _check_expressible(tok: SentencePieceTokenizer) -> None:
                         "not BPE")
     if norm.precompiled_charsmap or norm.name not in ("identity", ""):
         problems.append(f"normalisation {norm.name!r}")
+    if not spec.byte_fallback:
+        problems.append("no byte fallback (<unk> for unseen characters)")
     if norm.add_dummy_prefix:
         problems.append("a dummy prefix")
     if norm.remove_extra_whitespaces:
@@ -86,7 +88,7 @@ def tokenizer_json(tok: SentencePieceTokenizer):
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
     _check_expressible(tok)
-    sp = tok._sp
+    sp = tok.processor
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
     special = [i for i in range(len(vocab)) if sp.is_control(i) or sp.is_unknown(i)]
     mergeable = {p: i for p, i in vocab.items() if not (sp.is_control(i) or sp.is_unknown(i)
@@ -132,7 +134,7 @@ def hf_config(tok: SentencePieceTokenizer) -> dict:
     """``tokenizer_config.json`` of the copy: a built-in fast class (no ``auto_map``, so no
     code runs for the tokenizer), the model's own special pieces, a leading BOS, literal
     special-token text kept as text, no space clean-up on decode (it would change the text)."""
-    sp = tok._sp
+    sp = tok.processor
     roles = {"bos": tok.bos, "eos": tok.eos, "pad": tok.pad, "unk": tok.unk}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True,
               "add_eos_token": False, "split_special_tokens": True,
