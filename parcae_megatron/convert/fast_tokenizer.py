@@ -156,9 +156,10 @@ def save_sentencepiece(model_file: str | os.PathLike, out_dir: str | os.PathLike
         if problem:
             raise NotConvertible(f"its tokenizer.json copy differs on {problem}")
     except NotConvertible as err:
-        print(f"warning: {out_dir}: no tokenizer.json ({err}); AutoTokenizer needs "
-              "trust_remote_code=True for the shipped SentencePiece tokenizer code",
-              file=sys.stderr)
+        # Named by the model file: out_dir is the export's scratch directory.
+        print(f"warning: tokenizer {model_file}: the export gets no tokenizer.json ({err}); "
+              "AutoTokenizer needs trust_remote_code=True for the shipped SentencePiece "
+              "tokenizer code", file=sys.stderr)
         from parcae_megatron.hf.tokenization_parcae import save_tokenizer
 
         save_tokenizer(model_file, out_dir)
