@@ -65,7 +65,8 @@ def write_hf_dir(model: ParcaeForCausalLM, out: Path, tokenizer_model: Path | No
                  overwrite: bool) -> Path:
     """Save ``model`` (+ code, + tokenizer) to ``out`` atomically. A SentencePiece tokenizer
     comes with its ``tokenizer.json`` copy where one gives the same ids
-    (``convert.fast_tokenizer``), so ``AutoTokenizer`` is a fast tokenizer either way."""
+    (``convert.fast_tokenizer``): ``AutoTokenizer`` is then a fast tokenizer, as for a
+    ``tokenizer.json`` tokenizer."""
     from data_prep.tokenizer import HFTokenizer, load_tokenizer, resolve_tokenizer
     from parcae_megatron.convert.fast_tokenizer import save_sentencepiece
     from parcae_megatron.hf.tokenization_parcae import check_sentencepiece
