@@ -129,6 +129,11 @@ class SentencePieceTokenizer:
         return self._sp.id_to_piece(int(token))
 
     @property
+    def processor(self):
+        """The ``sentencepiece.SentencePieceProcessor`` (piece types and scores)."""
+        return self._sp
+
+    @property
     def model_proto(self) -> bytes:
         """The serialized model (the bytes of the .model file)."""
         return self._proto
@@ -192,9 +197,13 @@ class HFTokenizer:
         self._tk = _hf_library().Tokenizer.from_str(json_text)
         self._special = {role: self._find(role, names) for role, names in
                          (("bos", BOS_NAMES), ("eos", EOS_NAMES), ("pad", PAD_NAMES))}
+        # transformers' split_special_tokens: literal special-token text stays text (as in
+        # SentencePiece; the tokenizer.json copy of a SentencePiece model sets it).
+        split = bool(self._config.get("split_special_tokens", False))
+        self._tk.encode_special_tokens = split
         self.sha256 = hashlib.sha256(
             json_text.encode() + json.dumps(self.special_tokens, sort_keys=True).encode()
-        ).hexdigest()
+            + (b"split_special_tokens" if split else b"")).hexdigest()
 
     def _find(self, role: str, names: tuple[str, ...]) -> str | None:
         named = _token_name(self._config.get(f"{role}_token"))
@@ -291,6 +300,8 @@ class HFTokenizer:
         config = {"tokenizer_class": "PreTrainedTokenizerFast",
                   "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}
         config.update({f"{role}_token": name for role, name in self._special.items() if name})
+        if self._tk.encode_special_tokens:
+            config["split_special_tokens"] = True
         return config
 
     def megatron_args(self) -> list[str]:
@@ -327,11 +338,14 @@ Tokenizer = SentencePieceTokenizer | HFTokenizer
 def resolve_tokenizer(path: str | os.PathLike) -> tuple[str, str]:
     """``(kind, file)`` of the tokenizer at ``path``: ``"huggingface"`` for a
     ``tokenizer.json``, ``"sentencepiece"`` for a SentencePiece model, told apart by content,
-    not by name (a directory: its ``tokenizer.json``, else its ``tokenizer.model``). Raises
+    not by name. A directory: its ``tokenizer.model``, else its ``tokenizer.json``. Raises
     :class:`TokenizerError` (one line) for anything else."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        found = [os.path.join(path, n) for n in (HF_FILE, SP_FILE)
+        # tokenizer.model first: in a directory with both (an HF export of a SentencePiece
+        # run) it is the tokenizer the model was trained with, and the tokenizer.json beside
+        # it is the export's copy for AutoTokenizer (same ids, verified when it was written).
+        found = [os.path.join(path, n) for n in (SP_FILE, HF_FILE)
                  if os.path.isfile(os.path.join(path, n))]
         for i, candidate in enumerate(found):
             try:

@@ -93,3 +93,105 @@ def test_batch_padding_and_saved_files(toks):
 def test_missing_model_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="SentencePiece model not found"):
         save_tokenizer(str(tmp_path / "nope.model"), str(tmp_path / "out"))
+
+
+# -- HF exports: a verified tokenizer.json beside tokenizer.model --------------------------------
+@pytest.fixture(scope="module")
+def export(toks):
+    """A tiny model exported with the SentencePiece tokenizer: its directory and the files
+    written into it."""
+    from parcae_megatron.convert.hf_io import write_hf_dir
+    from parcae_megatron.hf.configuration_parcae import ParcaeConfig
+    from parcae_megatron.hf.modeling_parcae import ParcaeForCausalLM
+
+    ref, _, d, _ = toks
+    cfg = ParcaeConfig(vocab_size=400, hidden_size=32, intermediate_size=64,
+                       num_attention_heads=2, head_dim=16, num_prelude_layers=1,
+                       num_recurrent_layers=1, num_coda_layers=1, mean_recurrence=2,
+                       mean_backprop_depth=1, max_position_embeddings=64)
+    write_hf_dir(ParcaeForCausalLM(cfg), d / "export", d / "tok.model", overwrite=False)
+    return d / "export"
+
+
+def test_export_has_a_fast_tokenizer_with_the_training_ids(toks, export):
+    """AutoTokenizer on the export, without remote code, is a fast tokenizer giving the
+    training tokenizer's ids (BOS first, as every training document) on the held-out part of
+    the embedded corpus and the fixed strings; with remote code allowed, the same one."""
+    from transformers import AutoTokenizer
+
+    from parcae_megatron.convert.fast_tokenizer import verification_texts
+
+    ref, _, _, texts = toks
+    assert {p.name for p in export.iterdir()} >= {"tokenizer.model", "tokenizer.json",
+                                                  "tokenizer_config.json"}
+    assert not (export / "tokenization_parcae.py").exists()
+    assert "auto_map" not in json.loads((export / "tokenizer_config.json").read_text())
+    assert "AutoTokenizer" not in json.loads((export / "config.json").read_text())["auto_map"]
+    assert (export / "tokenizer.model").read_bytes() == open(ref.model_path, "rb").read()
+    fast = AutoTokenizer.from_pretrained(export, trust_remote_code=False)
+    assert fast.is_fast and type(fast).__module__.startswith("transformers.")
+    assert (fast.bos_token_id, fast.eos_token_id, fast.pad_token_id, fast.unk_token_id,
+            len(fast)) == (ref.bos, ref.eos, ref.pad, ref.unk, ref.vocab_size)
+    for text in SAMPLES + texts + list(verification_texts()[-4:]):
+        ids = ref.tokenize(text)
+        assert fast(text)["input_ids"] == [ref.bos] + ids, text[:40]
+        assert fast.encode(text, add_special_tokens=False) == ids
+        assert fast.decode(ids) == ref.detokenize(ids)
+    assert fast.decode([ref.bos, *ref.tokenize("a")]) == "<|bos|>a"  # lm-eval's prefix check
+    trusted = AutoTokenizer.from_pretrained(export, trust_remote_code=True)
+    assert trusted.is_fast and trusted("x y 12")["input_ids"] == fast("x y 12")["input_ids"]
+
+
+def test_export_tools_keep_the_sentencepiece_model(toks, export, tmp_path):
+    """Our own readers take tokenizer.model from the export (the training tokenizer): the
+    loader, from-hf (the checkpoint's tokenizer flags) and evaluation; the tokenizer.json read
+    on its own gives the same ids, literal special-token text included."""
+    from data_prep.tokenizer import load_tokenizer
+    from parcae_megatron.convert.__main__ import main as convert_main
+    from parcae_megatron.convert.megatron_ckpt import (
+        load_checkpoint_args,
+        resolve_checkpoint_dir,
+    )
+    from parcae_megatron.evaluate.runner import load_hf_tokenizer
+
+    ref, _, _, texts = toks
+    tok = load_tokenizer(export)
+    assert type(tok) is type(ref) and tok.sha256 == ref.sha256
+    assert convert_main(["from-hf", "--hf", str(export), "--save", str(tmp_path / "mc")]) == 0
+    args = load_checkpoint_args(resolve_checkpoint_dir(tmp_path / "mc"))
+    assert (args.tokenizer_type, args.tokenizer_model) == ("SentencePieceTokenizer",
+                                                           str(export / "tokenizer.model"))
+    assert type(load_hf_tokenizer(str(export), 400)).__name__ == "ParcaeTokenizer"
+    copy = load_tokenizer(export / "tokenizer.json")
+    assert (copy.kind, copy.bos, copy.eos, copy.pad) == ("huggingface", ref.bos, ref.eos, ref.pad)
+    for text in SAMPLES + texts:
+        assert copy.tokenize(text) == ref.tokenize(text)
+    assert copy.hf_config()["split_special_tokens"] is True  # kept by save_pretrained
+    assert load_hf_tokenizer(str(export / "tokenizer.json"), 400).encode(
+        SAMPLES[5], add_special_tokens=False) == ref.tokenize(SAMPLES[5])  # literal specials
+
+
+def test_export_without_an_equivalent_tokenizer_json(toks, tmp_path, capsys):
+    """A model the copy cannot express (a standard SentencePiece model: NFKC, dummy prefix)
+    ships the remote-code tokenizer and says why in one warning line; the verifier names the
+    first differing id of a copy that is not equivalent."""
+    from tokenizers import normalizers
+
+    from parcae_megatron.convert.fast_tokenizer import (
+        first_mismatch,
+        save_sentencepiece,
+        tokenizer_json,
+    )
+    from tests.sentencepiece_models import train_standard_spm
+
+    std = train_standard_spm(tmp_path / "std.model")
+    assert save_sentencepiece(std, tmp_path / "hf") is False
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning:") and "nmt_nfkc" in err[0]
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == {
+        "tokenizer.model", "tokenizer_config.json", "tokenization_parcae.py"}
+    ref = toks[0]
+    broken = tokenizer_json(ref)
+    broken.normalizer = normalizers.Sequence([])  # spaces no longer become ▁
+    assert first_mismatch(ref, tokenizer_json(ref), SAMPLES) is None
+    assert "SentencePiece gives" in first_mismatch(ref, broken, SAMPLES)

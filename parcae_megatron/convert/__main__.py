@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--out", type=Path, required=True, help="HF directory to write")
     to_hf.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     to_hf.add_argument("--tokenizer-model", type=Path, default=None,
-                       help="SentencePiece model to ship (default: the run's --tokenizer-model)")
+                       help="tokenizer to ship, a SentencePiece .model (with its verified "
+                            "tokenizer.json copy) or a tokenizer.json (default: the run's "
+                            "--tokenizer-model)")
     to_hf.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     from_hf = sub.add_parser("from-hf", help="Hugging Face dir → Megatron release checkpoint")
     from_hf.add_argument("--hf", type=Path, required=True, help="HF Parcae directory")

@@ -63,9 +63,13 @@ def build_hf_model(config: HFConfig, state: dict[str, torch.Tensor],
 
 def write_hf_dir(model: ParcaeForCausalLM, out: Path, tokenizer_model: Path | None,
                  overwrite: bool) -> Path:
-    """Save ``model`` (+ code, + tokenizer) to ``out`` atomically."""
+    """Save ``model`` (+ code, + tokenizer) to ``out`` atomically. A SentencePiece tokenizer
+    comes with its ``tokenizer.json`` copy where one gives the same ids
+    (``convert.fast_tokenizer``): ``AutoTokenizer`` is then a fast tokenizer, as for a
+    ``tokenizer.json`` tokenizer."""
     from data_prep.tokenizer import HFTokenizer, load_tokenizer, resolve_tokenizer
-    from parcae_megatron.hf.tokenization_parcae import check_sentencepiece, save_tokenizer
+    from parcae_megatron.convert.fast_tokenizer import save_sentencepiece
+    from parcae_megatron.hf.tokenization_parcae import check_sentencepiece
 
     fast = None  # a tokenizer.json tokenizer, shipped as tokenizer.json + tokenizer_config.json
     if tokenizer_model is not None:
@@ -87,8 +91,8 @@ def write_hf_dir(model: ParcaeForCausalLM, out: Path, tokenizer_model: Path | No
     model.save_pretrained(partial, safe_serialization=True)
     if fast is not None:
         fast.save_pretrained(str(partial))
-    elif tokenizer_model is not None:
-        save_tokenizer(Path(tokenizer_file), partial)
+    elif tokenizer_model is not None:  # + its verified tokenizer.json when it has one
+        save_sentencepiece(Path(tokenizer_file), partial)
     publish(partial, Path(out))
     return Path(out)
 
