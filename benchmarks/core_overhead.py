@@ -2,23 +2,25 @@
 
 (a) Measured, CPU backend: the tiny config on 2 data-parallel gloo ranks, the same run with and
     without ``--eval-core-interval K``, interleaved run by run (A B A B …, benchmarks/timing.py).
-    A run's training span is the time from its first to its last step record in
-    ``telemetry.jsonl`` (the CORE pauses fall inside it). Reported pair by pair: the measured
-    overhead span_with / span_without − 1, and the prediction t_core / (K · t_step) from the
-    same run's own records (median CORE ``wall_time_s``, median ``step_time_s``, which leaves
-    the pauses out). The interval that keeps the overhead ≤ 2 % at this shape is
-    ceil(t_core / (0.02 · t_step)).
+    A run's span is the time from its first step record (the warm-up step left out) to its last
+    record in ``telemetry.jsonl`` (the CORE pauses fall inside it). Reported pair by pair: the
+    measured overhead span_with / span_without − 1, and the formula's prediction from the
+    runs' own records: evaluations × median CORE ``wall_time_s`` / (steps × median
+    ``step_time_s``), which at interval N is t_core / (N · t_step). The interval that keeps
+    the overhead ≤ 2 % at this shape is ceil(t_core / (0.02 · t_step)).
 (b) Counted, the 1.3B run's shape (no GPU here): CORE's forward FLOPs per evaluation over one
-    training step's FLOPs, r = Σ_T F_fwd(T) · tokens / (F_train · 256 · 2048), with
-    F_fwd(T) = 2·N_nc + A·(L_P+L_C) + (2·N_R + A·L_R)·T per token (A = 4·d·S, the design
-    doc's formula without its backward terms), loop counts 1, μ_rec, 2·μ_rec, and ``tokens`` the
-    evaluation's prompt tokens (``--core-tokens``: the default is an assumption, stated in the
-    JSON, not a count of the real bundle). The interval for ≤ 2 % is r · e / 0.02, where e is
-    how much less efficiently CORE's short forwards use the hardware than a training step:
-    measured in (a) on the CPU as (training FLOP/s) / (CORE FLOP/s), not on a GPU.
+    training step's FLOPs, r = Σ_prompts Σ_T F_fwd(T, S) · S / (F_train · 256 · 2048), with
+    F_fwd(T, S) = 2·N_nc + A·(L_P+L_C) + (2·N_R + A·L_R)·T per token (A = 4·d·S, the design
+    doc's formula without its backward terms, S a prompt's length), loop counts 1, μ_rec and
+    2·μ_rec. The prompts are counted from the real bundle with ``--bundle`` and
+    ``--tokenizer``; without them ``--core-tokens`` tokens in prompts of 400 tokens are
+    assumed (flagged in the JSON). The interval for ≤ 2 % is r · e / 0.02, where e is how much
+    less efficiently CORE's forwards use the hardware than a training step, measured in (a)
+    on the CPU as (training FLOP/s) / (CORE FLOP/s), not on a GPU.
 
 Usage: python benchmarks/core_overhead.py [--repeats 3] [--steps 40] [--interval 10]
-[--max-per-task 40] [--core-tokens N]. The last line is one JSON object.
+[--max-per-task 40] [--core-tokens N | --bundle DIR --tokenizer MODEL]. The last line is one
+JSON object.
 """
 
 from __future__ import annotations
@@ -82,11 +84,13 @@ def run(work: Path, name: str, tokenizer: Path, steps: int, core: list[str]) -> 
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"error: training run failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    train = read_records(telemetry, "train")
-    cores = [r["wall_time_s"] for r in read_records(telemetry, "core")]
-    return {"span": train[-1]["time"] - train[0]["time"],
+    train, cores = read_records(telemetry, "train"), read_records(telemetry, "core")
+    # From the end of the first (warm-up) step to the last record: a CORE evaluation after
+    # the last step ends the span of the run that has one.
+    end = max(r["time"] for r in train + cores)
+    return {"span": end - train[0]["time"], "steps": len(train) - 1,
             "step": statistics.median(r["step_time_s"] for r in train[1:]),
-            "core": statistics.median(cores) if cores else None}
+            "cores": [r["wall_time_s"] for r in cores if r["iteration"] > 1]}
 
 
 def tiny_flops(max_per_task: int, bundle: Path, tokenizer: Path) -> tuple[float, float]:
@@ -105,6 +109,21 @@ def tiny_flops(max_per_task: int, bundle: Path, tokenizer: Path) -> tuple[float,
     mu = cfg.mean_recurrence
     core = sum(forward_flops(cfg, n, t) * n for n in lengths for t in (1, mu, 2 * mu))
     return core, train_flops(cfg) * 8 * 64
+
+
+def prompt_lengths(bundle: Path, tokenizer: str, vocab: int, max_per_task: int = 500,
+                   max_len: int = 2048) -> list[int]:
+    """Token length of every prompt CORE runs per loop count (22 CORE tasks, the cut)."""
+    from parcae_megatron.evaluate.core import load_task_specs, prepare_task
+    from parcae_megatron.evaluate.core_runner import bos_encoder, load_bundle
+    from parcae_megatron.evaluate.runner import load_hf_tokenizer
+
+    specs = load_task_specs()
+    data, _, _ = load_bundle(bundle, specs, max_per_task)
+    encode = bos_encoder(load_hf_tokenizer(tokenizer, vocab), vocab)
+    return [len(t) for s in specs
+            for item in prepare_task(s, data[s.label], 1234, encode, max_len)
+            for t in item.tokens]
 
 
 def forward_flops(cfg, seq: int, t: int) -> float:
@@ -135,6 +154,9 @@ def main() -> None:
     parser.add_argument("--max-per-task", type=int, default=40)
     parser.add_argument("--core-tokens", type=int, default=ASSUMED_CORE_TOKENS,
                         help="CORE prompt tokens per loop count at the 1.3B shape")
+    parser.add_argument("--bundle", default=None, help="the real eval bundle: count its "
+                        "prompt tokens (with --tokenizer) instead of --core-tokens")
+    parser.add_argument("--tokenizer", default=None, help="the 1.3B run's tokenizer model")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="parcae-core-overhead-"))
     tokenizer = train_standard_spm(work / "spm.model")
@@ -147,8 +169,11 @@ def main() -> None:
                     args.repeats, args.warmup)
     measured = Spread.of([w["span"] / o["span"] - 1 for w, o in zip(res["with"],
                                                                      res["without"])])
-    predicted = Spread.of([w["core"] / (args.interval * w["step"]) for w in res["with"]])
-    t_core = statistics.median(w["core"] for w in res["with"])
+    # The same pairs through the formula: evaluations × their wall time / training time.
+    predicted = Spread.of([len(w["cores"]) * statistics.median(w["cores"])
+                           / (o["steps"] * o["step"])
+                           for w, o in zip(res["with"], res["without"])])
+    t_core = statistics.median(c for w in res["with"] for c in w["cores"])
     t_step = statistics.median(o["step"] for o in res["without"])
     core_flops, step_flops = tiny_flops(args.max_per_task, bundle, tokenizer)
     # e: training FLOP/s over CORE FLOP/s on this machine (how much slower CORE's short,
@@ -157,8 +182,11 @@ def main() -> None:
 
     big = preset_config("parcae-1.3b", seq_length=2048)
     mu = big.mean_recurrence
-    per_token = sum(forward_flops(big, 400, t) for t in (1, mu, 2 * mu))
-    ratio = per_token * args.core_tokens / (train_flops(big) * 256 * 2048)
+    lengths = (prompt_lengths(Path(args.bundle), args.tokenizer, big.vocab_size)
+               if args.bundle else [400] * (args.core_tokens // 400))
+    args.core_tokens = sum(lengths)
+    core_big = sum(forward_flops(big, n, t) * n for n in lengths for t in (1, mu, 2 * mu))
+    ratio = core_big / (train_flops(big) * 256 * 2048)
     result = {
         "benchmark": "core_overhead", "load_avg_1min": os.getloadavg()[0],
         "cpu_interval": args.interval, "cpu_steps": args.steps,
@@ -167,7 +195,7 @@ def main() -> None:
         "cpu_interval_for_2pct": math.ceil(t_core / (0.02 * t_step)),
         "cpu_efficiency_gap": efficiency_gap,
         "b13_core_tokens_per_T": args.core_tokens,
-        "b13_core_tokens_assumed": args.core_tokens == ASSUMED_CORE_TOKENS,
+        "b13_core_tokens_assumed": args.bundle is None,
         "b13_core_over_step_flops": ratio,
         "b13_interval_for_2pct_equal_efficiency": math.ceil(ratio / 0.02),
         "b13_interval_for_2pct_cpu_gap": math.ceil(ratio * efficiency_gap / 0.02),

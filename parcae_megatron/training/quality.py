@@ -81,6 +81,8 @@ class QualityDuringTraining:
         self.max_len = int(args.max_position_embeddings or args.seq_length)
         mu = args.mean_recurrence
         self.loops = sorted(set(args.eval_core_loops or [1, mu, 2 * mu]))
+        if not args.num_recurrent_layers:  # a Transformer baseline: no loop to vary
+            self.loops = [1]
         self.seed = args.eval_core_seed
         self.device = (torch.device("cuda", torch.cuda.current_device())
                        if torch.cuda.is_available() else torch.device("cpu"))
