@@ -22,6 +22,7 @@ from parcae_megatron.platform import cpu_backend
 from parcae_megatron.platform.gpu_check import GpuUnavailableError
 from parcae_megatron.training import failfast, faults, guards, megatron_patches
 from parcae_megatron.training.arguments import parcae_config_from_args
+from parcae_megatron.training.quality import QUALITY
 from parcae_megatron.training.telemetry import TELEMETRY
 from parcae_megatron.training.validation import parse_args_or_exit
 
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(megatron_patches.report("train"), flush=True)
     TELEMETRY.configure(args)
+    QUALITY.configure(args)
     cfg = pretrain_cfg_container_from_args(args)
     # Any failure ends this rank within seconds (training/failfast.py), never a hang.
     with failfast.exit_on_failure():

@@ -44,6 +44,9 @@ EXPECTED = {
         "forward_backward_func, iteration=None, pg_collection=None, p2p_communicator=None)",
     "megatron.training.training:finalize_model_grads":
         "(model, num_tokens=None, pg_collection=None, force_all_reduce=False)",
+    "megatron.training.training:post_training_step_callbacks":
+        "(model, optimizer, opt_param_scheduler, iteration, prof, "
+        "num_floating_point_operations_since_last_log_event, nsys_nvtx_context=None)",
     "megatron.training.training:get_megatron_optimizer":
         "(config, model_chunks, config_overrides=None, use_gloo_process_groups=True, "
         "pg_collection=None, dump_param_to_param_group_map=None)",

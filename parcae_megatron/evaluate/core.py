@@ -253,22 +253,33 @@ def _batches(items: list[PreparedItem], max_prompts: int) -> list[list[int]]:
     return out
 
 
-@torch.inference_mode()
-def score_items(forward: Callable[[torch.Tensor], torch.Tensor], items: list[PreparedItem],
-                max_prompts: int = 32, pad_id: int = 0, device=None,
-                on_batch: Callable[[int], None] | None = None) -> list[bool]:
+# no_grad, not inference_mode: in training the forward fills caches (RoPE tables) that
+# the next training step reuses, and an inference tensor cannot be saved for backward.
+@torch.no_grad()
+def score_items(forward: Callable[[torch.Tensor], torch.Tensor | None],
+                items: list[PreparedItem], max_prompts: int = 32, pad_id: int = 0, device=None,
+                on_batch: Callable[[int], None] | None = None, pad_to: int = 1) -> list[bool]:
     """Correct / wrong per item. ``forward(ids [b, L]) → logits [b, L, V]``; prompts are padded
-    on the right, so causal attention keeps padding out of every span."""
+    on the right, so causal attention keeps padding out of every span. A ``forward`` that
+    returns None (a pipeline stage without the output layer, in training) leaves its items
+    False: that rank only helps compute the logits another rank scores. ``pad_to`` rounds
+    the padded width up to a multiple (sequence-parallel shards need equal lengths)."""
     correct: list[bool] = [False] * len(items)
     for group in _batches(items, max_prompts):
         rows = [(i, p) for i in group for p in range(len(items[i].tokens))]
         width = max(len(items[i].tokens[p]) for i, p in rows)
+        width = -(-width // pad_to) * pad_to
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         for r, (i, p) in enumerate(rows):
             t = items[i].tokens[p]
             ids[r, : len(t)] = torch.tensor(t)
         ids = ids.to(device) if device is not None else ids
-        logits = forward(ids).float()
+        logits = forward(ids)
+        if logits is None:
+            if on_batch is not None:
+                on_batch(len(group))
+            continue
+        logits = logits.float()
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
         greedy = logits[:, :-1].argmax(-1)
         r = 0

@@ -42,6 +42,39 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=0))
 
 
+def load_bundle(bundle: str | Path, specs: list[TaskSpec], max_per_task: int | None
+                ) -> tuple[dict[str, list[dict]], dict[str, float], dict[str, str]]:
+    """Each task's records (shuffled, cut to ``max_per_task``), the random baselines and the
+    sha256 of every file read."""
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise FileNotFoundError(f"eval bundle directory not found: {bundle}")
+    baselines = read_baselines(bundle)
+    files = bundle_fingerprint(bundle, specs)
+    data = {s.label: shuffle_and_cut(load_task_data(bundle, s), max_per_task) for s in specs}
+    return data, baselines, files
+
+
+def bos_encoder(tokenizer, vocab_size: int) -> Callable[[str], list[int]]:
+    """Text → ⟨bos⟩ + token ids (no special tokens), the encoding of every CORE prompt;
+    refused (ValueError) when the tokenizer's BOS is not a token of the model."""
+    bos = tokenizer.bos_token_id
+    if bos is None or not 0 <= bos < vocab_size:
+        raise ValueError(f"the tokenizer's BOS id {bos} is not a token of the model "
+                         f"(vocabulary {vocab_size}); CORE prompts start with BOS")
+
+    def encode(text: str) -> list[int]:
+        return [bos] + list(tokenizer.encode(text, add_special_tokens=False))
+    return encode
+
+
+def result_record(task: str, t: int, seed: int, correct: int, items: int,
+                  prefix_mismatches: int) -> dict:
+    """One (task, T, seed) result as ``aggregate`` reads it."""
+    return {"task": task, "T": t, "seed": seed, "accuracy": correct / items, "items": items,
+            "prefix_mismatches": prefix_mismatches}
+
+
 def run_core(model, tokenizer, bundle: str | Path, specs: list[TaskSpec],
              iterations: list[int], seeds: list[int], *, max_per_task: int | None = None,
              batch_size: int = 32, device=None, progress: bool = True,
@@ -56,20 +89,9 @@ def run_core(model, tokenizer, bundle: str | Path, specs: list[TaskSpec],
     from tqdm import tqdm
 
     bundle = Path(bundle)
-    if not bundle.is_dir():
-        raise FileNotFoundError(f"eval bundle directory not found: {bundle}")
-    baselines = read_baselines(bundle)
-    files = bundle_fingerprint(bundle, specs)
-    data = {s.label: shuffle_and_cut(load_task_data(bundle, s), max_per_task) for s in specs}
+    data, baselines, files = load_bundle(bundle, specs, max_per_task)
+    encode = bos_encoder(tokenizer, int(model.config.vocab_size))
     bos = tokenizer.bos_token_id
-    vocab = int(model.config.vocab_size)
-    if bos is None or not 0 <= bos < vocab:
-        raise ValueError(f"the tokenizer's BOS id {bos} is not a token of the model "
-                         f"(vocabulary {vocab}); CORE prompts start with BOS")
-
-    def encode(text: str) -> list[int]:
-        return [bos] + list(tokenizer.encode(text, add_special_tokens=False))
-
     forward_for = forward_for or fixed_depth_forward(model)
     max_len = int(model.config.max_position_embeddings)
     # A result is reused when the model settings, the cut and the task (spec + file) match.
@@ -98,9 +120,9 @@ def run_core(model, tokenizer, bundle: str | Path, specs: list[TaskSpec],
                 prepared[(spec.label, seed)] = items
             correct = score_items(forward_for(t, seed), items, batch_size,
                                   pad_id=bos, device=device, on_batch=bar.update)
-            rec = {"key": keys[spec.label], "task": spec.label, "T": t, "seed": seed,
-                   "accuracy": sum(correct) / len(correct), "items": len(correct),
-                   "prefix_mismatches": sum(i.prefix_mismatch for i in items)}
+            rec = {"key": keys[spec.label],
+                   **result_record(spec.label, t, seed, sum(correct), len(correct),
+                                   sum(i.prefix_mismatch for i in items))}
             done[(spec.label, t, seed)] = rec
             if resume_path:
                 with open(resume_path, "a") as f:

@@ -205,3 +205,10 @@ def truncated_normal_(tensor: torch.Tensor, std: float,
     """Truncated normal at ±3σ (the ``like_init`` loop-state draw, docs/design.md §4.5)."""
     return torch.nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-3 * std, b=3 * std,
                                        generator=generator)
+
+
+def seeded_state_table(positions: int, hidden: int, std: float, seed: int) -> torch.Tensor:
+    """h₀ rows [positions, hidden] of a seeded initial state: row p is the state of the token
+    at position p, drawn on the CPU from ``seed`` alone (so any layout and device agree)."""
+    table = torch.empty(positions, hidden)
+    return truncated_normal_(table, std, torch.Generator().manual_seed(seed))

@@ -35,6 +35,7 @@ from .loop_math import (
     injection,
     readout,
     rms_norm,
+    seeded_state_table,
     truncated_normal_,
 )
 
@@ -299,9 +300,8 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
                              f"max_position_embeddings={cfg.max_position_embeddings}")
         key = (state_seed, input_ids.device)
         if key not in self._state_tables:
-            gen = torch.Generator().manual_seed(state_seed)
-            table = torch.empty(cfg.max_position_embeddings, cfg.hidden_size)
-            truncated_normal_(table, std, gen)
+            table = seeded_state_table(cfg.max_position_embeddings, cfg.hidden_size, std,
+                                       state_seed)
             self._state_tables[key] = table.to(input_ids.device)
         return self._state_tables[key][positions]
 

@@ -74,6 +74,26 @@ def add_parcae_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--tp-only-amax-red", action="store_true",
                    help="FP8 delayed scaling: reduce amaxes within tensor parallelism only "
                         "(required for delayed scaling, see flag_policy)")
+    q = parser.add_argument_group("Parcae quality while training", "CORE and greedy samples "
+                                  "on the training ranks (docs/training.md)")
+    q.add_argument("--eval-core-interval", type=int, default=0,
+                   help="score CORE every N steps (0: off); needs --eval-core-bundle and a "
+                        "text tokenizer (--tokenizer-model)")
+    q.add_argument("--eval-core-bundle", type=str, default=None,
+                   help="unzipped DCLM/nanochat eval bundle (eval_meta_data.csv, eval_data/)")
+    q.add_argument("--eval-core-tasks-yaml", type=str, default=None,
+                   help="task list (default: the 22 CORE tasks of the shipped list)")
+    q.add_argument("--eval-core-loops", type=int, nargs="+", default=None,
+                   help="loop counts T to score (default 1, μ_rec, 2·μ_rec)")
+    q.add_argument("--eval-core-max-per-task", type=int, default=500,
+                   help="records per task after the seed-1337 shuffle (0: all)")
+    q.add_argument("--eval-core-seed", type=int, default=1234,
+                   help="few-shot draw and h0 seed (one of evaluate core's --seeds)")
+    q.add_argument("--sample-interval", type=int, default=0,
+                   help="every N steps, greedy continuations of a few fixed prompts at "
+                        "T = μ_rec to the log and the telemetry sinks (0: off)")
+    q.add_argument("--sample-tokens", type=int, default=32,
+                   help="tokens per sample (one forward each: no KV cache in training)")
     r = parser.add_argument_group("Parcae recipe", "the authors' optimizer and packing "
                                   "(docs/recipe.md)")
     r.add_argument("--muon-lr", type=float, default=None,

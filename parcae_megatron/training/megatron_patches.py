@@ -20,6 +20,7 @@ import torch.distributed as dist
 from parcae_megatron.platform import cpu_backend
 from parcae_megatron.platform.patching import Patch
 from parcae_megatron.training import distopt_fix, faults, guards, muon_optimizer
+from parcae_megatron.training.quality import QUALITY
 from parcae_megatron.training.straggler import STRAGGLER
 from parcae_megatron.training.telemetry import TELEMETRY
 
@@ -75,6 +76,14 @@ FINALIZE_MODEL_GRADS = Patch(
     replaces="the gradient synchronisation pretrain installs as finalize_model_grads_func",
     change="notes the time it is entered for the straggler report, then calls it",
     why="up to here a rank computes; from here on a fast rank waits for the slowest")
+
+POST_STEP_CALLBACKS = Patch(
+    target=f"{_TRAINING}:post_training_step_callbacks",
+    replaces="the per-step callbacks after logging and validation (straggler detector, "
+             "weight-hash check, profiler stop, manual GC)",
+    change="calls them, then QUALITY.after_step: CORE / greedy samples when due",
+    why="CORE at several loop counts and samples while training, with the model chunks and "
+        "optimizer of the step (training/quality.py)")
 
 # ------------------------------------------------------------------ non-finite steps
 GET_MEGATRON_OPTIMIZER = Patch(
@@ -185,7 +194,7 @@ OVERRIDES: tuple[Patch, ...] = (FORWARD_ATTENTION, GET_QUERY_KEY_VALUE_TENSORS, 
 
 PATCHES: tuple[Patch, ...] = (
     ADD_MEGATRON_ARGUMENTS, HELP_EXPAND, COMPILE_DEPENDENCIES, TRAINING_LOG, EVALUATE,
-    WANDB_WRITER, TRAIN_STEP, FINALIZE_MODEL_GRADS,
+    WANDB_WRITER, TRAIN_STEP, FINALIZE_MODEL_GRADS, POST_STEP_CALLBACKS,
     GET_MEGATRON_OPTIMIZER, PREPARE_GRADS, DISTOPT_INIT, DISTOPT_SHARDED_STATE_DICT,
     DISTOPT_LOAD_STATE_DICT, DISTOPT_SET_MAIN_PARAM, EMERGING_OPTIMIZERS, TAG_BUFFER_ROUTING,
     TAG_BUFFER_ROUTING_TRAINING, OPTIMIZER_CONFIG, SCHEDULER_CLASS)
@@ -248,6 +257,19 @@ def install_telemetry() -> None:
 
     TRAINING_LOG.apply(training_log_with_telemetry)
     EVALUATE.apply(evaluate_with_telemetry)
+
+
+def install_quality_during_training() -> None:
+    """POST_STEP_CALLBACKS: CORE and samples every N steps (``QUALITY``)."""
+    callbacks = POST_STEP_CALLBACKS.original()
+
+    def callbacks_then_quality(model, optimizer, opt_param_scheduler, iteration, *args,
+                               **kwargs):
+        out = callbacks(model, optimizer, opt_param_scheduler, iteration, *args, **kwargs)
+        QUALITY.after_step(model, optimizer, iteration)
+        return out
+
+    POST_STEP_CALLBACKS.apply(callbacks_then_quality)
 
 
 def tolerate_wandb_failures() -> None:
@@ -395,6 +417,7 @@ def install_training_patches(fault: faults.Fault | None = None) -> None:
     """Everything ``parcae_megatron.train`` installs before Megatron's ``pretrain`` (``fault``:
     the run's ``PARCAE_FAULT``, for the faults carried out by the optimizer)."""
     install_telemetry()
+    install_quality_during_training()
     install_step_timing()
     install_guards(fault)
     install_distopt_fixes()

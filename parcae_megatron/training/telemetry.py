@@ -39,7 +39,8 @@ from parcae_megatron.training.straggler import STRAGGLER, describe
 _PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "GB200": 2500e12}
 
 _PREFIX = {"train": "parcae/", "validation": "parcae-validation/",
-           "straggler": "parcae-straggler/"}
+           "straggler": "parcae-straggler/", "core": "parcae-core/",
+           "samples": "parcae-samples/"}
 _SUM_FIELDS = ("sequences", "sampled_iterations", "executed_iterations", "grad_iterations",
                "state_norm", "residual_norm", "state_samples")
 _STABILITY_FIELDS = ("decay_min", "decay_mean", "decay_max", "delta_min", "delta_mean",
@@ -210,6 +211,11 @@ class Telemetry:
             return None
         return dict(zip(_STABILITY_FIELDS[:-1], values[:-1], strict=True))
 
+    def write(self, record: dict, iteration: int) -> None:
+        """Write ``record`` (a ``type`` of ``_PREFIX``) from the last rank; other ranks skip."""
+        if _is_last_rank():
+            self._write(record, iteration)
+
     def _write_straggler(self, record: dict, iteration: int) -> None:
         for line in describe(record):
             print(line, flush=True)
@@ -228,13 +234,18 @@ class Telemetry:
         scalars = {prefix + key: value for key, value in record.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)
                    and key not in ("iteration", "first_iteration", "time")}
+        texts = ({prefix + key: value for key, value in record.items()
+                  if isinstance(value, str) and key != "type"}
+                 if record["type"] == "samples" else {})
         writer = get_tensorboard_writer()
         if writer is not None:
             for key, value in scalars.items():
                 writer.add_scalar(key, value, iteration)
+            for key, value in texts.items():
+                writer.add_text(key, value, iteration)
         wandb_writer = get_wandb_writer()
         if wandb_writer is not None:
-            wandb_writer.log(scalars, iteration)
+            wandb_writer.log({**scalars, **texts}, iteration)
 
 
 @torch.no_grad()

@@ -49,6 +49,7 @@ def check_command_line(argv: list[str], world_size: int | None = None) -> list[s
     args.rank = 0
     args.world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     check_paths(args)
+    check_quality_flags(args)
     flag_policy.refuse_unsupported(args, expanded)
     flag_policy.refuse_unlisted_structure(args, expanded, parser)
     check_layout(args)
@@ -121,6 +122,7 @@ def validate_parcae_args(args: argparse.Namespace) -> ParcaeConfig:
     check_layout(args)
     check_paths(args)
     _check_recipe(args)
+    check_quality_flags(args)
     # The tokenizer (and so the padded vocabulary) is only known after initialisation;
     # check the model with a vocabulary padded the way Megatron will pad it.
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
@@ -151,6 +153,42 @@ def _check_recipe(args: argparse.Namespace) -> None:
                                 "--muon-num-ns-steps must be 1..5")
     if args.muon_momentum_warmup_iters < 0:
         raise ParcaeConfigError("--muon-momentum-warmup-iters must be >= 0")
+
+
+def check_quality_flags(args: argparse.Namespace) -> None:
+    """CORE and samples while training: intervals, loop counts, the bundle and its task list,
+    and a text tokenizer (prompts are text). Raises ``ParcaeConfigError``."""
+    for flag in ("eval_core_interval", "sample_interval", "eval_core_max_per_task",
+                 "sample_tokens"):
+        if getattr(args, flag) < 0:
+            raise ParcaeConfigError(f"--{flag.replace('_', '-')} must be >= 0")
+    if args.eval_core_loops and min(args.eval_core_loops) < 1:
+        raise ParcaeConfigError("--eval-core-loops must be >= 1")
+    needs_text = [f for f in ("eval_core_interval", "sample_interval") if getattr(args, f)]
+    if needs_text and (not args.tokenizer_model or args.tokenizer_type == "NullTokenizer"):
+        raise ParcaeConfigError(f"--{needs_text[0].replace('_', '-')} needs a text tokenizer: "
+                                "pass --tokenizer-model (SentencePiece .model or "
+                                "tokenizer.json)")
+    if not args.eval_core_interval:
+        return
+    if not args.eval_core_bundle:
+        raise ParcaeConfigError("--eval-core-interval needs --eval-core-bundle DIR (the unzipped "
+                                "DCLM/nanochat eval bundle)")
+    from parcae_megatron.evaluate.core import load_task_specs, read_baselines
+
+    bundle = Path(args.eval_core_bundle)
+    if not bundle.is_dir():
+        raise ParcaeConfigError(f"--eval-core-bundle directory not found: {bundle}")
+    try:
+        read_baselines(bundle)
+        specs = load_task_specs(args.eval_core_tasks_yaml)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise ParcaeConfigError(f"--eval-core-bundle: {exc}") from exc
+    absent = [s.dataset_uri for s in specs if not (bundle / "eval_data" / s.dataset_uri).is_file()]
+    if absent:
+        raise ParcaeConfigError(f"--eval-core-bundle {bundle} lacks eval_data/{absent[0]}"
+                                + (f" and {len(absent) - 1} more task file(s)"
+                                   if len(absent) > 1 else ""))
 
 
 def check_paths(args: argparse.Namespace) -> None:
