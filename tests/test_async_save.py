@@ -11,9 +11,13 @@ fault's parsing and the refusals of an ``--async-save`` Megatron would not honou
 
 from __future__ import annotations
 
+import functools
+import pickle
 import re
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -43,7 +47,7 @@ def shipped_1p3b(tmp: Path) -> list[str]:
     path = tmp / "tiny-1.3b.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return ["--config", str(path), *plan.flags, *ASYNC, "--train-iters", str(ITERS),
-            "--save-interval", str(INTERVAL), "--eval-iters", "0", "--eval-interval", "100",
+            "--save-interval", str(INTERVAL), "--eval-interval", "100",
             "--distributed-timeout-minutes", "1"]
 
 
@@ -55,12 +59,16 @@ def killed_and_resumed(tmp_path_factory) -> dict:
     base = [*shipped_1p3b(root), "--save", str(run), "--load", str(run)]
     killed = train(2, *base, "--telemetry-path", str(root / "killed.jsonl"), check=False,
                    env={"PARCAE_FAULT": f"kill_in_save@step={KILLED_AT},rank=1"})
+    time.sleep(1)  # the kernel's SIGKILL of the killed rank's helpers is asynchronous
+    orphans = [p.pid for p in psutil.process_iter(["cmdline"])
+               if str(run) in " ".join(p.info["cmdline"] or [])]
     tracker_after_kill = (run / "latest_checkpointed_iteration.txt").read_text().strip()
     in_flight = sorted(p.name for p in (run / f"iter_{KILLED_AT:07d}").iterdir()) \
         if (run / f"iter_{KILLED_AT:07d}").is_dir() else []
     resumed = train(2, *base, "--telemetry-path", str(root / "resumed.jsonl"), check=False)
     return {"run": run, "killed": killed, "resumed": resumed, "tracker": tracker_after_kill,
-            "in_flight": in_flight, "first": records(root / "killed.jsonl", "train"),
+            "in_flight": in_flight, "orphans": orphans,
+            "first": records(root / "killed.jsonl", "train"),
             "second": records(root / "resumed.jsonl", "train")}
 
 
@@ -76,6 +84,8 @@ def test_kill_during_async_save_keeps_the_previous_checkpoint(killed_and_resumed
     assert ".metadata" not in r["in_flight"], r["in_flight"]
     assert int(r["tracker"]) == KILLED_AT - INTERVAL, log[-4000:]
     assert [x["iteration"] for x in r["first"]] == list(range(1, KILLED_AT + 1))
+    # Its writer and the writer's queue manager died with it (nothing left orphaned).
+    assert r["orphans"] == [], r["orphans"]
 
 
 @pytest.mark.slow
@@ -100,7 +110,8 @@ def test_resume_after_async_save_is_bit_exact(killed_and_resumed):
 
 def test_an_async_save_snapshots_host_tensors():
     """A host tensor handed to the writer is copied while the trainer waits: the trainer's
-    next in-place update does not reach the checkpoint."""
+    next in-place update does not reach the checkpoint. The staging function travels to the
+    persistent writer process inside the request, so it must pickle."""
     from megatron.core.dist_checkpointing.strategies.filesystem_async import (
         FileSystemWriterAsync,
     )
@@ -111,6 +122,7 @@ def test_an_async_save_snapshots_host_tensors():
     staged = FileSystemWriterAsync.preload_tensors(buckets, non_blocking=False)
     live.add_(100.0)  # the next optimizer step
     assert torch.equal(staged[0][2][1][0][1], torch.arange(6, dtype=torch.float32))
+    pickle.loads(pickle.dumps(functools.partial(FileSystemWriterAsync.preload_tensors, [])))
 
 
 def test_kill_in_save_fault_parses():

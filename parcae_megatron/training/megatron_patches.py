@@ -375,23 +375,25 @@ def install_distopt_fixes() -> None:
     DISTOPT_SET_MAIN_PARAM.apply(set_main_param_and_optimizer_states)
 
 
+def snapshot_preload_tensors(write_buckets, non_blocking: bool = True):
+    """ASYNC_PRELOAD's replacement. Module-level: the save request carries it to the writer
+    process, which unpickles it by name (a closure made the request unpicklable and the
+    trainer waited for the writer forever)."""
+    # A host tensor is copied here, while the trainer waits, as a device tensor is by the
+    # original's .to("cpu"): the save is a snapshot of its step.
+    snapshot = [(path, key, (data, [(item, t.detach().clone() if t.device.type == "cpu"
+                                     else t) for item, t in tensors]))
+                for path, key, (data, tensors) in write_buckets]
+    return ASYNC_PRELOAD.original()(snapshot, non_blocking)
+
+
 def install_async_checkpointing(fault: faults.Fault | None = None) -> None:
     """ASYNC_PRELOAD and SCHEDULE_ASYNC_SAVE (idempotent): an asynchronous save writes the
     state of the step it was taken at, and a ``kill_in_save`` fault (``fault``, or else the
     run's ``PARCAE_FAULT``, read at the first save) fires once the save is in flight."""
     if ASYNC_PRELOAD.applied():
         return
-    preload = ASYNC_PRELOAD.original()
-
-    def preload_tensors(write_buckets, non_blocking: bool = True):
-        # A host tensor is copied here, while the trainer waits, as a device tensor is by
-        # the original's .to("cpu"): the save is a snapshot of its step.
-        snapshot = [(path, key, (data, [(item, t.detach().clone() if t.device.type == "cpu"
-                                         else t) for item, t in tensors]))
-                    for path, key, (data, tensors) in write_buckets]
-        return preload(snapshot, non_blocking)
-
-    ASYNC_PRELOAD.apply(staticmethod(preload_tensors))
+    ASYNC_PRELOAD.apply(staticmethod(snapshot_preload_tensors))
     schedule = SCHEDULE_ASYNC_SAVE.original()
 
     def schedule_async_save(async_request) -> None:
