@@ -36,6 +36,7 @@ import torch
 from parcae_megatron.config_file import load_config
 from parcae_megatron.model.memory import meta_parameters
 from parcae_megatron.model.presets import preset_config
+from parcae_megatron.platform import cpu_backend
 from parcae_megatron.platform.dist import init_distributed
 from parcae_megatron.training import megatron_patches
 
@@ -85,11 +86,12 @@ def main() -> None:
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     init_distributed()
+    if cpu_backend.is_active():  # as the trainer: the writer forked, one (CPU) device
+        cpu_backend.patch_megatron_training()
     megatron_patches.install_async_checkpointing()
-    # As the trainer starts them on the CPU backend (forked: no CUDA context to protect).
-    get_write_results_queue(mp_mode="fork")
+    get_write_results_queue()
     queue = AsyncCallsQueue(persistent=True)
-    AsyncCallsQueue.warmup_persistent_caller(0, mp_mode="fork")
+    AsyncCallsQueue.warmup_persistent_caller(0)
     state, nbytes, full_params = rank_state(opts.share)
     root = Path(tempfile.mkdtemp(prefix="async-save-", dir=opts.dir))
     count = 0
