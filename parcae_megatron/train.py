@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if int(os.environ.get("RANK", "0")) == 0:
         print(megatron_patches.report("train"), flush=True)
+    failfast.helpers_die_with_rank()  # no helper outlives a killed rank
     TELEMETRY.configure(args)
     QUALITY.configure(args)
     cfg = pretrain_cfg_container_from_args(args)

@@ -81,6 +81,12 @@ EXPECTED = {
         "(model_chunks)",
     "megatron.training.training:tag_params_for_buffer_routing": "(model_chunks)",
     "megatron.training.training:get_megatron_optimizer_config": "(args)",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async:"
+    "FileSystemWriterAsync.preload_tensors": "(write_buckets, non_blocking=True)",
+    "megatron.training.checkpointing:schedule_async_save": "(async_request)",
+    "megatron.core.dist_checkpointing.strategies.async_utils:"
+    "PersistentAsyncCaller._get_process":
+        "(rank, mp_mode='spawn', cpu_priority=10, io_priority=None)",
     "megatron.training.training:OptimizerParamScheduler":
         "(optimizer, init_lr, max_lr, min_lr, lr_warmup_steps, lr_decay_steps, lr_decay_style, "
         "start_wd, end_wd, wd_incr_steps, wd_incr_style, use_checkpoint_opt_param_scheduler="

@@ -67,6 +67,16 @@ GET_WRITE_RESULTS_QUEUE = Patch(
     replaces="the async checkpoint writer's result queue, from a manager started by 'spawn'",
     change="starts the manager by 'fork'",
     why="'spawn' costs 7-14 s per run on a CPU; 'fork' is safe without a CUDA context")
+PERSISTENT_WRITER_PROCESS = Patch(
+    target="megatron.core.dist_checkpointing.strategies.async_utils:"
+           "PersistentAsyncCaller._get_process",
+    replaces="starts the persistent asynchronous checkpoint writer (--async-save with "
+             "--use-persistent-ckpt-worker) by 'forkserver' at start-up, and by 'spawn' for "
+             "the save after the loop (the loop's end stops the first writer)",
+    change="starts it by 'fork'",
+    why="a forkserver or spawned child imports torch without the CPU backend: it found no "
+        "CUDA device, died, and the trainer waited for it forever; a forked child inherits "
+        "the backend")
 
 
 
@@ -108,7 +118,8 @@ ENGINE_RUN_BACKWARD_AUTOGRAD = Patch(
 
 PATCHES: tuple[Patch, ...] = (GET_CUDA_RNG_STATE, SET_CUDA_RNG_STATE, INITIALIZE_MEGATRON,
                               GET_DEVICE_ARCH_VERSION, SET_JIT_FUSION_OPTIONS,
-                              GET_WRITE_RESULTS_QUEUE, *CUDA_STUBS, ENGINE_RUN_BACKWARD,
+                              GET_WRITE_RESULTS_QUEUE, PERSISTENT_WRITER_PROCESS,
+                              *CUDA_STUBS, ENGINE_RUN_BACKWARD,
                               ENGINE_RUN_BACKWARD_AUTOGRAD)
 
 _MODE: TorchFunctionMode | None = None
@@ -274,7 +285,9 @@ def patch_megatron_training() -> None:
     * ``get_device_arch_version`` reads the GPU (TP > 1 argument checks);
     * ``set_jit_fusion_options`` compiles warm-up kernels for ~25 s: pointless on CPU;
     * the async checkpoint writer's result queue starts a manager by ``spawn`` (7-14 s per
-      run on CPU); ``fork`` is safe here because no CUDA context exists.
+      run on CPU); ``fork`` is safe here because no CUDA context exists;
+    * the persistent asynchronous checkpoint writer starts by ``forkserver`` or ``spawn``, a
+      fresh interpreter without this backend: it starts by ``fork`` instead.
     """
     if not is_active():
         activate()
@@ -283,6 +296,7 @@ def patch_megatron_training() -> None:
     # Megatron-LM's modules are imported (by the originals' look-up) before the device stubs.
     original = INITIALIZE_MEGATRON.original()
     write_results_queue = GET_WRITE_RESULTS_QUEUE.original()
+    start_writer = PERSISTENT_WRITER_PROCESS.original()  # bound to its class
     GET_DEVICE_ARCH_VERSION.original()
     _stub("torch.cuda:device_count").apply(lambda: 1)
     _stub("torch.cuda:set_device").apply(lambda device=None: None)
@@ -295,3 +309,6 @@ def patch_megatron_training() -> None:
     GET_DEVICE_ARCH_VERSION.apply(lambda: 9)
     SET_JIT_FUSION_OPTIONS.apply(lambda *args, **kwargs: None)
     GET_WRITE_RESULTS_QUEUE.apply(functools.partial(write_results_queue, mp_mode="fork"))
+    PERSISTENT_WRITER_PROCESS.apply(classmethod(
+        lambda cls, rank, mp_mode="spawn", *args, **kwargs:
+        start_writer(rank, "fork", *args, **kwargs)))

@@ -24,6 +24,11 @@ signal handler, ``--exit-interval``, ...):
    waiting on peers), a faulthandler watchdog dumps every thread's stack and ends the process
    if it is still alive :data:`EXIT_GRACE_S` seconds later.
 
+A rank that is killed outright (SIGKILL: the OOM killer, ``kill -9``) runs none of this. So
+that its helpers never outlive it, :func:`helpers_die_with_rank` has the kernel SIGKILL every
+process the rank forks once the rank is gone (Linux): without it the asynchronous checkpoint
+writer and its result queue's manager were left orphaned, waiting forever.
+
 The other ranks then fail in their next collective (a dead peer closes its gloo/NCCL
 connections) or, stuck, give up after ``--distributed-timeout-minutes``; torchrun and
 ``srun --kill-on-bad-exit`` also stop the remaining ranks once one exits non-zero.
@@ -32,15 +37,19 @@ connections) or, stuck, give up after ``--distributed-timeout-minutes``; torchru
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import faulthandler
 import multiprocessing
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
 
 EXIT_GRACE_S = 10  # seconds the interpreter gets to shut down after a failure
 EXIT_CODE = 1
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+_forking_pid = 0  # the process about to fork, as its child sees it
 
 
 def _rank() -> int:
@@ -85,6 +94,30 @@ def stop_helper_processes(timeout: float = 5.0) -> int:
         with contextlib.suppress(Exception):
             child.join(timeout)
     return len(children)
+
+
+def helpers_die_with_rank() -> bool:
+    """From now on every child this process forks (data-loader workers, checkpoint writers,
+    their queues' managers, deleters) gets SIGKILL from the kernel when this process ends,
+    however it ends. Linux only (elsewhere nothing changes); returns whether it is in place.
+
+    The kernel ties the signal to the forking thread: this process's helpers are forked by
+    its main thread, which lives as long as the process."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def note_parent() -> None:
+        global _forking_pid
+        _forking_pid = os.getpid()
+
+    def die_with_parent() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != _forking_pid:  # the parent died before the prctl took effect
+            os._exit(1)
+
+    os.register_at_fork(before=note_parent, after_in_child=die_with_parent)
+    return True
 
 
 def fail(exc: BaseException) -> None:

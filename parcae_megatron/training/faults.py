@@ -15,12 +15,17 @@
     PARCAE_FAULT="deep@step=3,rank=1"           from step 3 on, rank 1 runs every sequence
                                                 twice as many loop iterations as drawn (depth
                                                 imbalance, which is not a straggler)
+    PARCAE_FAULT="kill_in_save@step=4,rank=1"   rank 1 SIGKILLs itself right after it has
+                                                handed the asynchronous save (--async-save)
+                                                of the iteration-4 checkpoint to its writer,
+                                                before the save is finalized
     PARCAE_FAULT="raise@step=3,rank=1,attempt=1"   ... only in the job's first attempt
 
 ``rank`` is the global rank (default 0); the fault fires in the forward pass of the step's
 first micro-batch, so mid-step (``nan_grad``: once the gradients are reduced, just before the
-optimizer step). ``attempt`` counts a SLURM job's attempts from 1: the launcher
-(``launch.submit``) exports ``PARCAE_ATTEMPT``; elsewhere ``SLURM_RESTART_COUNT + 1``, else 1.
+optimizer step; ``kill_in_save``: in the checkpoint save after step ``step``). ``attempt``
+counts a SLURM job's attempts from 1: the launcher (``launch.submit``) exports
+``PARCAE_ATTEMPT``; elsewhere ``SLURM_RESTART_COUNT + 1``, else 1.
 A fault limited to the first attempt lets a requeued job complete. A malformed value is a
 configuration error (``error:`` line, exit 2) found before training starts.
 """
@@ -39,7 +44,7 @@ from datetime import datetime
 ENV = "PARCAE_FAULT"
 FORWARD_ACTIONS = ("raise", "kill", "hang", "nan")
 PERSISTENT_ACTIONS = ("slow", "deep")  # from their step on, every training micro-batch
-ACTIONS = (*FORWARD_ACTIONS, "nan_grad", *PERSISTENT_ACTIONS)
+ACTIONS = (*FORWARD_ACTIONS, "nan_grad", "kill_in_save", *PERSISTENT_ACTIONS)
 _KEYS = ("step", "rank", "attempt", "ms")
 
 
@@ -118,7 +123,7 @@ def fire(fault: Fault, step: int, rank: int, detail: str = "") -> None:
     what = (f"fault injection ({ENV}={fault.spec}): {fault.action} on rank {rank} at step {step}"
             + (f" ({detail})" if detail else ""))
     print(f"{what} [{stamp}]", file=sys.stderr, flush=True)
-    if fault.action == "kill":
+    if fault.action in ("kill", "kill_in_save"):
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     elif fault.action in ("nan", "nan_grad", *PERSISTENT_ACTIONS):
@@ -248,6 +253,21 @@ def grad_poisoner(fault: Fault | None, optimizer, names: Callable[[], dict]) \
         grad.fill_(float("nan"))
 
     return poison
+
+
+def kill_in_save(fault: Fault | None) -> None:
+    """Called once an asynchronous checkpoint save has been handed to the writer: for a
+    ``kill_in_save`` fault due in this save (the checkpoint of iteration ``step``), on its rank,
+    SIGKILL this process while the save is in flight."""
+    if fault is None or fault.action != "kill_in_save":
+        return
+    import torch.distributed as dist
+    from megatron.training import get_args
+
+    step = get_args().curr_iteration + 1  # the step just taken: the checkpoint's iteration
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if fault.matches(step, rank, current_attempt()):
+        fire(fault, step, rank, "asynchronous checkpoint save in flight")
 
 
 def from_env_or_exit() -> Fault | None:

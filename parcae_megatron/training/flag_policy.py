@@ -15,6 +15,7 @@ structure flag a future megatron-core adds is refused until someone lists it.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -274,6 +275,27 @@ def refuse_unsupported(args: argparse.Namespace, argv: list[str]) -> None:
                                     f"{refusal.reason}")
     check_low_precision(args)
     check_straggler_report(args)
+    check_async_save(args)
+
+
+def check_async_save(args: argparse.Namespace) -> None:
+    """``--async-save`` as Megatron-LM 0.19.2 runs it: torch_dist checkpoints written by the
+    persistent writer, with a writer strategy that is installed. Megatron itself would drop
+    the flag without a word (no persistent worker), or fail at the first save or at start."""
+    if not getattr(args, "async_save", False):
+        return
+    if args.ckpt_format != "torch_dist":
+        raise ParcaeConfigError(f"--async-save needs --ckpt-format torch_dist (not "
+                                f"{args.ckpt_format}): Megatron writes only distributed "
+                                "checkpoints asynchronously")
+    if not args.use_persistent_ckpt_worker:
+        raise ParcaeConfigError("--async-save needs --use-persistent-ckpt-worker: without it "
+                                "Megatron-LM ignores --async-save and saves synchronously")
+    if args.async_strategy == "nvrx" and importlib.util.find_spec(
+            "nvidia_resiliency_ext") is None:
+        raise ParcaeConfigError("--async-save with --async-strategy nvrx (Megatron's default) "
+                                "needs nvidia-resiliency-ext, which is not installed: pass "
+                                "--async-strategy mcore (Megatron-Core's own writer)")
 
 
 def check_low_precision(args: argparse.Namespace) -> None:

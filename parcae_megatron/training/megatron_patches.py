@@ -134,6 +134,22 @@ DISTOPT_SET_MAIN_PARAM = Patch(
     why="an fp32 parameter's shard is a view of the parameter (in-place copy on a leaf that "
         "requires grad failed), and the loaded per-parameter 'step' is a placeholder")
 
+# ------------------------------------------------------------------ asynchronous checkpoints
+_FS_ASYNC = "megatron.core.dist_checkpointing.strategies.filesystem_async"
+ASYNC_PRELOAD = Patch(
+    target=f"{_FS_ASYNC}:FileSystemWriterAsync.preload_tensors",
+    replaces="stages an asynchronous save's tensors in host memory while the trainer waits "
+             "(the device-to-host copy); a tensor already in host memory is passed on as is",
+    change="copies the tensors already in host memory too",
+    why="--use-persistent-ckpt-worker's writer receives them through a multiprocessing queue, "
+        "in memory shared with the trainer, whose next optimizer steps changed them while "
+        "they were written (every tensor on the CPU backend, host-resident state on a GPU)")
+SCHEDULE_ASYNC_SAVE = Patch(
+    target="megatron.training.checkpointing:schedule_async_save",
+    replaces="hands a checkpoint's asynchronous save request to the writer",
+    change="hands it over, then carries out a PARCAE_FAULT kill_in_save when it is due",
+    why="failure drill and test: a rank dies while its asynchronous save is in flight")
+
 # ------------------------------------------------------------------ parcae_muon
 EMERGING_OPTIMIZERS = Patch(
     target=f"{_EOPT}:_EMERGING_OPTIMIZERS",
@@ -196,7 +212,8 @@ PATCHES: tuple[Patch, ...] = (
     ADD_MEGATRON_ARGUMENTS, HELP_EXPAND, COMPILE_DEPENDENCIES, TRAINING_LOG, EVALUATE,
     WANDB_WRITER, TRAIN_STEP, FINALIZE_MODEL_GRADS, POST_STEP_CALLBACKS,
     GET_MEGATRON_OPTIMIZER, PREPARE_GRADS, DISTOPT_INIT, DISTOPT_SHARDED_STATE_DICT,
-    DISTOPT_LOAD_STATE_DICT, DISTOPT_SET_MAIN_PARAM, EMERGING_OPTIMIZERS, TAG_BUFFER_ROUTING,
+    DISTOPT_LOAD_STATE_DICT, DISTOPT_SET_MAIN_PARAM, ASYNC_PRELOAD, SCHEDULE_ASYNC_SAVE,
+    EMERGING_OPTIMIZERS, TAG_BUFFER_ROUTING,
     TAG_BUFFER_ROUTING_TRAINING, OPTIMIZER_CONFIG, SCHEDULER_CLASS)
 
 
@@ -380,6 +397,34 @@ def install_distopt_fixes() -> None:
     DISTOPT_SET_MAIN_PARAM.apply(set_main_param_and_optimizer_states)
 
 
+def snapshot_preload_tensors(write_buckets, non_blocking: bool = True):
+    """ASYNC_PRELOAD's replacement. Module-level: the save request carries it to the writer
+    process, which unpickles it by name (a closure made the request unpicklable and the
+    trainer waited for the writer forever)."""
+    # A host tensor is copied here, while the trainer waits, as a device tensor is by the
+    # original's .to("cpu"): the save is a snapshot of its step.
+    snapshot = [(path, key, (data, [(item, t.detach().clone() if t.device.type == "cpu"
+                                     else t) for item, t in tensors]))
+                for path, key, (data, tensors) in write_buckets]
+    return ASYNC_PRELOAD.original()(snapshot, non_blocking)
+
+
+def install_async_checkpointing(fault: faults.Fault | None = None) -> None:
+    """ASYNC_PRELOAD and SCHEDULE_ASYNC_SAVE (idempotent): an asynchronous save writes the
+    state of the step it was taken at, and a ``kill_in_save`` fault (``fault``, or else the
+    run's ``PARCAE_FAULT``, read at the first save) fires once the save is in flight."""
+    if ASYNC_PRELOAD.applied():
+        return
+    ASYNC_PRELOAD.apply(staticmethod(snapshot_preload_tensors))
+    schedule = SCHEDULE_ASYNC_SAVE.original()
+
+    def schedule_async_save(async_request) -> None:
+        schedule(async_request)
+        faults.kill_in_save(fault if fault is not None else faults.from_env())
+
+    SCHEDULE_ASYNC_SAVE.apply(schedule_async_save)
+
+
 def register_parcae_muon() -> None:
     """EMERGING_OPTIMIZERS and TAG_BUFFER_ROUTING(_TRAINING): ``--optimizer parcae_muon`` is
     known to Megatron-Core, and Megatron's own Muons route parameters the authors' way."""
@@ -421,6 +466,7 @@ def install_training_patches(fault: faults.Fault | None = None) -> None:
     install_step_timing()
     install_guards(fault)
     install_distopt_fixes()
+    install_async_checkpointing(fault)
     install_muon_recipe()
 
 
@@ -453,7 +499,8 @@ def install(phase: Literal["train", "convert", "evaluate"],
     * ``train`` (``parcae_megatron.train``): the CPU backend where there is no CUDA, the
       dependency-compilation skip, W&B tolerance (Megatron starts W&B while parsing),
       ``--optimizer parcae_muon`` and every training patch (telemetry, step timing, the
-      non-finite guard, the distributed-optimizer fixes, the Muon recipe);
+      non-finite guard, the distributed-optimizer fixes, asynchronous checkpoint snapshots,
+      the Muon recipe);
     * ``convert`` (building Megatron arguments for a converted model with Megatron-LM's
       parser): the CPU backend where there is no CUDA with its Megatron-LM patches, and
       ``--optimizer parcae_muon``;
