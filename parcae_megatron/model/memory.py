@@ -28,7 +28,7 @@ peak). Three totals are given: **allocated** (what ``torch.cuda.max_memory_alloc
   block (model/parcae_model.py ``_loop``), so it keeps the fp32 state at each iteration
   boundary and recomputes all L_R layers of one iteration at a time. The loop also keeps the
   injection's loop-invariant fp32 terms, the readout's fp32 input, the prelude norm's input
-  and the recurrent stack's value-embedding rows.
+  and the recurrent block's value-embedding rows.
 - **Allowance** (not measured here; constants below): fragmentation of the caching allocator,
   the CUDA context, NCCL's communicator buffers.
 
@@ -282,7 +282,7 @@ def loop_state_bytes(config: ParcaeConfig, *, micro_batch_size: int, seq_length:
     """Bytes the loop keeps for the backward besides its layers' activations: the fp32 state
     at each gradient iteration's input and the readout's fp32 input, the injection's
     loop-invariant fp32 terms, the prelude norm's input (Transformer Engine's norm keeps only
-    that and 1/rms; the local torch norm also its normalised output) and the recurrent stack's
+    that and 1/rms; the local torch norm also its normalised output) and the recurrent block's
     value-embedding rows."""
     s, b, t = seq_length, micro_batch_size, tp
     width = 2 if bf16 else 4
