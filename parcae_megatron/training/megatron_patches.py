@@ -402,7 +402,7 @@ def install_training_patches(fault: faults.Fault | None = None) -> None:
 
 
 # ------------------------------------------------------------------ the patch phase
-PHASES = ("train", "convert", "evaluate")
+PHASES = ("train", "check", "convert", "evaluate")
 ALLOW_VERSION_ENV = "PARCAE_ALLOW_MEGATRON_VERSION"
 
 
@@ -422,7 +422,7 @@ def check_megatron_version(environ: dict[str, str] | None = None) -> None:
     raise SystemExit(2)
 
 
-def install(phase: Literal["train", "convert", "evaluate"],
+def install(phase: Literal["train", "check", "convert", "evaluate"],
             argv: list[str] | None = None) -> list[str]:
     """The one patch phase of an entry point: everything it needs of Megatron is replaced
     here, before Megatron parses a flag. Returns ``argv`` with the flags the CPU backend needs.
@@ -431,11 +431,18 @@ def install(phase: Literal["train", "convert", "evaluate"],
       dependency-compilation skip, W&B tolerance (Megatron starts W&B while parsing),
       ``--optimizer parcae_muon`` and every training patch (telemetry, step timing, the
       non-finite guard, the distributed-optimizer fixes, the Muon recipe);
+    * ``check`` (parsing and validating a trainer command line without starting a rank:
+      ``launch``'s flag check, the rehearsal's stages): ``--optimizer parcae_muon``;
     * ``convert`` (building Megatron arguments for a converted model with Megatron-LM's
       parser): the CPU backend where there is no CUDA with its Megatron-LM patches, and
       ``--optimizer parcae_muon``;
     * ``evaluate`` (reading a Megatron checkpoint into one process: evaluation, the probe,
-      ``convert to-hf``): the CPU backend where there is no CUDA (Megatron-Core only).
+      ``convert to-hf``; and ``platform.dist.init_distributed``, for the tools, benchmarks
+      and tests that build a model in one process): the CPU backend where there is no CUDA
+      (Megatron-Core only).
+
+    In every phase, an ``argv`` asking for ``--help`` gets Megatron's help printed even where
+    one of its help strings cannot be %-formatted.
 
     Checks the megatron-core version first (``check_megatron_version``); raises
     ``gpu_check.GpuUnavailableError`` where GPUs were asked for and CUDA is unusable.
@@ -446,6 +453,11 @@ def install(phase: Literal["train", "convert", "evaluate"],
         raise ValueError(f"unknown patch phase {phase!r} (one of {', '.join(PHASES)})")
     argv = list(argv or [])
     check_megatron_version()
+    if "-h" in argv or "--help" in argv:
+        tolerate_bad_help_strings()
+    if phase == "check":
+        accept_parcae_optimizer()
+        return argv
     cpu = cpu_backend.maybe_activate()
     if phase == "evaluate":
         return argv
