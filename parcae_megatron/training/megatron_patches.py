@@ -367,8 +367,10 @@ def register_parcae_muon() -> None:
     for name in ("muon", "adaptive_muon"):  # Megatron's own Muons: same routing
         if name in registry:
             registry[name].default_param_overrides = muon_optimizer.adamw_routing()
-    TAG_BUFFER_ROUTING.apply(muon_optimizer.tag_params_for_buffer_routing)
+    # megatron.training.training imports the function by name: patch it there first, so its
+    # import (if this is the first) binds, and its record keeps, Megatron's own function.
     TAG_BUFFER_ROUTING_TRAINING.apply(muon_optimizer.tag_params_for_buffer_routing)
+    TAG_BUFFER_ROUTING.apply(muon_optimizer.tag_params_for_buffer_routing)
     registry[muon_optimizer.NAME] = muon_optimizer.registry_entry()
 
 
