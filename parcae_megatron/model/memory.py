@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from parcae_megatron.hf.loop_math import injection
 from parcae_megatron.model.config import ParcaeConfig
 
 GIB = 2.0**30
@@ -272,11 +273,6 @@ def buffer_layouts(params: list[torch.nn.Parameter], *, dp: int, bucket_size: in
 
 
 # --- activations --------------------------------------------------------------------------
-# fp32 [s, b, d] tensors an injection keeps for the whole loop (model/injection.py prepare):
-# the drive B̄e, plus e in fp32 saved by B's linear and Be saved by the gain multiply.
-_INJECTION_KEEPS = {"diagonal": 3, "diagonal_exact_zoh": 3, "additive": 1, "concat_linear": 2}
-
-
 def loop_state_bytes(config: ParcaeConfig, *, micro_batch_size: int, seq_length: int,
                      tp: int = 1, bf16: bool = True) -> int:
     """Bytes the loop keeps for the backward besides its layers' activations: the fp32 state
@@ -291,7 +287,9 @@ def loop_state_bytes(config: ParcaeConfig, *, micro_batch_size: int, seq_length:
     n_pre, n_rec = config.num_prelude_layers, config.num_recurrent_layers
     rows = sum(config.has_value_embedding(i) for i in range(n_pre, n_pre + n_rec))
     groups = config.num_query_groups or config.num_attention_heads
-    fp32_tensors = config.mean_backprop_depth + 1 + _INJECTION_KEEPS[config.injection_type]
+    # the injection's (its registry entry): e.g. the diagonal's drive B̄e, e in fp32 saved by
+    # B's linear and Be saved by the gain multiply
+    fp32_tensors = config.mean_backprop_depth + 1 + injection(config.injection_type).kept_fp32
     return (4 * sbd * fp32_tensors + (width * sbd if config.prelude_norm else 0)
             + s * b * rows * groups * config.kv_channels // t * width)
 
