@@ -204,7 +204,9 @@ def check_flags(job: JobSpec, run: RunSpec, config: Path) -> None:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Megatron's import notes on missing TE / Apex
+        from parcae_megatron.training import megatron_patches
         from parcae_megatron.training.validation import check_command_line
+        megatron_patches.install("check", argv)
         try:
             check_command_line(argv, world_size=job.world_size)
         except ValueError as exc:

@@ -89,10 +89,12 @@ def test_trainer_answers_each_mistake_in_one_line(name, tmp_path, monkeypatch, c
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
     from megatron.training.global_vars import destroy_global_vars
 
+    from parcae_megatron.training import megatron_patches
     from parcae_megatron.training.validation import parse_args_or_exit
 
     argv, named = mistakes(tmp_path)[name]
     monkeypatch.setattr(sys, "argv", ["parcae_megatron.train"])
+    megatron_patches.install("check", argv)
     try:
         with pytest.raises(SystemExit) as stop:
             parse_args_or_exit([*CPU_FLAGS, *argv])

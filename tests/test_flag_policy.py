@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from parcae_megatron.training import fusions
+from parcae_megatron.training import fusions, megatron_patches
 from parcae_megatron.training.arguments import parcae_config_from_args
 from parcae_megatron.training.config_expansion import BLOCK_ARGS
 from parcae_megatron.training.validation import parse_args_or_exit
@@ -38,6 +38,7 @@ def parse(monkeypatch, *argv: str):
     monkeypatch.setattr(sys, "argv", ["parcae_megatron.train"])
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
+    megatron_patches.install("check", list(argv))
     try:
         return parse_args_or_exit(list(argv))
     finally:
@@ -288,6 +289,7 @@ def test_a_future_structure_flag_is_refused_until_listed(monkeypatch):
     from parcae_megatron.training.config_expansion import expand_argv
     from parcae_megatron.training.validation import trainer_parser
 
+    megatron_patches.install("check")
     parser = trainer_parser()
     group = next(g for g in parser._action_groups if g.title == "network size")
     group.add_argument("--future-block-variant", type=str, default=None)
@@ -304,6 +306,7 @@ def test_every_shipped_config_uses_only_listed_structure_flags():
     from parcae_megatron.training.config_expansion import expand_argv
     from parcae_megatron.training.validation import trainer_parser
 
+    megatron_patches.install("check")
     parser = trainer_parser()
     configs = sorted((ROOT / "configs").glob("*.yaml"))
     assert configs

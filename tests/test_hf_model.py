@@ -155,3 +155,29 @@ def test_adaptive_histogram_skips_padding_and_rejects_bad_rules(model):
         model(ids, exit_criterion="kl", exit_threshold=-1.0)
     with pytest.raises(ValueError, match="exit_criterion"):
         ParcaeConfig(exit_criterion="entropy")
+
+
+def test_an_export_under_the_former_recurrent_block_name_loads_with_the_same_logits(
+        model, tmp_path):
+    """Exports written before the recurrent block was ``transformer.recurrent`` store it under
+    the authors' name ``transformer.core_block.*``: the reader and ``load_state_dict`` both
+    take such weights, and the model computes the same logits."""
+    from safetensors.torch import load_file, save_file
+
+    from parcae_megatron.convert.hf_io import load_hf_model, write_hf_dir
+    from parcae_megatron.hf.modeling_parcae import rename_recurrent_keys
+
+    write_hf_dir(model, tmp_path / "hf", None, overwrite=False)
+    weights = tmp_path / "hf" / "model.safetensors"
+    old = rename_recurrent_keys(load_file(str(weights)), to_authors=True)
+    assert "transformer.core_block.1.attn.c_q.weight" in old
+    assert not any(k.startswith("transformer.recurrent.") for k in old)
+    save_file(old, str(weights), metadata={"format": "pt"})
+    ids = torch.randint(1, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids, num_iterations=3, use_cache=False).logits
+        loaded = load_hf_model(tmp_path / "hf")
+        assert torch.equal(loaded(ids, num_iterations=3, use_cache=False).logits, want)
+        fresh = ParcaeForCausalLM(model.config).eval()
+        fresh.load_state_dict({**old, "lm_head.weight": old["transformer.wte.weight"]})
+        assert torch.equal(fresh(ids, num_iterations=3, use_cache=False).logits, want)

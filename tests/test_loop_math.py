@@ -90,3 +90,20 @@ def test_init_pass_takes_injection_inits_from_the_registry(monkeypatch):
     assert torch.equal(got["w"], keyed.full())
     with pytest.raises(ValueError, match="no initialisation rule for parameter 'injection.B'"):
         parameter_init("injection.B", cfg)
+
+
+def test_memory_estimate_takes_the_injections_kept_tensors_from_the_registry(monkeypatch):
+    """A new entry needs no memory-estimate code: the loop's fp32 tensors kept for the
+    backward come from its ``kept_fp32``."""
+    import copy
+    import dataclasses
+
+    from parcae_megatron.model.memory import loop_state_bytes
+
+    monkeypatch.setitem(INJECTIONS, "probe",
+                        dataclasses.replace(INJECTIONS["additive"], name="probe", kept_fp32=5))
+    cfg = copy.copy(preset_config("parcae-tiny", injection_type="additive"))
+    sizes = dict(micro_batch_size=2, seq_length=16, bf16=False)
+    additive = loop_state_bytes(cfg, **sizes)
+    cfg.injection_type = "probe"
+    assert loop_state_bytes(cfg, **sizes) - additive == (5 - 1) * 4 * 2 * 16 * cfg.hidden_size

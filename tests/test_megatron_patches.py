@@ -234,6 +234,37 @@ def test_the_convert_phase_installs_the_cpu_backend_and_names_its_patches():
         megatron_patches.install("serve")
 
 
+def test_the_check_phase_lets_parcae_muon_parse_and_help_print():
+    assert megatron_patches.install("check", ["--help"]) == ["--help"]
+    line = megatron_patches.report("check")
+    assert "add_megatron_arguments" in line and "_expand_help" in line
+    from parcae_megatron.training.validation import trainer_parser
+
+    assert trainer_parser().parse_args(["--optimizer", "parcae_muon"]).optimizer == "parcae_muon"
+
+
+def test_patches_are_installed_only_by_a_patch_phase():
+    """Outside ``megatron_patches`` and the CPU backend, package and launcher code installs
+    patches only through ``megatron_patches.install`` (one call per entry point)."""
+    phase_api = {"install", "report", "active", "check_megatron_version"}
+    backend = {"maybe_activate", "activate", "patch_megatron_training"}
+    found = []
+    for path in sorted([*ROOT.glob("parcae_megatron/**/*.py"), *ROOT.glob("launch/*.py")]):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in ("parcae_megatron/training/megatron_patches.py",
+                   "parcae_megatron/platform/cpu_backend.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name)):
+                continue
+            module, name = node.func.value.id, node.func.attr
+            if (module == "megatron_patches" and name not in phase_api) or (
+                    module == "cpu_backend" and name in backend):
+                found.append(f"{rel}:{node.lineno} {node.func.attr}")
+    assert not found, f"patches installed outside a patch phase: {found}"
+
+
 def test_the_registry_patch_adds_parcae_muon_and_routes_megatrons_muons():
     from megatron.core.optimizer.emerging_optimizers import _EMERGING_OPTIMIZERS
 

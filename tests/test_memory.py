@@ -175,7 +175,7 @@ def test_loop_state_as_the_loop_keeps_it(megatron_single):
         x = model.prelude(hidden_states=model.embedding(input_ids=ids, position_ids=None),
                           attention_mask=None, rotary_pos_emb=rope,
                           context=model.value_embedding_rows(model.prelude, ids))
-        rows = model.value_embedding_rows(model.core, ids)
+        rows = model.value_embedding_rows(model.recurrent, ids)
         with SavedTensorMeter(model) as meter:
             model._loop(x, None, rope, rows, None, DepthSample.fixed(b, k + 2, k), None, None)
         expected = loop_state_bytes(cfg, micro_batch_size=b, seq_length=s, bf16=False)

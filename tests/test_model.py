@@ -74,7 +74,7 @@ def test_init_values(megatron_single):
     for part in range(3):
         s = torch.linalg.svdvals(qkv[:, part].reshape(64, 64))
         assert torch.allclose(s, torch.full_like(s, math.sqrt(0.4)), atol=1e-5)
-    fc1 = torch.linalg.svdvals(model.core.layers[0].mlp.linear_fc1.weight.detach())
+    fc1 = torch.linalg.svdvals(model.recurrent.layers[0].mlp.linear_fc1.weight.detach())
     assert torch.allclose(fc1, torch.full_like(fc1, math.sqrt(1.6)), atol=1e-5)
 
 
@@ -114,14 +114,56 @@ def _reference_loss(model: ParcaeModel, ids, labels, h0, total: int, grad: int):
     h = h0
     for t in range(total):
         with torch.set_grad_enabled(t >= total - grad):  # rows looked up per iteration here
-            h = model.core(hidden_states=model.injection.step(h, prepared), attention_mask=None,
-                           rotary_pos_emb=rope,
-                           context=model.value_embedding_rows(model.core, ids))
+            h = model.recurrent(hidden_states=model.injection.step(h, prepared),
+                                attention_mask=None, rotary_pos_emb=rope,
+                                context=model.value_embedding_rows(model.recurrent, ids))
     x = model.coda(hidden_states=model.readout(h), attention_mask=None, rotary_pos_emb=rope,
                    context=model.value_embedding_rows(model.coda, ids))
     weight = model.embedding.word_embeddings.weight
     logits, _ = model.output_layer(model.final_norm(x), weight=weight)
     return model.compute_language_model_loss(labels, logits)
+
+
+def test_checkpoints_written_under_the_old_name_load_with_the_same_logits(megatron_single,
+                                                                           tmp_path):
+    """The recurrent block was ``core`` before it was ``recurrent``: a distributed checkpoint
+    written then (keys ``core.layers.…``) and a plain state dict of that time load into
+    today's model and give the same logits; today's checkpoints keep those keys."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    old = tiny_model()
+    perturb_(old)
+    # The model as it was: the stack's attribute named `core`, Megatron's own sharded state
+    # dict (ParcaeModel had no override then).
+    old.core = old._modules.pop("recurrent")
+    old_sharded = LanguageModule.sharded_state_dict(old)
+    old_plain = {k: v for k, v in old.state_dict().items() if isinstance(v, torch.Tensor)}
+    old.recurrent = old._modules.pop("core")
+    assert any(k.startswith("core.layers.") for k in old_plain)
+    (tmp_path / "old").mkdir()
+    dist_checkpointing.save(old_sharded, str(tmp_path / "old"))
+
+    def keys(sharded: dict) -> set[str]:
+        return {v.key for v in sharded.values() if hasattr(v, "key")}
+
+    ids, _, h0 = _batch()
+    with torch.no_grad():
+        want = old.eval()(ids, num_iterations=3, initial_state=h0)
+    for load in ("dist", "plain"):
+        new = tiny_model()
+        perturb_(new, seed=1)
+        assert keys(new.sharded_state_dict()) == keys(old_sharded)
+        if load == "dist":
+            new.load_state_dict(dist_checkpointing.load(new.sharded_state_dict(),
+                                                        str(tmp_path / "old")))
+        else:
+            result = new.load_state_dict(old_plain, strict=False)  # tensors only
+            assert not result.unexpected_keys
+            assert all(k.endswith("_extra_state") for k in result.missing_keys)
+        with torch.no_grad():
+            got = new.eval()(ids, num_iterations=3, initial_state=h0)
+        assert torch.equal(got, want), load
 
 
 def test_per_sequence_depths_match_single_sequences_and_truncated_backprop(megatron_single):

@@ -141,7 +141,7 @@ def test_init_rederived_from_keys(megatron_single):
     expected = {
         "embedding.word_embeddings.weight": orthogonal_init(std, seed).bind(
             "embedding.word_embeddings.weight", (cfg.vocab_size, d)),
-        "core.layers.1.self_attention.linear_qkv.weight": qkv_orthogonal_init(
+        "recurrent.layers.1.self_attention.linear_qkv.weight": qkv_orthogonal_init(
             16, 4, std, seed).bind("layers.3.self_attention.linear_qkv.weight", (192, d)),
         "coda.layers.1.self_attention.value_embedding.weight": InitMethod(
             "normal", 1.0, seed, "layers.5.self_attention.value_embedding.weight",

@@ -160,9 +160,9 @@ _VE = {
 }
 EXPECTED_140M = {
     "embedding.word_embeddings.weight": ("adam", 6e-3, 1.0, 0.0),
-    **{f"{stack}.layers.{i}.{name}": row for stack in ("prelude", "core", "coda")
+    **{f"{stack}.layers.{i}.{name}": row for stack in ("prelude", "recurrent", "coda")
        for i in (0, 1) for name, row in _LAYER.items()},
-    **{f"{stack}.layers.1.{name}": row for stack in ("prelude", "core", "coda")
+    **{f"{stack}.layers.1.{name}": row for stack in ("prelude", "recurrent", "coda")
        for name, row in _VE.items()},
     "prelude_norm.weight": ("adam", 6e-3, 1.0, 0.0),
     "injection.A_log": ("adam", 6e-3, 1.0, 0.0),
@@ -218,7 +218,7 @@ def test_decoupled_lr_reaches_embeddings_only():
     decoupled = {n for n, p in model.named_parameters() if group_of[id(p)]["max_lr"] == 1e-3}
     assert decoupled == {"embedding.word_embeddings.weight",
                          *(f"{s}.layers.1.self_attention.value_embedding.weight"
-                           for s in ("prelude", "core", "coda"))}
+                           for s in ("prelude", "recurrent", "coda"))}
 
 
 RECIPE_FLAGS = ["--optimizer", "parcae_muon", "--muon-lr", "3e-3", "--muon-tp-mode", "duplicated",

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from parcae_megatron.convert.errors import ConversionError
 from parcae_megatron.hf.configuration_parcae import ParcaeConfig as HFConfig
-from parcae_megatron.hf.modeling_parcae import ParcaeForCausalLM
+from parcae_megatron.hf.modeling_parcae import ParcaeForCausalLM, rename_recurrent_keys
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -98,7 +98,9 @@ def write_hf_dir(model: ParcaeForCausalLM, out: Path, tokenizer_model: Path | No
 
 
 def read_hf_dir(path: Path) -> tuple[HFConfig, dict[str, torch.Tensor]]:
-    """(config, tensors) of an HF Parcae directory; safetensors only, checked for damage."""
+    """(config, tensors) of an HF Parcae directory; safetensors only, checked for damage.
+    The recurrent block's tensors are ``transformer.recurrent.*`` even when the directory
+    stores them under their former name ``transformer.core_block.*``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -135,7 +137,7 @@ def read_hf_dir(path: Path) -> tuple[HFConfig, dict[str, torch.Tensor]]:
             raise ConversionError(f"corrupt weight shard {file}: {exc}") from exc
     if "lm_head.weight" not in state and config.tie_word_embeddings:
         state["lm_head.weight"] = state.get("transformer.wte.weight")
-    return config, state
+    return config, rename_recurrent_keys(state)  # exports written before the rename, too
 
 
 def load_hf_model(path: Path) -> ParcaeForCausalLM:

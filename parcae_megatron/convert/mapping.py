@@ -15,8 +15,8 @@ from parcae_megatron.hf.configuration_parcae import ParcaeConfig as HFConfig
 from parcae_megatron.hf.loop_math import INJECTIONS
 from parcae_megatron.model.config import ParcaeConfig, half_squared_relu
 
-STAGES = (("prelude", "prelude"), ("core", "core_block"), ("coda", "coda"))
-"""(Megatron block attribute, HF ModuleDict name)."""
+STAGES = ("prelude", "recurrent", "coda")
+"""The three stacks: Megatron's ``{stage}.layers.{i}`` is HF's ``transformer.{stage}.{i}``."""
 
 _BLOCK = {
     "input_layernorm.weight": "norm_1.weight",
@@ -103,7 +103,7 @@ def _qkv_rows(cfg) -> tuple[int, int, int]:
 
 
 def _effective_first(cfg, stage: str) -> int:
-    return {"prelude": 0, "core": cfg.num_prelude_layers,
+    return {"prelude": 0, "recurrent": cfg.num_prelude_layers,
             "coda": cfg.num_prelude_layers + cfg.num_recurrent_layers}[stage]
 
 
@@ -117,12 +117,12 @@ def megatron_to_hf_state(state: dict[str, torch.Tensor],
         if m_name in state:
             out[h_name] = state[m_name]
             used.add(m_name)
-    for m_stage, h_stage in STAGES:
-        prefix = f"{m_stage}.layers."
+    for stage in STAGES:
+        prefix = f"{stage}.layers."
         layers = sorted({int(k[len(prefix):].split(".")[0]) for k in state
                          if k.startswith(prefix)})
         for i in layers:
-            src, dst = f"{prefix}{i}.", f"transformer.{h_stage}.{i}."
+            src, dst = f"{prefix}{i}.", f"transformer.{stage}.{i}."
             for m_key, h_key in _BLOCK.items():
                 if src + m_key in state:
                     out[dst + h_key] = state[src + m_key]
@@ -135,7 +135,7 @@ def megatron_to_hf_state(state: dict[str, torch.Tensor],
             out[dst + "attn.c_v.weight"] = per[:, q_per_group + 1].reshape(-1, qkv.shape[-1])
             table = src + "self_attention.value_embedding.weight"
             if table in state:
-                out[f"value_embeds.{_effective_first(cfg, m_stage) + i}.weight"] = state[table]
+                out[f"value_embeds.{_effective_first(cfg, stage) + i}.weight"] = state[table]
                 used.add(table)
     leftover = [k for k in state if k not in used and not k.endswith("_extra_state")]
     if leftover:
@@ -158,12 +158,12 @@ def hf_to_megatron_state(hf_state: dict[str, torch.Tensor],
         if h_name in reverse_top:
             out[reverse_top[h_name]] = state.pop(h_name)
     reverse_block = {v: k for k, v in _BLOCK.items()}
-    for m_stage, h_stage in STAGES:
-        prefix = f"transformer.{h_stage}."
+    for stage in STAGES:
+        prefix = f"transformer.{stage}."
         layers = sorted({int(k[len(prefix):].split(".")[0]) for k in state
                          if k.startswith(prefix)})
         for i in layers:
-            src, dst = f"{prefix}{i}.", f"{m_stage}.layers.{i}."
+            src, dst = f"{prefix}{i}.", f"{stage}.layers.{i}."
             for h_key, m_key in reverse_block.items():
                 if src + h_key in state:
                     out[dst + m_key] = state.pop(src + h_key)
@@ -172,7 +172,7 @@ def hf_to_megatron_state(hf_state: dict[str, torch.Tensor],
             fused = torch.cat([q.view(groups, q_per_group, hd, -1), k.view(groups, 1, hd, -1),
                                v.view(groups, 1, hd, -1)], dim=1)
             out[dst + "self_attention.linear_qkv.weight"] = fused.reshape(-1, q.shape[-1])
-            table = f"value_embeds.{_effective_first(cfg, m_stage) + i}.weight"
+            table = f"value_embeds.{_effective_first(cfg, stage) + i}.weight"
             if table in state:
                 out[dst + "self_attention.value_embedding.weight"] = state.pop(table)
     if state:

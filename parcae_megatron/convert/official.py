@@ -4,7 +4,9 @@ Authors' format (docs/design.md §12): ``config.json`` with
 their field names and ``"_class_name": "ParcaeConfig"``, and ``pytorch_model.bin``, a
 ``torch.save`` of the full state dict: the RoPE buffer ``freqs_cis``, ``transformer.*``,
 ``value_embeds.*`` and ``lm_head.weight`` (sharing storage with ``transformer.wte.weight``).
-Our HF parameter names are theirs, so conversion is a check plus two choices:
+Our HF parameter names are theirs except for the recurrent block (``transformer.core_block.*``
+there, ``transformer.recurrent.*`` here: ``rename_recurrent_keys``), so conversion is a check, that
+rename and two choices:
 
 * RoPE: the authors rotate adjacent channel pairs. Import keeps their weights untouched and
   sets ``rope_interleaved=True`` (bit-exact both ways); ``rope="rotate-half"`` instead permutes
@@ -44,7 +46,7 @@ from parcae_megatron.convert.hf_io import (
 )
 from parcae_megatron.hf.configuration_parcae import ParcaeConfig
 from parcae_megatron.hf.loop_math import INJECTIONS, injection
-from parcae_megatron.hf.modeling_parcae import ParcaeForCausalLM
+from parcae_megatron.hf.modeling_parcae import ParcaeForCausalLM, rename_recurrent_keys
 from parcae_megatron.hf.tokenization_parcae import check_sentencepiece
 
 CLASS_NAME = "ParcaeConfig"
@@ -68,10 +70,10 @@ def value_embedding_layout(n_p: int, n_r: int, n_c: int, mean_recurrence: int,
     """(layers owning a VE table, layers owning a ``ve_gate``) under the authors' two rules.
 
     Tables: effective index n ∈ [0, L_P+L_R+L_C) with n ≡ n_eff−1 (mod 2). Gates: internal
-    ``layer_id`` (prelude i; core L_P+j; coda L_P+L_R·μ_rec+k) ≡ L_R·μ_bwd − 1 (mod 2).
-    Layers are named ``prelude.i`` / ``core_block.j`` / ``coda.k``.
+    ``layer_id`` (prelude i; recurrent L_P+j; coda L_P+L_R·μ_rec+k) ≡ L_R·μ_bwd − 1 (mod 2).
+    Layers are named ``prelude.i`` / ``recurrent.j`` / ``coda.k``.
     """
-    names = ([f"prelude.{i}" for i in range(n_p)] + [f"core_block.{j}" for j in range(n_r)]
+    names = ([f"prelude.{i}" for i in range(n_p)] + [f"recurrent.{j}" for j in range(n_r)]
              + [f"coda.{k}" for k in range(n_c)])
     n_eff = n_p + n_r + n_c
     tables = [names[n] for n in range(n_eff) if n % 2 == (n_eff - 1) % 2]
@@ -401,6 +403,7 @@ def official_to_hf_model(path: str | os.PathLike, *, rope: str = "interleaved",
                                       f"rope_base={cfg.rope_theta} by {err:.3g}")
     dtype = wte.dtype if wte is not None else torch.float32
     state = _rename(state, {v: k for k, v in _adapter_keys(cfg.injection_type).items()})
+    state = rename_recurrent_keys(state)
     with torch.device("meta"):
         shell = ParcaeForCausalLM(cfg)
     _check_state(state, shell, cfg, str(path))
@@ -441,7 +444,8 @@ def official_state_dict(model: ParcaeForCausalLM) -> dict[str, torch.Tensor]:
     state = {k: v.detach() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     if not cfg.rope_interleaved:
         _permute_qk(state, cfg, to_interleaved=True)
-    state = _rename(state, _adapter_keys(cfg.injection_type))
+    state = rename_recurrent_keys(_rename(state, _adapter_keys(cfg.injection_type)),
+                                  to_authors=True)
     state["freqs_cis"] = freqs_cis(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta)
     state["lm_head.weight"] = state["transformer.wte.weight"]
 

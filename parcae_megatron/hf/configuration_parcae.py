@@ -16,7 +16,7 @@ EXIT_CRITERIA = ("residual", "kl", "argmax")
 
 
 class ParcaeConfig(PretrainedConfig):
-    """Prelude / looped core / coda Transformer (docs/design.md §2).
+    """Prelude / recurrent block (looped) / coda Transformer (docs/design.md §2).
 
     Loop count: ``num_iterations`` is the default number of recurrent iterations T at
     inference (the training mean μ_rec unless set); every forward and ``generate`` call can
@@ -119,7 +119,8 @@ class ParcaeConfig(PretrainedConfig):
 
     @property
     def num_effective_layers(self) -> int:
-        """L_P + L_R + L_C: prelude, one copy of the core, coda (value-embedding placement)."""
+        """L_P + L_R + L_C: prelude, one copy of the recurrent block, coda (value-embedding
+        placement)."""
         return self.num_prelude_layers + self.num_recurrent_layers + self.num_coda_layers
 
     def has_value_embedding(self, effective_layer: int) -> bool:

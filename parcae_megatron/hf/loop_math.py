@@ -120,7 +120,9 @@ class Injection:
     ``"normal"`` (the model's own normal init); ``official_name``: the authors' name for it
     (None: not in their format) and ``official_keys``: our parameter name → theirs under
     ``transformer.adapter.`` (docs/design.md §12.2); ``diagonal``: Ā is the per-channel
-    exp(-Δa) of ``A_log``/``dt_bias`` (stability telemetry applies).
+    exp(-Δa) of ``A_log``/``dt_bias`` (stability telemetry applies); ``kept_fp32``: the fp32
+    [s, b, d] tensors its ``prepare`` keeps for the whole loop's backward (the memory
+    estimate; at least the drive B̄e).
     """
 
     name: str
@@ -132,6 +134,7 @@ class Injection:
     official_keys: dict[str, str] = field(default_factory=dict)
     diagonal: bool = False
     exact_zoh: bool = False
+    kept_fp32: int = 1
 
     def __post_init__(self) -> None:
         if set(self.shapes(1)) != set(self.init):
@@ -152,16 +155,16 @@ _DIAGONAL_KEYS = {"A_log": "A_log", "dt_bias": "dt_bias", "B": "B"}
 INJECTIONS: dict[str, Injection] = {
     "diagonal": Injection("diagonal", _diagonal_shapes, _DIAGONAL_INIT,
                           _diagonal_prepare(False), _decay_step, official_name="diagonal",
-                          official_keys=_DIAGONAL_KEYS, diagonal=True),
+                          official_keys=_DIAGONAL_KEYS, diagonal=True, kept_fp32=3),
     "diagonal_exact_zoh": Injection("diagonal_exact_zoh", _diagonal_shapes, _DIAGONAL_INIT,
                                     _diagonal_prepare(True), _decay_step, diagonal=True,
-                                    exact_zoh=True),
+                                    exact_zoh=True, kept_fp32=3),
     "additive": Injection("additive", lambda d: {}, {}, _additive_prepare, _decay_step,
                           official_name="add"),
     "concat_linear": Injection("concat_linear", lambda d: {"weight": (d, 2 * d)},
                                {"weight": "normal"}, _concat_prepare, _concat_step,
                                official_name="linear",
-                               official_keys={"weight": "adapter.weight"}),
+                               official_keys={"weight": "adapter.weight"}, kept_fp32=2),
 }
 INJECTION_TYPES = tuple(INJECTIONS)
 

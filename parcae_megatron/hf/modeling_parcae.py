@@ -4,8 +4,10 @@ Self-contained (``torch`` + ``transformers``): copied next to exported weights, 
 ``configuration_parcae.py`` and ``loop_math.py`` (the loop's maths, shared with the Megatron
 model), so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works offline.
 
-Parameter names follow the authors' checkpoints (``transformer.prelude.0.attn.c_q.weight``, …),
-so their released weights load after at most a RoPE row permutation. Inference:
+Parameter names follow the authors' checkpoints (``transformer.prelude.0.attn.c_q.weight``, …)
+except for the recurrent block, ``transformer.recurrent.*`` here and ``transformer.core_block.*``
+there (``rename_recurrent_keys``), so their released weights load after a rename and at most a
+RoPE row permutation. Inference:
 
 * the loop count ``num_iterations`` is a per-call argument (default ``config.num_iterations``);
 * the KV cache holds one layer per *executed* attention layer: prelude, every iteration of every
@@ -38,6 +40,26 @@ from .loop_math import (
     seeded_state_table,
     truncated_normal_,
 )
+
+AUTHORS_RECURRENT = "transformer.core_block."
+"""The recurrent block's key prefix in the authors' checkpoints, and in our exports written before
+it became ``transformer.recurrent.``."""
+
+
+def rename_recurrent_keys(state: dict, to_authors: bool = False) -> dict:
+    """``state`` with the recurrent block's keys moved from the authors' prefix to ours (or,
+    with ``to_authors``, back); every other key and every tensor unchanged."""
+    old, new = "transformer.recurrent.", AUTHORS_RECURRENT
+    if not to_authors:
+        old, new = new, old
+    return {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
+
+
+def _accept_authors_keys(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """Load-state-dict pre-hook: a state dict with the authors' recurrent-block keys loads."""
+    old = prefix + AUTHORS_RECURRENT
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[f"{prefix}transformer.recurrent.{key[len(old):]}"] = state_dict.pop(key)
 
 
 @dataclass
@@ -239,7 +261,8 @@ class ParcaePreTrainedModel(PreTrainedModel):
 
 
 class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
-    """Parcae with a tied LM head: prelude → T × (inject, core) → readout C → coda → head."""
+    """Parcae with a tied LM head: prelude → T × (inject, recurrent block) → readout C → coda →
+    head."""
 
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
@@ -256,7 +279,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
                   "coda": blocks(config.num_coda_layers, n_p + n_r),
                   "ln_f": RMSNorm(d, config.rms_norm_eps)}
         if n_r:
-            stages["core_block"] = blocks(n_r, n_p)
+            stages["recurrent"] = blocks(n_r, n_p)
             stages["adapter"] = Adapter(config)
             stages["C"] = nn.Linear(d, d, bias=False)
             if config.prelude_norm:
@@ -268,6 +291,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
             for n in range(config.num_effective_layers) if config.has_value_embedding(n)})
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
         self._state_tables: dict[tuple, torch.Tensor] = {}
+        self.register_load_state_dict_pre_hook(_accept_authors_keys)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -395,7 +419,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
             if rule is None:
                 for _ in range(T):
                     u = self.transformer.adapter.step(h, prepared).to(x.dtype)
-                    for j, block in enumerate(self.transformer.core_block):
+                    for j, block in enumerate(self.transformer.recurrent):
                         u = block(u, rope, mask, ves[j], cache, layer)
                         layer += 1
                     h = u.float()
@@ -459,9 +483,9 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         for r in range(1, T + 1):
             hold.active = active
             u = self.transformer.adapter.step(h, prepared).to(dtype)
-            for j, block in enumerate(self.transformer.core_block):
+            for j, block in enumerate(self.transformer.recurrent):
                 u = block(u, rope, mask, ves[j], cache, n_p + (r - 1) * n_r + j,
-                          (hold, ("core", j)))
+                          (hold, ("recurrent", j)))
             h_new = u.float()
             if criterion == "residual":
                 delta = (h_new - h).norm(dim=-1) / h_new.norm(dim=-1).clamp_min(1e-30)
@@ -489,7 +513,7 @@ class ParcaeForCausalLM(ParcaePreTrainedModel, GenerationMixin):
         if cache is not None:  # slots of iterations nobody ran hold the last K/V (the rule)
             for r in range(ran + 1, T + 1):
                 for j in range(n_r):
-                    cache.update(*hold.kv[("core", j)], n_p + (r - 1) * n_r + j)
+                    cache.update(*hold.kv[("recurrent", j)], n_p + (r - 1) * n_r + j)
                 if criterion != "residual":
                     for k in range(n_c):
                         cache.update(*hold.kv[("probe", k)], probe_base + (r - 1) * n_c + k)

@@ -20,8 +20,8 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
               "prelude_params": 0, "recurrent_params": 0, "coda_params": 0,
               "injection_params": 0, "readout_params": 0, "prelude_norm_params": 0,
               "final_norm_params": 0}
-    stage_of = {"prelude": "prelude_params", "core": "recurrent_params", "coda": "coda_params",
-                "injection": "injection_params", "readout": "readout_params",
+    stage_of = {"prelude": "prelude_params", "recurrent": "recurrent_params",
+                "coda": "coda_params", "injection": "injection_params", "readout": "readout_params",
                 "prelude_norm": "prelude_norm_params", "final_norm": "final_norm_params"}
     seen: set[int] = set()
     for name, param in model.named_parameters():

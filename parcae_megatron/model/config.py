@@ -1,4 +1,4 @@
-"""`ParcaeConfig`: a Megatron `TransformerConfig` for prelude / looped core / coda models.
+"""`ParcaeConfig`: a Megatron `TransformerConfig` for prelude / recurrent block / coda models.
 
 Block internals follow the Parcae paper (docs/design.md §2.2): pre-norm RMSNorm (eps 1e-5),
 no biases, parameter-free QK-norm, RoPE θ = 50,000, 0.5·ReLU² MLP, scaled-zero

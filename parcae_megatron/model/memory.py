@@ -28,7 +28,7 @@ peak). Three totals are given: **allocated** (what ``torch.cuda.max_memory_alloc
   block (model/parcae_model.py ``_loop``), so it keeps the fp32 state at each iteration
   boundary and recomputes all L_R layers of one iteration at a time. The loop also keeps the
   injection's loop-invariant fp32 terms, the readout's fp32 input, the prelude norm's input
-  and the recurrent stack's value-embedding rows.
+  and the recurrent block's value-embedding rows.
 - **Allowance** (not measured here; constants below): fragmentation of the caching allocator,
   the CUDA context, NCCL's communicator buffers.
 
@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from parcae_megatron.hf.loop_math import injection
 from parcae_megatron.model.config import ParcaeConfig
 
 GIB = 2.0**30
@@ -272,17 +273,12 @@ def buffer_layouts(params: list[torch.nn.Parameter], *, dp: int, bucket_size: in
 
 
 # --- activations --------------------------------------------------------------------------
-# fp32 [s, b, d] tensors an injection keeps for the whole loop (model/injection.py prepare):
-# the drive B̄e, plus e in fp32 saved by B's linear and Be saved by the gain multiply.
-_INJECTION_KEEPS = {"diagonal": 3, "diagonal_exact_zoh": 3, "additive": 1, "concat_linear": 2}
-
-
 def loop_state_bytes(config: ParcaeConfig, *, micro_batch_size: int, seq_length: int,
                      tp: int = 1, bf16: bool = True) -> int:
     """Bytes the loop keeps for the backward besides its layers' activations: the fp32 state
     at each gradient iteration's input and the readout's fp32 input, the injection's
     loop-invariant fp32 terms, the prelude norm's input (Transformer Engine's norm keeps only
-    that and 1/rms; the local torch norm also its normalised output) and the recurrent stack's
+    that and 1/rms; the local torch norm also its normalised output) and the recurrent block's
     value-embedding rows."""
     s, b, t = seq_length, micro_batch_size, tp
     width = 2 if bf16 else 4
@@ -291,7 +287,9 @@ def loop_state_bytes(config: ParcaeConfig, *, micro_batch_size: int, seq_length:
     n_pre, n_rec = config.num_prelude_layers, config.num_recurrent_layers
     rows = sum(config.has_value_embedding(i) for i in range(n_pre, n_pre + n_rec))
     groups = config.num_query_groups or config.num_attention_heads
-    fp32_tensors = config.mean_backprop_depth + 1 + _INJECTION_KEEPS[config.injection_type]
+    # the injection's (its registry entry): e.g. the diagonal's drive B̄e, e in fp32 saved by
+    # B's linear and Be saved by the gain multiply
+    fp32_tensors = config.mean_backprop_depth + 1 + injection(config.injection_type).kept_fp32
     return (4 * sbd * fp32_tensors + (width * sbd if config.prelude_norm else 0)
             + s * b * rows * groups * config.kv_channels // t * width)
 

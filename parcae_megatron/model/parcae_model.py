@@ -1,4 +1,4 @@
-"""`ParcaeModel`: prelude → (prelude norm, injection, looped core) × T → readout C → coda.
+"""`ParcaeModel`: prelude → (prelude norm, injection, recurrent block) × T → readout C → coda.
 
 Built from Megatron-Core pieces: vocab-parallel embedding, three `TransformerBlock` stacks
 sharing one layer spec, RoPE, a tied vocab-parallel output layer. Pipeline parallelism cuts
@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils.checkpoint
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import (
     LanguageModelEmbedding,
@@ -47,6 +49,10 @@ from parcae_megatron.model.depth import DepthSample, DepthSampler
 from parcae_megatron.model.init import deferred_initialization, init_parameters
 from parcae_megatron.model.injection import Prepared, Readout, build_injection
 from parcae_megatron.model.layer_specs import get_parcae_layer_spec, spec_for_stack
+
+CHECKPOINT_NAME = "core"
+"""The recurrent block's name in checkpoint keys (its name before it became ``recurrent``):
+Megatron checkpoints keep it, so those written before and after the rename load alike."""
 
 
 @dataclass
@@ -107,12 +113,13 @@ class ParcaeModel(LanguageModule):
         self.input_tensor: Tensor | None = None
         self._state_generators: dict[torch.device, torch.Generator] = {}
         n_pre, n_rec = config.num_prelude_layers, config.num_recurrent_layers
-        self.first_effective_layer = {"prelude": 0, "core": n_pre, "coda": n_pre + n_rec}
+        self.first_effective_layer = {"prelude": 0, "recurrent": n_pre, "coda": n_pre + n_rec}
         """Effective-layer index of each stack's first layer (its layers' init keys)."""
         with deferred_initialization(config) as initialise:
             self._build(config, spec, dp_rank, dp_size)
         if initialise:
             self.init_weights()
+        self.register_load_state_dict_pre_hook(_rename_checkpoint_keys)
         if self.pre_process or self.post_process:
             # On a last stage without the embedding, Megatron copies the first stage's
             # embedding into the output layer (an all-reduce with a zeroed copy).
@@ -120,7 +127,7 @@ class ParcaeModel(LanguageModule):
         for module in self.modules():
             if isinstance(module, ValueEmbedding):
                 module.weight.is_embedding_or_output_parameter = True
-        for stack in (self.prelude, self.core, self.coda):
+        for stack in (self.prelude, self.recurrent, self.coda):
             if stack is not None:
                 self._assign_value_rows_columns(stack)
         if self.has_loop:
@@ -152,9 +159,9 @@ class ParcaeModel(LanguageModule):
 
         first = self.first_effective_layer
         self.prelude = stack("prelude", first["prelude"])
-        self.core = stack("recurrent", first["core"])
+        self.recurrent = stack("recurrent", first["recurrent"])
         self.coda = stack("coda", first["coda"])
-        self.has_loop = self.core is not None
+        self.has_loop = self.recurrent is not None
         if self.has_loop:
             hidden = config.hidden_size
             self.prelude_norm = (norm(config=config, hidden_size=hidden,
@@ -182,7 +189,7 @@ class ParcaeModel(LanguageModule):
         parameters are ``layers.<effective layer>.…`` (the same on any pipeline stage), the
         output layer's copy of the tied embedding is ``embedding.word_embeddings.weight``,
         the rest keep their names."""
-        layer = re.compile(r"(prelude|core|coda)\.layers\.(\d+)\.(.*)")
+        layer = re.compile(r"(prelude|recurrent|coda)\.layers\.(\d+)\.(.*)")
         for name, param in self.named_parameters():
             match = layer.fullmatch(name)
             if match:
@@ -197,6 +204,16 @@ class ParcaeModel(LanguageModule):
         """Set every parameter to its initial value, from its key alone (model/init.py): the
         same weights on any TP/PP layout. Meta tensors are skipped (``to_empty`` them first)."""
         init_parameters(self.init_keys(), self.config)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None) -> ShardedStateDict:
+        """Megatron's sharded state dict with the recurrent block under its checkpoint name
+        (``core.layers.…``); only the checkpoint keys change, not the module names."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        ours = f"{prefix}recurrent."
+        replace_prefix_for_sharding({k: v for k, v in state.items() if k.startswith(ours)},
+                                    ours, f"{prefix}{CHECKPOINT_NAME}.")
+        return state
 
     # ---------------------------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
@@ -253,7 +270,7 @@ class ParcaeModel(LanguageModule):
                                   rotary_pos_emb=rope,
                                   context=self.value_embedding_rows(self.prelude, input_ids))
         if self.has_loop:
-            rows = self.value_embedding_rows(self.core, input_ids)
+            rows = self.value_embedding_rows(self.recurrent, input_ids)
             hidden = self._loop(hidden, attention_mask, rope, rows, num_iterations, depths,
                                 initial_state, generator)
         if self.coda is not None:
@@ -385,10 +402,18 @@ class ParcaeModel(LanguageModule):
         else:
             sub, sub_prepared = h, prepared
         u = self.injection.step(sub, sub_prepared)
-        out = self.core(hidden_states=u.to(block_dtype), attention_mask=mask,
-                        rotary_pos_emb=rope, context=rows).float()
+        out = self.recurrent(hidden_states=u.to(block_dtype), attention_mask=mask,
+                             rotary_pos_emb=rope, context=rows).float()
         if compact:
             return h.index_copy(1, index, out)
         if n_active < batch:  # masked execution: inactive sequences keep their state
             return torch.where(active.to(h.device).view(1, -1, 1), out, h)
         return out
+
+
+def _rename_checkpoint_keys(module: ParcaeModel, state_dict: dict, prefix: str, *_) -> None:
+    """Load-state-dict pre-hook: a plain state dict (Megatron's ``torch`` checkpoint format, a
+    saved ``state_dict()``) with the recurrent block under its checkpoint name loads too."""
+    old = f"{prefix}{CHECKPOINT_NAME}."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[f"{prefix}recurrent.{key[len(old):]}"] = state_dict.pop(key)

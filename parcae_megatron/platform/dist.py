@@ -21,9 +21,13 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1,
     """Initialise torch.distributed (env:// under torchrun, else a 1-process group) and
     Megatron's model-parallel groups; seed every RNG Megatron uses.
 
-    On a machine without CUDA the CPU backend is activated and gloo is used.
+    Installs the Megatron-Core-only patch phase (``megatron_patches.install("evaluate")``):
+    on a machine without CUDA the CPU backend is activated and gloo is used.
     """
-    cpu = cpu_backend.maybe_activate() is not False
+    from parcae_megatron.training import megatron_patches  # not at import: training is above
+
+    megatron_patches.install("evaluate")
+    cpu = cpu_backend.is_active()
     if not dist.is_initialized():
         backend = "gloo" if cpu else "nccl"
         if "RANK" in os.environ:

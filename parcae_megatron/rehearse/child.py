@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from parcae_megatron.training import megatron_patches
 from parcae_megatron.training.arguments import parcae_config_from_args
 from parcae_megatron.training.validation import parse_args_or_exit
 
@@ -136,6 +137,7 @@ def data(fraction: float, workdir: Path, argv: list[str]) -> dict:
 def main() -> None:
     """Run one stage and print its JSON line."""
     stage, rest = sys.argv[1], sys.argv[2:]
+    megatron_patches.install("check", rest)
     if stage == "inspect":
         result = inspect(rest)
     elif stage == "data":

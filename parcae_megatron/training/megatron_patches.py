@@ -434,8 +434,10 @@ def register_parcae_muon() -> None:
     for name in ("muon", "adaptive_muon"):  # Megatron's own Muons: same routing
         if name in registry:
             registry[name].default_param_overrides = muon_optimizer.adamw_routing()
-    TAG_BUFFER_ROUTING.apply(muon_optimizer.tag_params_for_buffer_routing)
+    # megatron.training.training imports the function by name: patch it there first, so its
+    # import (if this is the first) binds, and its record keeps, Megatron's own function.
     TAG_BUFFER_ROUTING_TRAINING.apply(muon_optimizer.tag_params_for_buffer_routing)
+    TAG_BUFFER_ROUTING.apply(muon_optimizer.tag_params_for_buffer_routing)
     registry[muon_optimizer.NAME] = muon_optimizer.registry_entry()
 
 
@@ -471,7 +473,7 @@ def install_training_patches(fault: faults.Fault | None = None) -> None:
 
 
 # ------------------------------------------------------------------ the patch phase
-PHASES = ("train", "convert", "evaluate")
+PHASES = ("train", "check", "convert", "evaluate")
 ALLOW_VERSION_ENV = "PARCAE_ALLOW_MEGATRON_VERSION"
 
 
@@ -491,7 +493,7 @@ def check_megatron_version(environ: dict[str, str] | None = None) -> None:
     raise SystemExit(2)
 
 
-def install(phase: Literal["train", "convert", "evaluate"],
+def install(phase: Literal["train", "check", "convert", "evaluate"],
             argv: list[str] | None = None) -> list[str]:
     """The one patch phase of an entry point: everything it needs of Megatron is replaced
     here, before Megatron parses a flag. Returns ``argv`` with the flags the CPU backend needs.
@@ -501,11 +503,18 @@ def install(phase: Literal["train", "convert", "evaluate"],
       ``--optimizer parcae_muon`` and every training patch (telemetry, step timing, the
       non-finite guard, the distributed-optimizer fixes, asynchronous checkpoint snapshots,
       the Muon recipe);
+    * ``check`` (parsing and validating a trainer command line without starting a rank:
+      ``launch``'s flag check, the rehearsal's stages): ``--optimizer parcae_muon``;
     * ``convert`` (building Megatron arguments for a converted model with Megatron-LM's
       parser): the CPU backend where there is no CUDA with its Megatron-LM patches, and
       ``--optimizer parcae_muon``;
     * ``evaluate`` (reading a Megatron checkpoint into one process: evaluation, the probe,
-      ``convert to-hf``): the CPU backend where there is no CUDA (Megatron-Core only).
+      ``convert to-hf``; and ``platform.dist.init_distributed``, for the tools, benchmarks
+      and tests that build a model in one process): the CPU backend where there is no CUDA
+      (Megatron-Core only).
+
+    In every phase, an ``argv`` asking for ``--help`` gets Megatron's help printed even where
+    one of its help strings cannot be %-formatted.
 
     Checks the megatron-core version first (``check_megatron_version``); raises
     ``gpu_check.GpuUnavailableError`` where GPUs were asked for and CUDA is unusable.
@@ -516,6 +525,11 @@ def install(phase: Literal["train", "convert", "evaluate"],
         raise ValueError(f"unknown patch phase {phase!r} (one of {', '.join(PHASES)})")
     argv = list(argv or [])
     check_megatron_version()
+    if "-h" in argv or "--help" in argv:
+        tolerate_bad_help_strings()
+    if phase == "check":
+        accept_parcae_optimizer()
+        return argv
     cpu = cpu_backend.maybe_activate()
     if phase == "evaluate":
         return argv

@@ -26,8 +26,12 @@ from parcae_megatron.training.config_expansion import expand_argv
 
 def trainer_parser() -> cli.RaisingParser:
     """Megatron's parser plus Parcae's flags, as ``megatron.training.arguments.parse_args``
-    builds it, whose mistakes raise ``cli.UsageError`` (one line) instead of printing usage."""
-    megatron_patches.accept_parcae_optimizer()  # --optimizer parcae_muon
+    builds it, whose mistakes raise ``cli.UsageError`` (one line) instead of printing usage.
+    Needs the entry point's patch phase (``megatron_patches.install``, ``train`` or
+    ``check``): with it ``--optimizer parcae_muon`` parses."""
+    if not megatron_patches.ADD_MEGATRON_ARGUMENTS.applied():
+        raise RuntimeError("the trainer's parser needs a patch phase first: "
+                           "megatron_patches.install('check') (or 'train')")
     from megatron.training.arguments import add_megatron_arguments
 
     parser = cli.RaisingParser(description="Megatron-LM Arguments", allow_abbrev=False)
@@ -67,9 +71,6 @@ def parse_args_or_exit(argv: list[str]) -> argparse.Namespace:
 
     from megatron.training.arguments import parse_and_validate_args
 
-    if "-h" in argv or "--help" in argv:
-        megatron_patches.tolerate_bad_help_strings()
-    megatron_patches.accept_parcae_optimizer()
     try:
         argv = check_command_line(argv)
         set_megatron_argv(argv)
