@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                   else None)
     except ValueError:
         cli.fail(f"--loop-counts takes a comma list of integers, got {args.loop_counts!r}")
-    if (counts is not None and min(counts) < 1) or (args.max_loops or 1) < 1:
+    if min(counts or [1]) < 1 or (args.max_loops is not None and args.max_loops < 1):
         cli.fail("loop counts (--loop-counts, --max-loops) must be at least 1")
     # heavy imports (Megatron, torch) only once the options are known to be good
     from parcae_megatron.probe.pipeline import prepare_data, train, train_command
