@@ -262,3 +262,6 @@ def test_loop_states_catch_the_final_state():
     acc, norms = accuracy_by_k(model, ids, answers, [1, 3], states=states)
     assert set(acc) == set(norms) == {1, 3} and norms[1]["step_norm"] is None
     assert norms[3]["state_norm"] > 0 and norms[3]["step_norm"] > 0
+    # with candidates, the answer is the argmax among those tokens: one candidate is always hit
+    only, _ = accuracy_by_k(model, ids, answers, [2], candidates=[int(ids[0, 3])])
+    assert only[2][1] == pytest.approx(sum(int(ids[r, 3] == ids[0, 3]) for r in range(3)) / 3)

@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         wall = train(name, cmd, ckpt, telemetry, args.train_iters, log)
         print(f"==> scoring {name} on held-out chains", flush=True)
         res = score_checkpoint(ckpt, data / "test.jsonl", data / "tokenizer.model", counts,
-                               args.max_loops)
+                               args.max_loops,
+                               spec.symbols if spec.query_form == "unary" else None)
         res["train_wall_s"] = round(wall, 1)
         res["config"] = str(config)
         results[name] = res

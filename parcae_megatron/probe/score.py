@@ -44,11 +44,13 @@ class LoopStates:
 
 @torch.inference_mode()
 def accuracy_by_k(model, ids: torch.Tensor, answers: list, loop_counts: list[int],
-                  batch_size: int = 64, states: LoopStates | None = None
+                  batch_size: int = 64, states: LoopStates | None = None,
+                  candidates: list[int] | None = None
                   ) -> tuple[dict[int, dict[int, float]], dict[int, dict[str, float | None]]]:
     """{T: {k: exact-match accuracy}} (argmax at the position before the answer must be
-    f^k(x)) and, with ``states``, {T: {"state_norm", "step_norm"}}: the loop state's norms
-    averaged over the held-out tokens."""
+    f^k(x), among ``candidates`` token ids when given) and, with ``states``,
+    {T: {"state_norm", "step_norm"}}: the loop state's norms averaged over the held-out
+    tokens."""
     out: dict[int, dict[int, float]] = {}
     norms: dict[int, dict[str, float | None]] = {}
     for t in loop_counts:
@@ -57,7 +59,12 @@ def accuracy_by_k(model, ids: torch.Tensor, answers: list, loop_counts: list[int
         for start in range(0, len(ids), batch_size):
             batch = ids[start: start + batch_size].to(next(model.parameters()).device)
             kwargs = {"num_iterations": t, "state_seed": 0} if t else {}
-            pred = model(batch, use_cache=False, **kwargs).logits.argmax(-1)
+            logits = model(batch, use_cache=False, **kwargs).logits
+            if candidates is None:
+                pred = logits.argmax(-1)
+            else:  # the argmax among the answer tokens only
+                allowed = torch.tensor(candidates, device=logits.device)
+                pred = allowed[logits[..., allowed].argmax(-1)]
             if states is not None:
                 seen.append((len(batch), *states.norms()))
             for row, doc in enumerate(answers[start: start + batch_size]):
@@ -73,10 +80,15 @@ def accuracy_by_k(model, ids: torch.Tensor, answers: list, loop_counts: list[int
 
 
 def score_checkpoint(ckpt: Path, test_jsonl: Path, tokenizer_model: Path,
-                     loop_counts: list[int] | None = None, max_loops: int | None = None) -> dict:
+                     loop_counts: list[int] | None = None, max_loops: int | None = None,
+                     letters: str | None = None) -> dict:
     """Load a Megatron checkpoint through the converter and score it at ``loop_counts``
     (default T = 1 … ``max_loops``, itself 3·μ_rec by default); T is ignored (reported as 0)
-    without a recurrent block. A looped model also reports the loop state's norms per T."""
+    without a recurrent block. A looped model also reports the loop state's norms per T.
+    With ``letters`` the answer is the argmax among those characters' tokens: in the unary form
+    the position before an answer may also be followed by another hop mark, so the next-token
+    distribution splits between the mark and the answer letter (a k = 1 query trained beside
+    k = 2, 3 puts half its mass on the mark), and exact match asks which letter."""
     from data_prep.tokenizer import load_tokenizer
     from parcae_megatron.convert.megatron_hf import megatron_to_hf_model
 
@@ -84,11 +96,14 @@ def score_checkpoint(ckpt: Path, test_jsonl: Path, tokenizer_model: Path,
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).eval()
     looped = bool(model.config.num_recurrent_layers)
-    ids, answers = load_test(test_jsonl, load_tokenizer(str(tokenizer_model)))
+    tokenizer = load_tokenizer(str(tokenizer_model))
+    ids, answers = load_test(test_jsonl, tokenizer)
+    candidates = [tokenizer.tokenize(c)[0] for c in letters] if letters else None
     mu = int(model.config.mean_recurrence)
     counts = (loop_counts or list(range(1, (max_loops or 3 * mu) + 1))) if looped else [0]
     states = LoopStates(model) if looped else None
-    table, norms = accuracy_by_k(model, ids, answers, counts, states=states)
+    table, norms = accuracy_by_k(model, ids, answers, counts, states=states,
+                                 candidates=candidates)
     if states is not None:
         states.handle.remove()
     params = sum(p.numel() for p in model.parameters())
