@@ -146,3 +146,122 @@ def test_report_fits_a_step_like_sweep_and_draws_it(tmp_path):
     assert all(t["met"] for t in summary["targets"].values())
     plot(tmp_path / "probe.png", summary)
     assert (tmp_path / "probe.png").stat().st_size > 5_000
+
+
+# -- chains longer than training (extrapolation) ----------------------------------------------
+
+EXTRAP = TaskSpec(n_symbols=11, max_k=3, test_max_k=5, query_form="unary", doc_chars=95,
+                  k_weights=(2, 1, 1))
+
+
+def test_held_out_chains_longer_than_any_training_chain():
+    train = generate(EXTRAP, "train", 300, seed=0)
+    test = generate(EXTRAP, "test", 300, seed=0)
+    assert {k for d in train for k, _, _ in d.queries} == {1, 2, 3}
+    assert {k for d in test for k, _, _ in d.queries} == {1, 2, 3, 4, 5}
+    # a unary k-hop query is x, k hop marks, y: no training text has four marks in a row
+    assert not any("++++" in d.text for d in train)
+    for doc in train + test:
+        assert len(doc.text) == EXTRAP.doc_chars
+        assert set(doc.text) <= set(EXTRAP.alphabet)  # no held-out token training lacks
+        table, queries = parse(doc.text)
+        assert table == doc.table and queries == [tuple(q) for q in doc.queries]
+        for (k, x, y), off in zip(queries, doc.answer_offsets):
+            assert y == follow(table, x, k) == doc.text[off] != x
+            assert doc.text[off - k - 1: off] == x + "+" * k  # answered at the last mark
+    assert [len(d.queries) for d in test[:1]] == [EXTRAP.queries_per_document("test")]
+    assert EXTRAP.queries_per_document("train") > EXTRAP.queries_per_document("test") >= 1
+
+
+@pytest.mark.parametrize("flags", [
+    ["--n-symbols", "11", "--max-k", "3", "--test-max-k", "6", "--query-form", "unary"],
+    ["--n-symbols", "9", "--max-k", "3", "--test-max-k", "5", "--query-form", "unary"],
+    ["--n-symbols", "11", "--max-k", "3", "--test-max-k", "5"],  # digit k=4: unseen token
+    ["--n-symbols", "11", "--max-k", "3", "--test-max-k", "2", "--query-form", "unary"],
+    ["--max-loops", "0"],
+    ["--loop-counts", "1,x"],
+])
+def test_bad_test_range_is_one_error_line(flags, capsys, monkeypatch, tmp_path):
+    from parcae_megatron.probe import pipeline
+    from parcae_megatron.probe.__main__ import main
+
+    def not_refused(*_args):  # a regression must fail here, not start a training run
+        raise AssertionError(f"{flags} was not refused")
+
+    monkeypatch.setattr(pipeline, "prepare_data", not_refused)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--run-dir", str(tmp_path / "probe"), *flags])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+
+
+def test_no_shortcut_rule_names_the_longest_allowed_k():
+    with pytest.raises(ValueError, match=r"max_k\.\.5 for 11 letters"):
+        TaskSpec(n_symbols=11, max_k=3, test_max_k=6, query_form="unary", doc_chars=95)
+    # the digit form's queries and documents are as before: the default probe is unchanged
+    assert TaskSpec().n_queries == 13 and TaskSpec().test_max_k == 3
+
+
+def test_report_records_loops_needed_and_the_extrapolated_range(tmp_path):
+    from parcae_megatron.probe.report import plot, summarise
+
+    # one look-up per iteration: k is solved from T = k + 1, k = 5 never within T ≤ 12
+    acc = {str(t): {str(k): (0.95 if t > k and k < 5 else 0.2) for k in range(1, 6)}
+           for t in range(1, 13)}
+    states = {str(t): {"state_norm": 10.0 + 0.1 * t, "step_norm": None if t == 1 else 1 / t}
+              for t in range(1, 13)}
+    results = {"parcae": {"looped": True, "mean_recurrence": 4, "accuracy": acc,
+                          "loop_state": states, "parameters": 148_000, "train_wall_s": 1.0,
+                          "queries_by_k": {str(k): 900 for k in range(1, 6)}},
+               "transformer": {"looped": False, "mean_recurrence": None, "parameters": 140_000,
+                               "accuracy": {"0": {"1": 1.0, "2": 0.9, "3": 0.5, "4": 0.3,
+                                                  "5": 0.25}}, "train_wall_s": 1.0}}
+    summary = summarise(results, EXTRAP, {}, 1.0)
+    assert summary["task"]["trained_k"] == [1, 2, 3]
+    assert summary["task"]["extrapolated_k"] == [4, 5]
+    assert summary["loops_needed"] == {"threshold": 0.8, "max_T": 12,
+                                       "by_k": {"1": 2, "2": 3, "3": 4, "4": 5, "5": None}}
+    first = summary["targets"]["first_unseen_k_solved_within_3mu"]
+    assert first["met"] and first["best_T"] == 5 and first["T=1"] == 0.2
+    beside = summary["targets"]["transformer_below_parcae_best_every_unseen_k"]
+    assert not beside["met"]  # k = 5: Parcae's best 0.2 is not above the Transformer's 0.25
+    # the trained-depth target looks at k ≤ max_k only
+    assert summary["targets"]["trained_depth_ge_0.8_at_T_mu"]["met"]
+    assert "k=4*" in summary["text"] and "k=5 none up to T=12" in summary["text"]
+    assert "10.40" in summary["text"]  # ‖h_T‖ at T = 4 beside the accuracies
+    plot(tmp_path / "probe.png", summary)
+    assert (tmp_path / "probe.png").stat().st_size > 5_000
+
+
+def test_loop_states_catch_the_final_state():
+    """The hooked state after the last iteration is the h_T the logits are read from."""
+    import torch
+
+    from parcae_megatron.hf.configuration_parcae import ParcaeConfig
+    from parcae_megatron.hf.loop_math import readout
+    from parcae_megatron.hf.modeling_parcae import ParcaeForCausalLM
+    from parcae_megatron.probe.score import LoopStates, accuracy_by_k
+
+    cfg = ParcaeConfig(vocab_size=32, hidden_size=32, intermediate_size=64,
+                       num_attention_heads=2, head_dim=16, num_prelude_layers=1,
+                       num_recurrent_layers=1, num_coda_layers=0, mean_recurrence=2,
+                       max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = ParcaeForCausalLM(cfg).eval()
+    ids = torch.randint(0, 32, (3, 12))
+    states = LoopStates(model)
+    with torch.no_grad():
+        logits = model(ids, use_cache=False, num_iterations=5, state_seed=0).logits
+        assert len(states.states) == 5
+        h = states.states[-1]
+        again = model.lm_head(model.transformer.ln_f(readout(h, model.transformer.C.weight)))
+    assert torch.allclose(logits, again, atol=1e-5)
+    norm, step = states.norms()
+    assert norm == pytest.approx(h.norm(dim=-1).mean().item()) and step > 0
+    answers = [[(1, 3, int(ids[r, 3]))] for r in range(3)]
+    acc, norms = accuracy_by_k(model, ids, answers, [1, 3], states=states)
+    assert set(acc) == set(norms) == {1, 3} and norms[1]["step_norm"] is None
+    assert norms[3]["state_norm"] > 0 and norms[3]["step_norm"] > 0
+    # with candidates, the answer is the argmax among those tokens: one candidate is always hit
+    only, _ = accuracy_by_k(model, ids, answers, [2], candidates=[int(ids[0, 3])])
+    assert only[2][1] == pytest.approx(sum(int(ids[r, 3] == ids[0, 3]) for r in range(3)) / 3)

@@ -4,7 +4,7 @@ Generates pointer-chasing documents (a permutation table in context, queries ``k
 answer is f^k(x)), turns them into indexed datasets with ``data_prep``, trains a looped
 Parcae and a fixed-depth Transformer of the same parameter count through
 ``parcae_megatron.train``, and scores exact-match accuracy on held-out tables by k and by the
-test-time loop count T = 1 … 2·μ_rec. Writes probe.json and probe.png in the run directory.
+test-time loop count T = 1 … 3·μ_rec. Writes probe.json and probe.png in the run directory.
 
 Any config and layout: ``--parcae-config`` / ``--transformer-config`` pick the YAML files,
 ``--train-args "..."`` passes trainer flags to both runs (e.g. ``--tensor-model-parallel-size 2
@@ -69,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transformer-args", default="",
                    help="extra trainer flags for the Transformer only")
     p.add_argument("--n-symbols", type=int, default=7, help="letters the tables permute")
-    p.add_argument("--max-k", type=int, default=3, help="longest chain (look-ups)")
+    p.add_argument("--max-k", type=int, default=3, help="longest chain (look-ups) in training")
+    p.add_argument("--test-max-k", type=int, default=None,
+                   help="longest held-out chain (default --max-k); longer than --max-k tests "
+                        "chains no training document has (needs --query-form unary)")
+    p.add_argument("--query-form", choices=("digit", "unary"), default="digit",
+                   help="a query as 'k x y' (digit) or 'x' + k hop marks + 'y' (unary)")
     p.add_argument("--k-weights", default="2,1,1",
                    help="comma list, relative frequency of k = 1..max-k in training; "
                         "'' for uniform")
@@ -77,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-docs", type=int, default=12000)
     p.add_argument("--test-docs", type=int, default=300)
     p.add_argument("--loop-counts", default=None,
-                   help="comma list of test-time T (default 1 … 2·μ_rec)")
+                   help="comma list of test-time T (default 1 … --max-loops)")
+    p.add_argument("--max-loops", type=int, default=None,
+                   help="largest test-time T of the default sweep (default 3·μ_rec)")
     p.add_argument("--seed", type=int, default=0, help="data seed")
     return p
 
@@ -105,10 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         weights = (tuple(float(w) for w in args.k_weights.split(","))
                    if args.k_weights else None)
         spec = TaskSpec(n_symbols=args.n_symbols, max_k=args.max_k,
-                        doc_chars=args.seq_length - 1, k_weights=weights)
+                        doc_chars=args.seq_length - 1, k_weights=weights,
+                        test_max_k=args.test_max_k, query_form=args.query_form)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        cli.fail(str(err))
+    try:
+        counts = ([int(t) for t in args.loop_counts.split(",")] if args.loop_counts
+                  else None)
+    except ValueError:
+        cli.fail(f"--loop-counts takes a comma list of integers, got {args.loop_counts!r}")
+    if min(counts or [1]) < 1 or (args.max_loops is not None and args.max_loops < 1):
+        cli.fail("loop counts (--loop-counts, --max-loops) must be at least 1")
     # heavy imports (Megatron, torch) only once the options are known to be good
     from parcae_megatron.probe.pipeline import prepare_data, train, train_command
     from parcae_megatron.probe.report import plot, summarise
@@ -118,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "probe.log"
     started = time.time()
-    print(f"==> data: {args.train_docs} train / {args.test_docs} held-out documents, "
-          f"{spec.n_queries} queries each, k = 1..{spec.max_k}; log: {log}", flush=True)
+    print(f"==> data: {args.train_docs} train documents ({spec.n_queries} queries each, "
+          f"k = 1..{spec.max_k}) / {args.test_docs} held-out "
+          f"({spec.queries_per_document('test')} each, k = 1..{spec.test_max_k}); log: {log}",
+          flush=True)
     data = prepare_data(run_dir / "data", spec, args.train_docs, args.test_docs, args.seed, log)
     extra = ["--micro-batch-size", str(args.micro_batch_size),
              "--global-batch-size", str(args.global_batch_size), "--lr", str(args.lr),
@@ -132,9 +148,10 @@ def main(argv: list[str] | None = None) -> int:
                             args.nproc, model_flags(name, config, extra,
                                                     getattr(args, f"{name}_args")))
         wall = train(name, cmd, ckpt, telemetry, args.train_iters, log)
-        counts = [int(t) for t in args.loop_counts.split(",")] if args.loop_counts else None
         print(f"==> scoring {name} on held-out chains", flush=True)
-        res = score_checkpoint(ckpt, data / "test.jsonl", data / "tokenizer.model", counts)
+        res = score_checkpoint(ckpt, data / "test.jsonl", data / "tokenizer.model", counts,
+                               args.max_loops,
+                               spec.symbols if spec.query_form == "unary" else None)
         res["train_wall_s"] = round(wall, 1)
         res["config"] = str(config)
         results[name] = res

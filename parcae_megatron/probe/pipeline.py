@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from data_prep.tokenizer import megatron_tokenizer_args
@@ -47,9 +46,7 @@ def prepare_data(data: Path, spec: TaskSpec, n_train: int, n_test: int, seed: in
     for split, n in (("train", n_train), ("test", n_test)):
         path = data / f"{split}.jsonl"
         if not path.exists():
-            # the training mix may favour short chains; held-out chains cover every k evenly
-            split_spec = spec if split == "train" else replace(spec, k_weights=None)
-            docs = generate(split_spec, split, n, seed)
+            docs = generate(spec, split, n, seed)
             lines = [json.dumps(d.to_json()) + "\n" for d in docs]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(lines))

@@ -23,28 +23,72 @@ def load_test(path: Path, tokenizer) -> tuple[torch.Tensor, list[list[tuple[int,
     return torch.tensor(rows), answers
 
 
+class LoopStates:
+    """Loop states of each forward, caught at the output of the last recurrent block (the
+    state h_t after iteration t, as the model's loop sets h = u): ``norms()`` gives the mean
+    over tokens of ‖h_T‖ and of ‖h_T − h_{T−1}‖, as the trainer's telemetry defines them."""
+
+    def __init__(self, model) -> None:
+        self.states: list[torch.Tensor] = []
+        self.handle = model.transformer.core_block[-1].register_forward_hook(
+            lambda _m, _in, out: self.states.append(out.float()))
+
+    def norms(self) -> tuple[float, float | None]:
+        """(‖h_T‖, ‖h_T − h_{T−1}‖ or None at T = 1) of the last forward; clears the states."""
+        last = self.states[-1]
+        step = ((last - self.states[-2]).norm(dim=-1).mean().item()
+                if len(self.states) > 1 else None)
+        self.states = []
+        return last.norm(dim=-1).mean().item(), step
+
+
 @torch.inference_mode()
 def accuracy_by_k(model, ids: torch.Tensor, answers: list, loop_counts: list[int],
-                  batch_size: int = 64) -> dict[int, dict[int, float]]:
-    """{T: {k: exact-match accuracy}}: argmax at the query letter must be f^k(x)."""
+                  batch_size: int = 64, states: LoopStates | None = None,
+                  candidates: list[int] | None = None
+                  ) -> tuple[dict[int, dict[int, float]], dict[int, dict[str, float | None]]]:
+    """{T: {k: exact-match accuracy}} (argmax at the position before the answer must be
+    f^k(x), among ``candidates`` token ids when given) and, with ``states``,
+    {T: {"state_norm", "step_norm"}}: the loop state's norms averaged over the held-out
+    tokens."""
     out: dict[int, dict[int, float]] = {}
+    norms: dict[int, dict[str, float | None]] = {}
     for t in loop_counts:
         hits: dict[int, list[int]] = defaultdict(list)
+        seen: list[tuple[int, float, float | None]] = []
         for start in range(0, len(ids), batch_size):
             batch = ids[start: start + batch_size].to(next(model.parameters()).device)
             kwargs = {"num_iterations": t, "state_seed": 0} if t else {}
-            pred = model(batch, use_cache=False, **kwargs).logits.argmax(-1)
+            logits = model(batch, use_cache=False, **kwargs).logits
+            if candidates is None:
+                pred = logits.argmax(-1)
+            else:  # the argmax among the answer tokens only
+                allowed = torch.tensor(candidates, device=logits.device)
+                pred = allowed[logits[..., allowed].argmax(-1)]
+            if states is not None:
+                seen.append((len(batch), *states.norms()))
             for row, doc in enumerate(answers[start: start + batch_size]):
                 for k, pos, target in doc:
                     hits[k].append(int(pred[row, pos - 1].item() == target))
         out[t] = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
-    return out
+        if seen:
+            rows = sum(n for n, _, _ in seen)
+            norms[t] = {"state_norm": sum(n * h for n, h, _ in seen) / rows,
+                        "step_norm": (sum(n * d for n, _, d in seen) / rows
+                                      if seen[0][2] is not None else None)}
+    return out, norms
 
 
 def score_checkpoint(ckpt: Path, test_jsonl: Path, tokenizer_model: Path,
-                     loop_counts: list[int] | None = None) -> dict:
+                     loop_counts: list[int] | None = None, max_loops: int | None = None,
+                     letters: str | None = None) -> dict:
     """Load a Megatron checkpoint through the converter and score it at ``loop_counts``
-    (default T = 1 … 2·μ_rec); T is ignored (reported as 0) without a recurrent block."""
+    (default T = 1 … ``max_loops``, itself 3·μ_rec by default); T is ignored (reported as 0)
+    without a recurrent block. A looped model also reports the loop state's norms per T.
+    With ``letters`` the answer is the argmax among those characters' tokens: in the unary form
+    the position before an answer may also be followed by another hop mark, so the next-token
+    distribution splits between the mark and the answer letter (a k = 1 query trained beside
+    k = 2, 3 puts half its mass on the mark), and exact match asks which letter."""
     from data_prep.tokenizer import load_tokenizer
     from parcae_megatron.convert.megatron_hf import megatron_to_hf_model
 
@@ -52,13 +96,20 @@ def score_checkpoint(ckpt: Path, test_jsonl: Path, tokenizer_model: Path,
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).eval()
     looped = bool(model.config.num_recurrent_layers)
-    ids, answers = load_test(test_jsonl, load_tokenizer(str(tokenizer_model)))
+    tokenizer = load_tokenizer(str(tokenizer_model))
+    ids, answers = load_test(test_jsonl, tokenizer)
+    candidates = [tokenizer.tokenize(c)[0] for c in letters] if letters else None
     mu = int(model.config.mean_recurrence)
-    counts = (loop_counts or list(range(1, 2 * mu + 1))) if looped else [0]
-    table = accuracy_by_k(model, ids, answers, counts)
+    counts = (loop_counts or list(range(1, (max_loops or 3 * mu) + 1))) if looped else [0]
+    states = LoopStates(model) if looped else None
+    table, norms = accuracy_by_k(model, ids, answers, counts, states=states,
+                                 candidates=candidates)
+    if states is not None:
+        states.handle.remove()
     params = sum(p.numel() for p in model.parameters())
     queries = Counter(k for doc in answers for k, _, _ in doc)
     return {"looped": looped, "parameters": params,
             "queries_by_k": {str(k): n for k, n in sorted(queries.items())},
             "mean_recurrence": mu if looped else None,
-            "accuracy": {str(t): {str(k): a for k, a in row.items()} for t, row in table.items()}}
+            "accuracy": {str(t): {str(k): a for k, a in row.items()} for t, row in table.items()},
+            **({"loop_state": {str(t): v for t, v in norms.items()}} if norms else {})}

@@ -14,6 +14,12 @@ many queries per document make most of the loss the look-up itself. Every docume
 ``doc_chars`` characters (``.`` pads the tail) so that, with one EOS token per document and
 one token per character, documents fill Megatron's ``seq_length``-token samples exactly.
 
+The unary form (``query_form="unary"``) writes a query as ``x`` then k hop marks ``+`` then
+``y`` (``b++d`` is f²(b) = d), answered at the last mark. It has no token for k, so a chain
+longer than any trained one is made of the same tokens as the trained ones: the form for
+testing chains longer than training (``test_max_k > max_k``); the digit form would ask about a
+digit token that training never saw.
+
 Held-out chains: a chain is a query (table, x, k). Each table belongs to one split, chosen by a
 keyed hash of the table, so no chain of the test split occurs in training.
 """
@@ -22,10 +28,12 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass, field
 
-SEPARATOR, TABLE_END, PAD = ",", "|", "."
+SEPARATOR, TABLE_END, PAD, HOP = ",", "|", ".", "+"
 ENTRY_CHARS, QUERY_CHARS = 3, 3
+QUERY_FORMS = ("digit", "unary")
 
 
 @dataclass(frozen=True)
@@ -37,19 +45,39 @@ class TaskSpec:
     doc_chars: int = 63  # seq_length - 1 (one EOS token per document)
     k_weights: tuple[float, ...] | None = None  # relative weight of k = 1..max_k
     test_fraction: float = 0.1
+    test_max_k: int | None = None  # longest held-out chain (default max_k)
+    query_form: str = "digit"
 
     def __post_init__(self) -> None:
+        if self.test_max_k is None:
+            object.__setattr__(self, "test_max_k", self.max_k)
+        if self.query_form not in QUERY_FORMS:
+            raise ValueError(f"query form must be one of {', '.join(QUERY_FORMS)}")
         if not 2 <= self.n_symbols <= 26:
             raise ValueError("n_symbols must be in 2..26")
-        if not 1 <= self.max_k <= min(9, (self.n_symbols - 1) // 2):
-            # on an n-cycle f^k = f^-(n-k): k > n/2 look-ups forward are n-k backward, and
-            # f^(n/2)(x) is the one letter not within n/2 - 1 steps of x either way
-            # (look-ups both ways in parallel, then elimination): k < n/2 has no shortcut
-            raise ValueError("max_k must be in 1..min(9, (n_symbols - 1) // 2) (one digit, "
-                             "and no shorter way round the cycle)")
-        if self.n_queries < 1:
-            raise ValueError(f"doc_chars {self.doc_chars} leaves no room for a query after "
-                             f"a {self.n_symbols}-entry table")
+        # on an n-cycle f^k = f^-(n-k): k > n/2 look-ups forward are n-k backward, and
+        # f^(n/2)(x) is the one letter not within n/2 - 1 steps of x either way
+        # (look-ups both ways in parallel, then elimination): k < n/2 has no shortcut
+        longest = (self.n_symbols - 1) // 2
+        if self.query_form == "digit":
+            longest = min(9, longest)  # k is one digit
+        if not 1 <= self.max_k <= longest:
+            raise ValueError(f"max_k must be in 1..{longest} for {self.n_symbols} letters "
+                             "(k < n_symbols / 2: no shorter way round the cycle"
+                             + (", and one digit)" if self.query_form == "digit" else ")"))
+        if not self.max_k <= self.test_max_k <= longest:
+            raise ValueError(f"test_max_k must be in max_k..{longest} for {self.n_symbols} "
+                             f"letters (k < n_symbols / 2 for every tested k: no shorter way "
+                             f"round the cycle), got {self.test_max_k}")
+        if self.test_max_k > self.max_k and self.query_form != "unary":
+            raise ValueError("chains longer than training need --query-form unary (the "
+                             f"digit form would write k = {self.max_k + 1} as a token "
+                             "training never saw)")
+        for split in ("train", "test"):
+            if self.queries_per_document(split) < 1:
+                raise ValueError(f"doc_chars {self.doc_chars} leaves no room for a "
+                                 f"{self.longest_k(split)}-hop query after a "
+                                 f"{self.n_symbols}-entry table")
         if self.k_weights is not None and len(self.k_weights) != self.max_k:
             raise ValueError("k_weights needs one weight per k = 1..max_k")
 
@@ -60,14 +88,28 @@ class TaskSpec:
 
     @property
     def n_queries(self) -> int:
-        """Queries per document."""
-        return (self.doc_chars - ENTRY_CHARS * self.n_symbols - 1) // QUERY_CHARS
+        """Queries per training document."""
+        return self.queries_per_document("train")
+
+    def longest_k(self, split: str) -> int:
+        """The longest chain of ``split``: max_k in training, test_max_k held out."""
+        return self.max_k if split == "train" else self.test_max_k
+
+    def query_chars(self, k: int) -> int:
+        """Characters of one k-hop query."""
+        return QUERY_CHARS if self.query_form == "digit" else k + 2
+
+    def queries_per_document(self, split: str) -> int:
+        """Queries per document of ``split``: as many as fit when every one is the longest."""
+        room = self.doc_chars - ENTRY_CHARS * self.n_symbols - 1
+        return room // self.query_chars(self.longest_k(split))
 
     @property
     def alphabet(self) -> str:
-        """Every character a document can contain."""
-        digits = "".join(str(k) for k in range(1, self.max_k + 1))
-        return self.symbols + digits + SEPARATOR + TABLE_END + PAD
+        """Every character a training document can contain (held-out ones use the same)."""
+        marks = ("".join(str(k) for k in range(1, self.max_k + 1))
+                 if self.query_form == "digit" else HOP)
+        return self.symbols + marks + SEPARATOR + TABLE_END + PAD
 
 
 @dataclass
@@ -101,11 +143,14 @@ def split_of(table: dict[str, str], test_fraction: float) -> str:
 
 
 def parse(text: str) -> tuple[dict[str, str], list[tuple[int, str, str]]]:
-    """Table and queries of a document's text (inverse of ``make_document``)."""
+    """Table and queries of a document's text, either form (inverse of ``make_document``)."""
     head, _, tail = text.partition(TABLE_END)
     table = dict((e[0], e[1]) for e in head.split(SEPARATOR) if e)
     tail = tail.rstrip(PAD)
-    queries = [(int(tail[i]), tail[i + 1], tail[i + 2]) for i in range(0, len(tail), 3)]
+    if tail[:1].isdigit():
+        queries = [(int(tail[i]), tail[i + 1], tail[i + 2]) for i in range(0, len(tail), 3)]
+    else:
+        queries = [(len(hops), x, y) for x, hops, y in re.findall(rf"(\w)(\{HOP}+)(\w)", tail)]
     return table, queries
 
 
@@ -120,15 +165,18 @@ def make_document(rng: random.Random, spec: TaskSpec, split: str) -> Document:
     entries = [f"{x}{table[x]}{SEPARATOR}" for x in spec.symbols]
     rng.shuffle(entries)
     text = "".join(entries) + TABLE_END
-    ks = list(range(1, spec.max_k + 1))
+    ks = list(range(1, spec.longest_k(split) + 1))
+    # the training mix may favour short chains; held-out chains cover every k evenly
+    weights = spec.k_weights if split == "train" else None
     doc = Document(text="", table=table)
-    for _ in range(spec.n_queries):
-        k = rng.choices(ks, weights=spec.k_weights)[0]
+    for _ in range(spec.queries_per_document(split)):
+        k = rng.choices(ks, weights=weights)[0]
         x = rng.choice(spec.symbols)
         y = follow(table, x, k)
-        doc.answer_offsets.append(len(text) + 2)
+        query = f"{k}{x}{y}" if spec.query_form == "digit" else f"{x}{HOP * k}{y}"
+        doc.answer_offsets.append(len(text) + len(query) - 1)
         doc.queries.append((k, x, y))
-        text += f"{k}{x}{y}"
+        text += query
     doc.text = text + PAD * (spec.doc_chars - len(text))
     return doc
 
