@@ -147,6 +147,7 @@ def test_async_save_megatron_would_not_honour_is_refused(flags, message):
 
         if importlib.util.find_spec("nvidia_resiliency_ext") is not None:
             pytest.skip("nvidia-resiliency-ext is installed: nvrx is usable")
+    megatron_patches.install("check")
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_command_line([*TINY, *flags], world_size=1)
     check_command_line([*TINY, *ASYNC], world_size=1)  # the shipped combination passes

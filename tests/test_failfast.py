@@ -206,7 +206,10 @@ def _deaf_to_sigterm(ready) -> None:  # what Megatron's worker_init_fn makes a d
         time.sleep(1)
 
 
-def test_helpers_that_ignore_sigterm_are_stopped():
+def _stop_a_deaf_helper() -> None:
+    """The scenario, in a process of its own: ``stop_helper_processes`` stops every child of
+    the calling process, and pytest's own (a checkpoint writer's queue manager started by an
+    earlier test) must survive for the tests after this one."""
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Event()
     child = ctx.Process(target=_deaf_to_sigterm, args=(ready,), daemon=True)
@@ -217,3 +220,10 @@ def test_helpers_that_ignore_sigterm_are_stopped():
     assert child.is_alive()
     assert failfast.stop_helper_processes() >= 1
     assert not child.is_alive() and child.exitcode == -signal.SIGKILL
+
+
+def test_helpers_that_ignore_sigterm_are_stopped():
+    scenario = multiprocessing.get_context("fork").Process(target=_stop_a_deaf_helper)
+    scenario.start()
+    scenario.join(60)
+    assert scenario.exitcode == 0  # an assertion failed inside it otherwise (its traceback)

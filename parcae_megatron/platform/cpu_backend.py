@@ -17,6 +17,7 @@ CPU. Each replacement of a Megatron internal has a ``Patch`` record below (check
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -73,10 +74,11 @@ PERSISTENT_WRITER_PROCESS = Patch(
     replaces="starts the persistent asynchronous checkpoint writer (--async-save with "
              "--use-persistent-ckpt-worker) by 'forkserver' at start-up, and by 'spawn' for "
              "the save after the loop (the loop's end stops the first writer)",
-    change="starts it by 'fork'",
+    change="starts it by 'fork', and stops it at exit if no save ever went through it",
     why="a forkserver or spawned child imports torch without the CPU backend: it found no "
         "CUDA device, died, and the trainer waited for it forever; a forked child inherits "
-        "the backend")
+        "the backend, and with it the trainer's SIGTERM handler, so multiprocessing's exit "
+        "handler cannot stop it: a run that never saved waited at exit forever")
 
 
 
@@ -276,6 +278,27 @@ def maybe_activate() -> bool:
     return True
 
 
+def _stop_idle_writer(caller_class, timeout: float = 60.0) -> None:
+    """At exit, stop a persistent checkpoint writer that Megatron never closed.
+
+    Megatron starts the writer at start-up but closes it only once a save went through it, so
+    a run that never saved left it waiting for work. ``multiprocessing``'s exit handler then
+    SIGTERMs it and joins it; a forked writer inherits the trainer's SIGTERM handler
+    (``--exit-signal-handler`` only sets a flag), ignores the signal, and the trainer waited
+    at exit forever. The writer's own stop message ends it (after any request still queued);
+    SIGKILL if it has not ended within ``timeout`` seconds.
+    """
+    process = caller_class._persistent_process
+    if process is None or not process.is_alive():
+        return
+    with contextlib.suppress(Exception):
+        caller_class._persistent_queue.put("DONE")
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join(5)
+
+
 def patch_megatron_training() -> None:
     """Extra redirections for the Megatron-LM loop (``megatron.training``) on CPU.
 
@@ -309,6 +332,11 @@ def patch_megatron_training() -> None:
     GET_DEVICE_ARCH_VERSION.apply(lambda: 9)
     SET_JIT_FUSION_OPTIONS.apply(lambda *args, **kwargs: None)
     GET_WRITE_RESULTS_QUEUE.apply(functools.partial(write_results_queue, mp_mode="fork"))
-    PERSISTENT_WRITER_PROCESS.apply(classmethod(
-        lambda cls, rank, mp_mode="spawn", *args, **kwargs:
-        start_writer(rank, "fork", *args, **kwargs)))
+    def start_writer_by_fork(cls, rank, mp_mode="spawn", *args, **kwargs):
+        first = cls._persistent_process is None
+        process = start_writer(rank, "fork", *args, **kwargs)
+        if first:  # after multiprocessing's own exit handler, so it runs before it
+            atexit.register(_stop_idle_writer, cls)
+        return process
+
+    PERSISTENT_WRITER_PROCESS.apply(classmethod(start_writer_by_fork))

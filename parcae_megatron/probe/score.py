@@ -30,7 +30,7 @@ class LoopStates:
 
     def __init__(self, model) -> None:
         self.states: list[torch.Tensor] = []
-        self.handle = model.transformer.core_block[-1].register_forward_hook(
+        self.handle = model.transformer.recurrent[-1].register_forward_hook(
             lambda _m, _in, out: self.states.append(out.float()))
 
     def norms(self) -> tuple[float, float | None]:
