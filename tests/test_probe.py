@@ -212,7 +212,8 @@ def test_report_records_loops_needed_and_the_extrapolated_range(tmp_path):
               for t in range(1, 13)}
     results = {"parcae": {"looped": True, "mean_recurrence": 4, "accuracy": acc,
                           "loop_state": states, "parameters": 148_000, "train_wall_s": 1.0,
-                          "queries_by_k": {str(k): 900 for k in range(1, 6)}},
+                          "queries_by_k": {str(k): 900 for k in range(1, 6)},
+                          "answered_hop": {"12": {"5": {"3": 0.1, "4": 0.7, "5": 0.2}}}},
                "transformer": {"looped": False, "mean_recurrence": None, "parameters": 140_000,
                                "accuracy": {"0": {"1": 1.0, "2": 0.9, "3": 0.5, "4": 0.3,
                                                   "5": 0.25}}, "train_wall_s": 1.0}}
@@ -229,6 +230,8 @@ def test_report_records_loops_needed_and_the_extrapolated_range(tmp_path):
     assert summary["targets"]["trained_depth_ge_0.8_at_T_mu"]["met"]
     assert "k=4*" in summary["text"] and "k=5 none up to T=12" in summary["text"]
     assert "10.40" in summary["text"]  # ‖h_T‖ at T = 4 beside the accuracies
+    # where the unseen chains' answers land: f^4(x) for most 5-hop chains, by share
+    assert "k=5* answered at T=12 with f^j(x): j=4 0.70, j=5 0.20, j=3 0.10" in summary["text"]
     plot(tmp_path / "probe.png", summary)
     assert (tmp_path / "probe.png").stat().st_size > 5_000
 
@@ -259,9 +262,30 @@ def test_loop_states_catch_the_final_state():
     norm, step = states.norms()
     assert norm == pytest.approx(h.norm(dim=-1).mean().item()) and step > 0
     answers = [[(1, 3, int(ids[r, 3]))] for r in range(3)]
-    acc, norms = accuracy_by_k(model, ids, answers, [1, 3], states=states)
+    acc, norms, answered = accuracy_by_k(model, ids, answers, [1, 3], states=states)
     assert set(acc) == set(norms) == {1, 3} and norms[1]["step_norm"] is None
-    assert norms[3]["state_norm"] > 0 and norms[3]["step_norm"] > 0
+    assert norms[3]["state_norm"] > 0 and norms[3]["step_norm"] > 0 and answered == {}
     # with candidates, the answer is the argmax among those tokens: one candidate is always hit
-    only, _ = accuracy_by_k(model, ids, answers, [2], candidates=[int(ids[0, 3])])
+    only, _, landed = accuracy_by_k(model, ids, answers, [2], candidates=[int(ids[0, 3])],
+                                    hops=[[{int(ids[0, 3]): 4}]] * 3)
     assert only[2][1] == pytest.approx(sum(int(ids[r, 3] == ids[0, 3]) for r in range(3)) / 3)
+    assert landed == {2: {1: {4: 1.0}}}  # T = 2, k = 1: every answer is that token, j = 4
+
+
+def test_hop_index_names_the_hop_count_of_every_letter(tmp_path):
+    """Per query, each letter of the cycle is f^j(x) for exactly one j; j = k is the answer."""
+    from parcae_megatron.probe.score import hop_index
+
+    class Chars:  # one token per character, as the probe's tokenizer
+        def tokenize(self, text: str) -> list[int]:
+            return [ord(c) for c in text]
+
+    docs = generate(EXTRAP, "test", 3, seed=0)
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps(d.to_json()) + "\n" for d in docs))
+    index = hop_index(path, Chars())
+    for doc, per_query in zip(docs, index, strict=True):
+        assert len(per_query) == len(doc.queries)
+        for (k, x, y), hops in zip(doc.queries, per_query, strict=True):
+            assert sorted(hops.values()) == list(range(EXTRAP.n_symbols))
+            assert hops[ord(x)] == 0 and hops[ord(y)] == k

@@ -116,6 +116,11 @@ def summarise(results: dict, spec: TaskSpec, options: dict, wall: float) -> dict
         lines.append(f"  loops needed (first T with ≥ {SOLVED}): " + ", ".join(
             f"k={k} " + (f"T={t}" if t is not None else f"none up to T={max(ts)}")
             for k, t in needed.items()))
+        answered = parcae.get("answered_hop", {}).get(str(max(ts)), {})
+        for k in (k for k in ks if k not in trained and k in answered):
+            top = sorted(answered[k].items(), key=lambda item: -item[1])[:3]
+            lines.append(f"  k={k}* answered at T={max(ts)} with f^j(x): " + ", ".join(
+                f"j={j} {share:.2f}" for j, share in top))
         targets = {}
         if {str(1), str(mu)} <= acc.keys():
             at1, atmu = acc["1"][hardest], acc[str(mu)][hardest]

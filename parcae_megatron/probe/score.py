@@ -23,6 +23,19 @@ def load_test(path: Path, tokenizer) -> tuple[torch.Tensor, list[list[tuple[int,
     return torch.tensor(rows), answers
 
 
+def hop_index(path: Path, tokenizer) -> list[list[dict[int, int]]]:
+    """Per test document and query, {token id of f^j(x): j} over the whole cycle (j = 0 …
+    n_symbols − 1): which hop count a predicted letter answers."""
+    from parcae_megatron.probe.task import follow, parse
+
+    out = []
+    for line in path.read_text().splitlines():
+        table, queries = parse(json.loads(line)["text"])
+        out.append([{tokenizer.tokenize(follow(table, x, j))[0]: j for j in range(len(table))}
+                    for _, x, _ in queries])
+    return out
+
+
 class LoopStates:
     """Loop states of each forward, caught at the output of the last recurrent block (the
     state h_t after iteration t, as the model's loop sets h = u): ``norms()`` gives the mean
@@ -45,16 +58,19 @@ class LoopStates:
 @torch.inference_mode()
 def accuracy_by_k(model, ids: torch.Tensor, answers: list, loop_counts: list[int],
                   batch_size: int = 64, states: LoopStates | None = None,
-                  candidates: list[int] | None = None
-                  ) -> tuple[dict[int, dict[int, float]], dict[int, dict[str, float | None]]]:
+                  candidates: list[int] | None = None,
+                  hops: list[list[dict[int, int]]] | None = None) -> tuple[dict, dict, dict]:
     """{T: {k: exact-match accuracy}} (argmax at the position before the answer must be
-    f^k(x), among ``candidates`` token ids when given) and, with ``states``,
+    f^k(x), among ``candidates`` token ids when given); with ``states``,
     {T: {"state_norm", "step_norm"}}: the loop state's norms averaged over the held-out
-    tokens."""
+    tokens; with ``hops`` (``hop_index``), {T: {k: {j: share}}}: the share of k-hop queries
+    answered with f^j(x) — what a wrong answer did instead (stopped early, went on)."""
     out: dict[int, dict[int, float]] = {}
     norms: dict[int, dict[str, float | None]] = {}
+    answered: dict[int, dict[int, dict[int, float]]] = {}
     for t in loop_counts:
         hits: dict[int, list[int]] = defaultdict(list)
+        landed: dict[int, Counter] = defaultdict(Counter)
         seen: list[tuple[int, float, float | None]] = []
         for start in range(0, len(ids), batch_size):
             batch = ids[start: start + batch_size].to(next(model.parameters()).device)
@@ -68,15 +84,20 @@ def accuracy_by_k(model, ids: torch.Tensor, answers: list, loop_counts: list[int
             if states is not None:
                 seen.append((len(batch), *states.norms()))
             for row, doc in enumerate(answers[start: start + batch_size]):
-                for k, pos, target in doc:
+                for q, (k, pos, target) in enumerate(doc):
                     hits[k].append(int(pred[row, pos - 1].item() == target))
+                    if hops is not None:  # a letter off the cycle (none with candidates): -1
+                        landed[k][hops[start + row][q].get(int(pred[row, pos - 1]), -1)] += 1
         out[t] = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+        if hops is not None:
+            answered[t] = {k: {j: n / sum(c.values()) for j, n in sorted(c.items())}
+                           for k, c in sorted(landed.items())}
         if seen:
             rows = sum(n for n, _, _ in seen)
             norms[t] = {"state_norm": sum(n * h for n, h, _ in seen) / rows,
                         "step_norm": (sum(n * d for n, _, d in seen) / rows
                                       if seen[0][2] is not None else None)}
-    return out, norms
+    return out, norms, answered
 
 
 def score_checkpoint(ckpt: Path, test_jsonl: Path, tokenizer_model: Path,
@@ -88,7 +109,8 @@ def score_checkpoint(ckpt: Path, test_jsonl: Path, tokenizer_model: Path,
     With ``letters`` the answer is the argmax among those characters' tokens: in the unary form
     the position before an answer may also be followed by another hop mark, so the next-token
     distribution splits between the mark and the answer letter (a k = 1 query trained beside
-    k = 2, 3 puts half its mass on the mark), and exact match asks which letter."""
+    k = 2, 3 puts half its mass on the mark), and exact match asks which letter; the report
+    then also says which hop count j each answer f^j(x) corresponds to (``answered_hop``)."""
     from data_prep.tokenizer import load_tokenizer
     from parcae_megatron.convert.megatron_hf import megatron_to_hf_model
 
@@ -102,8 +124,9 @@ def score_checkpoint(ckpt: Path, test_jsonl: Path, tokenizer_model: Path,
     mu = int(model.config.mean_recurrence)
     counts = (loop_counts or list(range(1, (max_loops or 3 * mu) + 1))) if looped else [0]
     states = LoopStates(model) if looped else None
-    table, norms = accuracy_by_k(model, ids, answers, counts, states=states,
-                                 candidates=candidates)
+    hops = hop_index(test_jsonl, tokenizer) if letters else None
+    table, norms, answered = accuracy_by_k(model, ids, answers, counts, states=states,
+                                           candidates=candidates, hops=hops)
     if states is not None:
         states.handle.remove()
     params = sum(p.numel() for p in model.parameters())
@@ -112,4 +135,7 @@ def score_checkpoint(ckpt: Path, test_jsonl: Path, tokenizer_model: Path,
             "queries_by_k": {str(k): n for k, n in sorted(queries.items())},
             "mean_recurrence": mu if looped else None,
             "accuracy": {str(t): {str(k): a for k, a in row.items()} for t, row in table.items()},
-            **({"loop_state": {str(t): v for t, v in norms.items()}} if norms else {})}
+            **({"loop_state": {str(t): v for t, v in norms.items()}} if norms else {}),
+            **({"answered_hop": {str(t): {str(k): {str(j): v for j, v in row.items()}
+                                         for k, row in by_k.items()}
+                                 for t, by_k in answered.items()}} if answered else {})}
