@@ -131,15 +131,6 @@ def test_crash_during_checkpoint_write_keeps_previous(straight, tmp_path):
         assert got[it] == expected[it], it
 
 
-@pytest.fixture(scope="module")
-def start_checkpoint(tmp_path_factory) -> Path:
-    """Weights after 2 steps, the common starting point of the layout-parity runs."""
-    run_dir = tmp_path_factory.mktemp("init")
-    train(1, *TINY, "--train-iters", "2", "--save", str(run_dir), "--save-interval", "2",
-          "--eval-interval", "100", "--eval-iters", "0")
-    return run_dir
-
-
 def parity_run(nproc: int, ckpt: Path, out: Path, *layout: str) -> dict[int, float]:
     train(nproc, *TINY, "--train-iters", "4", "--lr-wsd-decay-iters", "2", "--load", str(ckpt),
           "--finetune", "--eval-interval", "100", "--eval-iters", "0", "--optimizer", "adam",
@@ -147,7 +138,10 @@ def parity_run(nproc: int, ckpt: Path, out: Path, *layout: str) -> dict[int, flo
     return {r["iteration"]: (r["loss"], r["grad_norm"]) for r in records(out, "train")}
 
 
-def test_layouts_match_single_process_through_entry_point(start_checkpoint, tmp_path):
+def test_layouts_match_single_process_through_entry_point(straight, tmp_path):
+    # The common starting point of the three runs: the straight run's trained weights (its
+    # newest checkpoint, loaded with --finetune; none of these runs saves).
+    start_checkpoint = straight
     reference = parity_run(1, start_checkpoint, tmp_path / "ref.jsonl")
     # The flags reach Megatron through the entry point; the parallel maths of every layout
     # (TP=2 without SP, DP=2 with the distributed optimizer, from scratch, 4 ranks) is
