@@ -5,8 +5,10 @@ the distributed optimizer with layer-wise Muon, best-fit packing, per-sequence d
 sampling, asynchronous saves every 3 steps) shares the slow assertions: rank 1 is SIGKILLed
 while its save of the step-6 checkpoint is in flight (``PARCAE_FAULT=kill_in_save``), the
 previous checkpoint stays the recorded one, and the next start resumes from it and repeats
-the killed run's steps bit for bit. The unit tests cover the snapshot a save takes, the
-fault's parsing and the refusals of an ``--async-save`` Megatron would not honour.
+the killed run's steps bit for bit. After those steps the resumed launch also makes one Muon
+gradient of rank 0 NaN (``PARCAE_FAULT=nan_grad``): both ranks must skip that step. The unit
+tests cover the snapshot a save takes, the fault's parsing and the refusals of an
+``--async-save`` Megatron would not honour.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from tests.distributed import ROOT
 from tests.training_runs import TINY, records, train
 
 ASYNC = ["--async-save", "--use-persistent-ckpt-worker", "--async-strategy", "mcore"]
-ITERS, INTERVAL, KILLED_AT = 8, 3, 6
+ITERS, INTERVAL, KILLED_AT = 9, 3, 6
+NAN_AT = 7  # the resumed launch's NaN gradient: after the steps it repeats, 2 before its end
 
 
 def shipped_1p3b(tmp: Path) -> list[str]:
@@ -53,7 +56,8 @@ def shipped_1p3b(tmp: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory) -> dict:
-    """Launch 1: killed in the step-6 save (rank 1); launch 2: the same command, resumed."""
+    """Launch 1: killed in the step-6 save (rank 1); launch 2: the same command, resumed, with
+    a NaN gradient on rank 0 at step 7."""
     root = tmp_path_factory.mktemp("async")
     run = root / "ckpt"
     base = [*shipped_1p3b(root), "--save", str(run), "--load", str(run)]
@@ -65,7 +69,8 @@ def killed_and_resumed(tmp_path_factory) -> dict:
     tracker_after_kill = (run / "latest_checkpointed_iteration.txt").read_text().strip()
     in_flight = sorted(p.name for p in (run / f"iter_{KILLED_AT:07d}").iterdir()) \
         if (run / f"iter_{KILLED_AT:07d}").is_dir() else []
-    resumed = train(2, *base, "--telemetry-path", str(root / "resumed.jsonl"), check=False)
+    resumed = train(2, *base, "--telemetry-path", str(root / "resumed.jsonl"), check=False,
+                    env={"PARCAE_FAULT": f"nan_grad@step={NAN_AT},rank=0"})
     return {"run": run, "killed": killed, "resumed": resumed, "tracker": tracker_after_kill,
             "in_flight": in_flight, "orphans": orphans,
             "first": records(root / "killed.jsonl", "train"),
@@ -106,6 +111,34 @@ def test_resume_after_async_save_is_bit_exact(killed_and_resumed):
     assert (r["run"] / "latest_checkpointed_iteration.txt").read_text().strip() == str(ITERS)
     for it in (KILLED_AT, ITERS):
         assert (r["run"] / f"iter_{it:07d}" / ".metadata").is_file()
+
+
+@pytest.mark.slow
+def test_one_ranks_non_finite_muon_gradient_is_skipped_on_every_rank(killed_and_resumed):
+    """The 1.3B config with the model swapped for the tiny preset, as the rehearsal runs it on
+    two data-parallel ranks (bf16, Muon + distributed optimizer: Megatron's ChainedOptimizer
+    of a layer-wise Muon part and a distributed Adam part). After step 7's backward, rank 0
+    makes one Muon matrix it owns NaN (``PARCAE_FAULT=nan_grad@...``); rank 1's gradients
+    stay finite. Both ranks must skip that step (one decision: a rank that skipped alone
+    left the other in a collective until the 1-minute distributed timeout) and count it
+    once. (Moved here from tests/test_train.py to share this file's resumed launch.)"""
+    r = killed_and_resumed
+    log = r["resumed"].stdout + r["resumed"].stderr
+    assert r["resumed"].returncode == 0, log[-4000:]
+    assert ("non-finite guard on ChainedOptimizer[LayerWiseDistributedOptimizer["
+            "Float16OptimizerWithFloat16Params[ParcaeMuon]], DistributedOptimizer[") in log, log
+    poisoned = re.search(rf"nan_grad on rank 0 at step {NAN_AT} \(gradient of (\S+) set to "
+                         r"NaN\)", log)
+    assert poisoned, log[-4000:]
+    assert ".layers." in poisoned[1] and poisoned[1].endswith(".weight"), poisoned[1]
+    # The last rank writes the telemetry: it learned the skip and the culprit from rank 0.
+    steps = {x["iteration"]: x for x in r["second"]}
+    assert sorted(steps) == list(range(int(r["tracker"]) + 1, ITERS + 1))
+    assert [i for i, x in steps.items() if x["skipped"]] == [NAN_AT]
+    assert steps[NAN_AT]["first_non_finite"] == poisoned[1]
+    assert steps[NAN_AT]["grad_norm"] is None and steps[NAN_AT + 1]["grad_norm"] is not None
+    assert steps[ITERS]["skipped_total"] == 1
+    assert all(steps[i]["loss"] is not None for i in range(NAN_AT + 1, ITERS + 1))
 
 
 def test_an_async_save_snapshots_host_tensors():

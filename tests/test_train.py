@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from parcae_megatron.config_file import load_config
-from parcae_megatron.rehearse import tiny
 from tests.distributed import ROOT
 from tests.training_runs import (
     TINY,
@@ -135,15 +131,6 @@ def test_crash_during_checkpoint_write_keeps_previous(straight, tmp_path):
         assert got[it] == expected[it], it
 
 
-@pytest.fixture(scope="module")
-def start_checkpoint(tmp_path_factory) -> Path:
-    """Weights after 2 steps, the common starting point of the layout-parity runs."""
-    run_dir = tmp_path_factory.mktemp("init")
-    train(1, *TINY, "--train-iters", "2", "--save", str(run_dir), "--save-interval", "2",
-          "--eval-interval", "100", "--eval-iters", "0")
-    return run_dir
-
-
 def parity_run(nproc: int, ckpt: Path, out: Path, *layout: str) -> dict[int, float]:
     train(nproc, *TINY, "--train-iters", "4", "--lr-wsd-decay-iters", "2", "--load", str(ckpt),
           "--finetune", "--eval-interval", "100", "--eval-iters", "0", "--optimizer", "adam",
@@ -151,7 +138,10 @@ def parity_run(nproc: int, ckpt: Path, out: Path, *layout: str) -> dict[int, flo
     return {r["iteration"]: (r["loss"], r["grad_norm"]) for r in records(out, "train")}
 
 
-def test_layouts_match_single_process_through_entry_point(start_checkpoint, tmp_path):
+def test_layouts_match_single_process_through_entry_point(straight, tmp_path):
+    # The common starting point of the three runs: the straight run's trained weights (its
+    # newest checkpoint, loaded with --finetune; none of these runs saves).
+    start_checkpoint = straight
     reference = parity_run(1, start_checkpoint, tmp_path / "ref.jsonl")
     # The flags reach Megatron through the entry point; the parallel maths of every layout
     # (TP=2 without SP, DP=2 with the distributed optimizer, from scratch, 4 ranks) is
@@ -250,39 +240,7 @@ def test_global_depth_balance_through_entry_point(tmp_path):
         assert r["depth_max"] == int(layout.max())
 
 
-def test_one_ranks_non_finite_muon_gradient_is_skipped_on_every_rank(tmp_path):
-    """The 1.3B config with the model swapped for the tiny preset, as the rehearsal runs it on
-    two data-parallel ranks (bf16, Muon + distributed optimizer: Megatron's ChainedOptimizer
-    of a layer-wise Muon part and a distributed Adam part). After step 2's backward, rank 0
-    makes one Muon matrix it owns NaN (``PARCAE_FAULT=nan_grad@...``); rank 1's gradients
-    stay finite. Both ranks must skip that step (one decision: a rank that skipped alone
-    left the other in a collective until the distributed timeout) and count it once."""
-    resolved = load_config(ROOT / "configs" / "parcae-1.3b.yaml")
-    layout = {"tp": 1, "pp": 1, "dp": resolved["global-batch-size"]
-              // resolved["micro-batch-size"], "global_batch_size": resolved["global-batch-size"],
-              "micro_batch_size": resolved["micro-batch-size"],
-              "train_iters": resolved["train-iters"]}
-    plan = tiny.plan(resolved, layout, [], max_ranks=2, has_data=False)
-    assert plan.ranks == 2 and plan.config["bf16"] and plan.config["use-distributed-optimizer"]
-    config = tmp_path / "tiny-1.3b.yaml"
-    config.write_text(yaml.safe_dump(plan.config, sort_keys=False))
-    telemetry = tmp_path / "t.jsonl"
-    # A hang would end in the 1-minute distributed timeout, and the test's timeout after it.
-    proc = train(2, "--config", str(config), *plan.flags,
-                 "--distributed-timeout-minutes", "1", "--telemetry-path", str(telemetry),
-                 env={"PARCAE_FAULT": "nan_grad@step=2,rank=0"}, check=False, timeout=600)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert ("non-finite guard on ChainedOptimizer[LayerWiseDistributedOptimizer["
-            "Float16OptimizerWithFloat16Params[ParcaeMuon]], DistributedOptimizer[") in log, log
-    poisoned = re.search(r"nan_grad on rank 0 at step 2 \(gradient of (\S+) set to NaN\)", log)
-    assert poisoned, log[-4000:]
-    assert ".layers." in poisoned[1] and poisoned[1].endswith(".weight"), poisoned[1]
-    # The last rank writes the telemetry: it learned the skip and the culprit from rank 0.
-    steps = {r["iteration"]: r for r in records(telemetry, "train")}
-    assert sorted(steps) == [1, 2, 3, 4]
-    assert [i for i, r in steps.items() if r["skipped"]] == [2]
-    assert steps[2]["first_non_finite"] == poisoned[1]
-    assert steps[2]["grad_norm"] is None and steps[3]["grad_norm"] is not None
-    assert steps[4]["skipped_total"] == 1
-    assert all(steps[i]["loss"] is not None for i in (3, 4))
+# One rank's non-finite Muon gradient, skipped on every rank (the 1.3B config's tiny run on two
+# data-parallel ranks): tests/test_async_save.py::
+# test_one_ranks_non_finite_muon_gradient_is_skipped_on_every_rank, on that file's resumed
+# launch of the same configuration (one launch fewer).
