@@ -125,8 +125,8 @@ def fingerprint(model: torch.nn.Module) -> dict[str, list[float]]:
 # The recorded weights are float32 draws through LAPACK's QR (orthogonal inits) and torch's
 # vectorised normal sampler, whose rounding depends on the CPU's instruction set (an AVX-512
 # machine differed from the recording one by up to ~1e-5 of a parameter's std in an entry).
-# A changed init
-# moves an entry by O(std) and the sum by O(std·√numel), so the tolerance is 1e-3 of those.
+# A changed init moves an entry by O(std) and the sum by O(std·√numel), so the tolerance is
+# 1e-3 of those.
 ROUNDING = 1e-3
 
 
